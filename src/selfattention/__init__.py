@@ -1,0 +1,20 @@
+"""selfattention: self-attention from first principles to fast, tested kernels."""
+
+from selfattention.backends import BACKENDS
+from selfattention.functional import (
+    attention,
+    attention_scores,
+    attention_weights,
+    causal_mask,
+    context_vectors,
+)
+
+__all__ = [
+    "BACKENDS",
+    "attention",
+    "attention_scores",
+    "attention_weights",
+    "causal_mask",
+    "context_vectors",
+]
+__version__ = "0.1.0"

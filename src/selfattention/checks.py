@@ -1,0 +1,76 @@
+"""Input checks shared by the library and the command line. Each raises one clear error naming the values."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def floating(name: str, tensor: Tensor) -> None:
+    """Raise TypeError unless ``tensor`` is a floating-point tensor with at least two dimensions."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    if tensor.dim() < 2:
+        raise ValueError(f"{name} must have shape (..., length, width), got {tuple(tensor.shape)}")
+
+
+def finite(name: str, tensor: Tensor) -> None:
+    """Raise ValueError naming the first non-finite entry of ``tensor``."""
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} contains a non-finite value {tensor[index].item()} at index {index}")
+
+
+def same_width(queries: Tensor, keys: Tensor) -> None:
+    """Raise ValueError unless queries and keys have the same last dimension."""
+    if queries.shape[-1] != keys.shape[-1]:
+        raise ValueError(
+            f"query width ({queries.shape[-1]}) must equal key width ({keys.shape[-1]}): "
+            f"queries {tuple(queries.shape)}, keys {tuple(keys.shape)}"
+        )
+
+
+def qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
+    """Check the inputs of :func:`selfattention.attention`: dtypes, widths, lengths and finiteness."""
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        floating(name, tensor)
+    same_width(query, key)
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(
+            f"key and value must have the same length: key {tuple(key.shape)}, value {tuple(value.shape)}"
+        )
+    if key.shape[:-2] != value.shape[:-2]:
+        raise ValueError(
+            f"key and value must have the same leading dimensions: key {tuple(key.shape)}, "
+            f"value {tuple(value.shape)}"
+        )
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        finite(name, tensor)
+
+
+def mask(mask: Tensor, target: tuple[int, ...]) -> None:
+    """Raise unless ``mask`` is boolean or float and broadcasts to ``target`` (``(..., T, S)``)."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(
+            f"mask must be boolean (True = may attend) or float (added to the scores), got dtype {mask.dtype}"
+        )
+    if mask.dim() > len(target) or mask.dim() < 2:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the scores {target}")
+    for size, want in zip(reversed(mask.shape), reversed(target), strict=False):
+        if size not in (1, want):
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the scores {target}")
+    if mask.is_floating_point() and bool(torch.isnan(mask).any()):
+        raise ValueError("float mask contains NaN")
+
+
+def dropout(p: float) -> None:
+    """Raise ValueError unless ``0 <= p < 1``."""
+    if not (isinstance(p, int | float) and math.isfinite(p) and 0.0 <= p < 1.0):
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")

@@ -1,0 +1,268 @@
+"""The four steps of self-attention as pure functions, and :func:`attention`, which runs them all.
+
+Shape notation, used in every comment and docstring of this package:
+
+====  =====================================================================
+B     batch
+H     query heads
+G     key/value heads (grouped-query attention: ``H % G == 0``)
+T     queries (target length)
+S     keys and values (source length)
+D     width of one query/key vector (one head)
+E     width of one value vector (usually ``E == D``)
+C     model width (``d_in``, ``d_out`` of the modules)
+...   any leading dimensions, e.g. ``(B, H)``
+====  =====================================================================
+
+The steps, for queries ``Q (..., T, D)``, keys ``K (..., S, D)`` and values ``V (..., S, E)``:
+
+1. scores    ω = Q Kᵀ                        :func:`attention_scores`   ``(..., T, S)``
+2. weights   α = softmax_j(ω · scale + mask) :func:`attention_weights`  ``(..., T, S)``
+3. context   z = α V                         :func:`context_vectors`    ``(..., T, E)``
+
+Masks follow one convention throughout the package: a boolean mask is ``True`` where a query *may attend*
+to a key (as in :func:`torch.nn.functional.scaled_dot_product_attention`); a float mask is *added* to the
+scaled scores. A query whose keys are all masked gets all-zero weights and a zero context vector.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, overload
+
+import torch
+from torch import Tensor
+
+from selfattention import checks
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def attention_scores(queries: Tensor, keys: Tensor) -> Tensor:
+    """Step 1: the dot product of every query with every key, ω = Q Kᵀ.
+
+    Args:
+        queries: ``(..., T, D)``.
+        keys: ``(..., S, D)``.
+
+    Returns:
+        Scores ω of shape ``(..., T, S)``; ``ω[..., i, j] = Q_i · K_j``.
+
+    Raises:
+        ValueError: when the query and key widths differ.
+
+    >>> attention_scores(torch.ones(2, 3), torch.ones(4, 3)).shape
+    torch.Size([2, 4])
+    """
+    checks.same_width(queries, keys)
+    return queries @ keys.transpose(-2, -1)  # (..., T, D) @ (..., D, S) -> (..., T, S)
+
+
+def attention_weights(scores: Tensor, *, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """Step 2: turn scores into weights, α = softmax over the keys of ``ω · scale`` with ``mask`` applied.
+
+    ``scale=None`` means no scaling (the worked example's unscaled softmax); :func:`attention` passes
+    ``1/sqrt(D)`` by default. Each row of α sums to 1, except a row whose keys are all masked: it is all
+    zeros, and neither it nor its gradient contains NaN. Half and bfloat16 scores are computed in float32
+    and returned in their own dtype.
+
+    Args:
+        scores: ω, ``(..., T, S)``.
+        mask: boolean (``True`` = may attend) or float (added to the scaled scores), broadcastable to
+            ``scores``.
+        scale: multiplies the scores before the softmax.
+
+    Returns:
+        Weights α, ``(..., T, S)``, in the dtype of ``scores``.
+
+    Raises:
+        TypeError: for an integer mask. ValueError: for a mask that does not broadcast to the scores.
+
+    >>> attention_weights(torch.tensor([[0.0, 0.0]])).tolist()
+    [[0.5, 0.5]]
+    """
+    if mask is not None:
+        checks.mask(mask, tuple(scores.shape))
+    dtype = scores.dtype
+    x = scores.float() if dtype in LOW_PRECISION else scores
+    if scale is not None:
+        x = x * scale
+    if mask is not None:
+        x = x.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else x + mask.to(x.dtype)
+    # A stable softmax that leaves fully masked rows at zero: subtract the row maximum (0 where the whole
+    # row is -inf, so that exp gives exact zeros), and divide by the row sum only where it is positive.
+    row_max = x.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    exp = torch.exp(x - row_max)
+    total = exp.sum(dim=-1, keepdim=True)
+    weights = exp / torch.where(total > 0, total, torch.ones_like(total))
+    return weights.to(dtype)
+
+
+def context_vectors(weights: Tensor, values: Tensor) -> Tensor:
+    """Step 3: each query's context vector is the weighted sum of the values, z_i = Σ_j α_ij V_j.
+
+    Args:
+        weights: α, ``(..., T, S)``.
+        values: ``(..., S, E)``.
+
+    Returns:
+        Context vectors z, ``(..., T, E)``: one per query, as wide as a value vector (not as long as the
+        sequence).
+
+    Raises:
+        ValueError: when the number of weights per query differs from the number of values.
+    """
+    if weights.shape[-1] != values.shape[-2]:
+        raise ValueError(
+            f"weights have {weights.shape[-1]} keys per query but values have {values.shape[-2]} rows"
+        )
+    return weights @ values.to(weights.dtype)  # (..., T, S) @ (..., S, E) -> (..., T, E)
+
+
+def causal_mask(num_queries: int, num_keys: int, *, device: torch.device | str | None = None) -> Tensor:
+    """The causal mask aligned bottom-right: query ``i`` may attend to key ``j`` when ``j <= i + S - T``.
+
+    With ``T == S`` this is the usual lower triangle. With fewer queries than keys (decoding with a KV
+    cache) the last query sees every key. With more queries than keys, the first ``T - S`` queries see no
+    key at all and get zero context vectors.
+
+    Returns:
+        Boolean ``(T, S)``, ``True`` = may attend.
+
+    >>> causal_mask(2, 3).tolist()
+    [[True, True, False], [True, True, True]]
+    """
+    rows = torch.arange(num_queries, device=device).unsqueeze(-1)
+    cols = torch.arange(num_keys, device=device)
+    return cols <= rows + (num_keys - num_queries)
+
+
+@overload
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    mask: Tensor | None = ...,
+    causal: bool = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    backend: str = ...,
+    return_weights: Literal[False] = ...,
+) -> Tensor: ...
+@overload
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    mask: Tensor | None = ...,
+    causal: bool = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    backend: str = ...,
+    return_weights: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Scaled dot-product attention: ``softmax(Q Kᵀ · scale + mask) V``, through a chosen backend.
+
+    The semantics follow :func:`torch.nn.functional.scaled_dot_product_attention` where the two overlap:
+    default ``scale = 1/sqrt(D)``; boolean masks are ``True`` where attention is allowed and float masks
+    are added; a query with ``H`` heads may use keys/values with ``G`` heads when ``H % G == 0``
+    (grouped-query attention: query head ``h`` uses key/value head ``h // (H // G)``). Two choices differ
+    from PyTorch and are deliberate:
+
+    * ``causal=True`` aligns the mask **bottom-right**: query ``i`` sees keys ``j <= i + S - T``, so with a
+      KV cache (fewer queries than keys) the last query sees every key. PyTorch aligns top-left. With
+      ``T == S`` the two agree. ``causal`` and ``mask`` may be combined (both must allow a pair).
+    * A query whose keys are all masked gets a zero context vector, never NaN.
+
+    Backends (see :data:`selfattention.backends.BACKENDS`): ``"loop"`` (plain per-query loops, for
+    reading), ``"math"`` (matrix form, the reference), ``"sdpa"`` (PyTorch's fused kernel) and ``"auto"``,
+    which picks ``"sdpa"`` unless the call needs the weights, and then ``"math"``.
+
+    Args:
+        query: ``(..., H, T, D)`` or ``(T, D)``.
+        key: ``(..., G, S, D)`` or ``(S, D)``.
+        value: ``(..., G, S, E)`` or ``(S, E)``.
+        mask: boolean or float, broadcastable to ``(..., H, T, S)``.
+        causal: apply the bottom-right causal mask.
+        scale: multiplies the scores; ``None`` means ``1/sqrt(D)``.
+        dropout_p: probability of zeroing a weight (survivors scaled by ``1/(1-p)``); pass 0 in eval.
+        backend: a name from :data:`selfattention.backends.BACKENDS`, or ``"auto"``.
+        return_weights: also return α (after dropout) from an eager backend.
+
+    Returns:
+        Context ``(..., H, T, E)``; with ``return_weights=True``, ``(context, weights (..., H, T, S))``.
+
+    Raises:
+        ValueError: mismatched shapes, non-finite inputs, a bad mask shape, an unknown backend, or a
+            dropout probability outside [0, 1). TypeError: non-float inputs or an integer mask.
+
+    >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> attention(x, x, x, scale=1.0).shape
+    torch.Size([2, 2])
+    """
+    from selfattention.backends import choose_backend
+
+    checks.qkv(query, key, value)
+    key, value = expand_kv_heads(query, key, value)
+    if mask is not None:
+        checks.mask(mask, (*query.shape[:-1], key.shape[-2]))
+    checks.dropout(dropout_p)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    chosen = choose_backend(
+        backend, return_weights=return_weights, dropout_p=dropout_p, mask=mask, causal=causal
+    )
+    context, weights = chosen.fn(
+        query,
+        key,
+        value,
+        mask=mask,
+        causal=causal,
+        scale=float(scale),
+        dropout_p=dropout_p,
+        return_weights=return_weights,
+    )
+    if return_weights:
+        assert weights is not None, f"backend {chosen.name!r} returned no weights"
+        return context, weights
+    return context
+
+
+def expand_kv_heads(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    """Repeat key/value heads so that each of the ``H`` query heads has its own (grouped-query attention).
+
+    Args:
+        query: ``(..., H, T, D)``; key, value: ``(..., G, S, D|E)`` with ``H % G == 0``.
+
+    Returns:
+        key, value with ``H`` heads; unchanged when ``G == H`` or the inputs have no head dimension.
+
+    Raises:
+        ValueError: when ``H`` is not a multiple of ``G``.
+    """
+    if query.dim() < 3 or key.dim() < 3 or key.shape[-3] == query.shape[-3]:
+        return key, value
+    heads, kv_heads = query.shape[-3], key.shape[-3]
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(
+            f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads}) "
+            f"for grouped-query attention"
+        )
+    groups = heads // kv_heads
+    # (..., G, S, D) -> (..., G * groups, S, D): head h reads key/value head h // groups
+    return key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
