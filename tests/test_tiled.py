@@ -43,9 +43,7 @@ def grads_of(fn, q, k, v, grad):
     return (out, *torch.autograd.grad(out, (q, k, v), grad))
 
 
-@pytest.mark.parametrize(
-    ("t", "s", "block_q", "block_k"), [(1, 1, 4, 4), (9, 9, 4, 4), (13, 7, 4, 3), (5, 17, 8, 4)]
-)
+@pytest.mark.parametrize(("t", "s", "block_q", "block_k"), [(1, 1, 4, 4), (9, 9, 4, 4), (13, 7, 4, 3), (5, 17, 8, 4)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_forward_and_backward_equal_the_reference(t, s, block_q, block_k, causal):
     q, k, v = inputs(2, 3, t, 5, keys=s)
@@ -67,9 +65,7 @@ def test_lse_is_the_row_log_sum_exp_and_minus_inf_for_rows_with_no_key():
     want = torch.logsumexp((q @ k.T * 0.5).masked_fill(~allowed, -math.inf), dim=-1)
     torch.testing.assert_close(lse, want)
     assert lse[2] == -math.inf and bool((out[2] == 0).all())
-    grads = tiled_backward(
-        q, k, v, out, lse, torch.ones_like(out), scale=0.5, mask=allowed, block_q=4, block_k=2
-    )
+    grads = tiled_backward(q, k, v, out, lse, torch.ones_like(out), scale=0.5, mask=allowed, block_q=4, block_k=2)
     assert all(bool(torch.isfinite(g).all()) for g in grads)
     assert bool((grads[0][2] == 0).all())
 

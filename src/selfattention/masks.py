@@ -95,9 +95,7 @@ class MaskDescription:
         try:
             torch.broadcast_shapes(out.shape, shape)
         except RuntimeError as err:
-            raise ValueError(
-                f"a mask rule returned shape {tuple(out.shape)}, not broadcastable to {shape}"
-            ) from err
+            raise ValueError(f"a mask rule returned shape {tuple(out.shape)}, not broadcastable to {shape}") from err
         return out
 
     def materialize(
@@ -210,9 +208,7 @@ class _Causal(MaskDescription):
 
     def _bounds_map(self, bounds: _Bounds) -> Tensor:
         off = self._offset(bounds.num_queries, bounds.num_keys)
-        return _kinds(
-            full=bounds.kv_last <= bounds.q_first + off, empty=bounds.kv_first > bounds.q_last + off
-        )
+        return _kinds(full=bounds.kv_last <= bounds.q_first + off, empty=bounds.kv_first > bounds.q_last + off)
 
     def __repr__(self) -> str:
         return f"causal(align={self.align!r})"
@@ -284,9 +280,7 @@ class _Padding(MaskDescription):
         _rows("padding lengths", self.lengths.shape[0], batch)
         longest = int(self.lengths.max()) if self.lengths.numel() else 0
         if longest > num_keys:
-            raise ValueError(
-                f"padding lengths ({self.lengths.tolist()}) exceed the number of keys ({num_keys})"
-            )
+            raise ValueError(f"padding lengths ({self.lengths.tolist()}) exceed the number of keys ({num_keys})")
 
     def allowed(self, b: Tensor, h: Tensor, q: Tensor, kv: Tensor, num_queries: int, num_keys: int) -> Tensor:
         rows = self.lengths.shape[0]
@@ -327,9 +321,7 @@ class _Documents(MaskDescription):
     def check(self, batch: int, heads: int, num_queries: int, num_keys: int) -> None:
         _rows("document ids", self.ids.shape[0], batch)
         if self.ids.shape[1] != num_keys:
-            raise ValueError(
-                f"document ids cover {self.ids.shape[1]} positions but there are {num_keys} keys"
-            )
+            raise ValueError(f"document ids cover {self.ids.shape[1]} positions but there are {num_keys} keys")
         if num_queries > num_keys:
             raise ValueError(f"documents() needs T <= S (queries are the last T keys), got T={num_queries}")
 

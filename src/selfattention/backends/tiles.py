@@ -77,9 +77,7 @@ class Tiles:
         nk = -(-self.num_keys // self.block_k)
         kinds = torch.full((nq, nk), FULL, dtype=torch.int8)
         if self.causal:
-            kinds = masks.causal().block_map(
-                1, 1, self.num_queries, self.num_keys, self.block_q, self.block_k
-            )
+            kinds = masks.causal().block_map(1, 1, self.num_queries, self.num_keys, self.block_q, self.block_k)
         if isinstance(self.mask, MaskDescription):
             described = self.mask.block_map(
                 self.batch,
