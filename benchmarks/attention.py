@@ -1,6 +1,6 @@
 """Exact attention side by side: the book-style matmul code, PyTorch's fused kernel, and ours, per mask.
 
-    python benchmarks/attention.py [--quick] [--markdown FILE] [--long] [--threads N]
+    python benchmarks/attention.py [--quick] [--markdown FILE] [--long] [--threads N] [--lengths T ...]
 
 float32, B = 1, one head, D = 64, T = S in (1024, 4096, 16384) (``--quick``: 1024 only). Masks: dense,
 causal, sliding_window(256), documents (16 equal documents), padding (the second half of the keys is
@@ -18,7 +18,7 @@ baseline). Times are the fastest of repeated runs (the machine is shared). Effec
 only the unmasked work: ``4·D`` per allowed (query, key) pair forward, 2.5 times that again backward (FlashAttention's
 convention), so a skipped block makes a call faster, not its GFLOP/s higher. "% mm" is that rate over a
 2048×2048 float32 matmul's, measured in the same run. ``--long`` adds the causal forward+backward at
-65,536 tokens (one repetition).
+65,536 tokens (one run, no warm-up).
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def description(kind: str, length: int) -> masks.MaskDescription | None:
 def call(impl: str, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], torch.Tensor]:
     """A no-argument function that runs one implementation on one mask (masks built here, not timed)."""
     rule = description(kind, q.shape[-2])
-    dense = rule.materialize(1, 1, q.shape[-2], k.shape[-2])[0] if rule is not None else None  # (1, T, S)
+    dense = None
+    if rule is not None and impl in ("book", "sdpa + mask"):  # only these take the (1, T, S) tensor
+        dense = rule.materialize(1, 1, q.shape[-2], k.shape[-2])[0]
     if impl == "book":
         return lambda: attention(q, k, v, mask=dense, backend="math")
     if impl == "sdpa":
@@ -77,7 +79,12 @@ def best_ms(fn: Callable[[], object], budget_s: float, most: int) -> float:
     """Fastest milliseconds over as many runs as fit ``budget_s`` (at least 1, at most ``most``).
 
     The fastest run, not the median: on a shared machine the slower runs measure the other jobs.
+    ``budget_s == 0`` means one run and no warm-up (the long case).
     """
+    if budget_s == 0:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     start = time.perf_counter()
     fn()  # warm-up, also sizes the number of runs
     first = time.perf_counter() - start
@@ -174,7 +181,7 @@ def table(rows: list[dict[str, Any]], mm: float) -> str:
 
 
 def cases(args: argparse.Namespace) -> list[dict[str, Any]]:
-    lengths = [1024] if args.quick else [1024, 4096, 16384]
+    lengths = [1024] if args.quick else args.lengths
     budget, most = (0.2, 3) if args.quick else (2.0, 7)
     out = []
     for length in lengths:
@@ -195,6 +202,7 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="add causal forward+backward at 65,536 tokens")
     parser.add_argument("--markdown", help="also write the table to this Markdown file")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096, 16384], help="T = S values")
     parser.add_argument("--book-max", type=int, default=4096, help="longest T for the book-style code")
     args = parser.parse_args()
     if args.threads:
