@@ -182,7 +182,7 @@ def table(rows: list[dict[str, Any]], mm: float) -> str:
 
 def cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     lengths = [1024] if args.quick else args.lengths
-    budget, most = (0.2, 3) if args.quick else (2.0, 7)
+    budget, most = (0.1, 2) if args.quick else (2.0, 7)
     out = []
     for length in lengths:
         for kind in MASKS:
