@@ -12,13 +12,14 @@ classes can be swapped in; every addition is keyword-only:
 ==========================  ==============================================================================
 
 The modules hold weights and call :func:`selfattention.functional.attention`; the math lives there. Each
-one scales the scores by ``1/sqrt(D)`` (``D`` the width of one head).
+one scales the scores by ``1/sqrt(D)`` (``D`` the width of one head) unless given another ``scale``.
 
-Backend choice (``backend="auto"``): the fused kernel (``"sdpa"``) unless the call needs the weights, i.e.
-``return_weights=True``, an active :func:`selfattention.capture`, or dropout in training mode (dropout is
-then applied to the explicit weights by the ``"math"`` backend, so that it acts exactly on α as the
+Backend choice (``backend="auto"``): the fused kernel (``"sdpa"``) unless the call needs the weights
+(``return_weights=True``, or an active :func:`selfattention.capture`) or drops weights out in training mode
+(dropout is then applied to the explicit weights by the ``"math"`` backend, so that it acts exactly on α as the
 reference does). Any other name from :data:`selfattention.BACKENDS` forces that backend, except that a
-call needing the weights falls back to ``"math"`` when the named backend cannot return them.
+call needing the weights falls back to ``"math"`` when the named backend cannot return them; so
+``backend="sdpa"`` keeps the fused kernel, with its own dropout, in training too.
 
 Masks: ``key_padding_mask`` is boolean with ``True`` = a real token that may be attended to, the package's
 convention (``torch.nn.MultiheadAttention`` uses the opposite, ``True`` = ignore; :meth:`from_torch` and
