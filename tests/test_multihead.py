@@ -38,9 +38,9 @@ def reference(module: MultiHeadAttention, x, key_padding_mask=None):
     return F.linear(merged, p["out_proj.weight"], p.get("out_proj.bias"))
 
 
-def make(seed=0, d_in=12, d_out=12, heads=4, **kwargs):
+def make(seed=0, d_in=12, d_out=12, heads=4, dropout=0.0, **kwargs):
     torch.manual_seed(seed)
-    return MultiHeadAttention(d_in, d_out, 16, 0.0, heads, **kwargs).eval()
+    return MultiHeadAttention(d_in, d_out, 16, dropout, heads, **kwargs).eval()
 
 
 def test_parameters_in_chapter_order_and_shapes():
@@ -139,8 +139,7 @@ def test_padded_row_equals_the_sequence_alone(causal):
 
 
 def test_eval_is_deterministic_and_equals_no_dropout():
-    with_dropout = make()
-    with_dropout.dropout = 0.3
+    with_dropout = make(dropout=0.3)
     without = make()
     x = torch.randn(2, 6, 12)
     assert torch.equal(with_dropout(x), with_dropout(x))
@@ -247,8 +246,7 @@ def spy(monkeypatch):
 
 def test_auto_uses_the_fused_kernel_unless_it_must_not(monkeypatch):
     calls = spy(monkeypatch)
-    module = make()
-    module.dropout = 0.1
+    module = make(dropout=0.1)
     x = torch.randn(2, 6, 12)
     module.eval()(x)
     assert calls == {"sdpa": 1}
