@@ -160,3 +160,16 @@ def test_capture_projections_agrees_with_the_walkthrough(scaled, causal):
     assert_close(got.scores, want.scores)
     assert_close(got.weights, want.weights)
     assert_close(got.context, want.context)
+
+
+def test_recording_leaves_gradients_unchanged():
+    torch.manual_seed(2)
+    module = MultiHeadAttention(8, 8, 16, 0.0, 4, num_kv_heads=2, qkv_bias=True)
+    x = torch.randn(2, 5, 8)
+    module(x).square().sum().backward()
+    plain = {name: p.grad.clone() for name, p in module.named_parameters()}
+    module.zero_grad()
+    with capture(module):
+        module(x).square().sum().backward()
+    for name, p in module.named_parameters():
+        assert_close(p.grad, plain[name], atol=1e-6, rtol=1e-5, msg=name)
