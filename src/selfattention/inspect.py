@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from selfattention.functional import attention_scores, expand_kv_heads
 from selfattention.modules import AttentionModule, MultiHeadAttention
+from selfattention.walkthrough import random_projections
 
 
 @dataclass(frozen=True)
@@ -220,11 +221,8 @@ def capture_projections(
     """
     if inputs.dim() != 2:
         raise ValueError(f"inputs must be (tokens, width), got shape {tuple(inputs.shape)}")
-    if d_out < 1:
-        raise ValueError(f"projection width must be at least 1, got {d_out}")
     num_tokens, width = inputs.shape
-    torch.manual_seed(seed)
-    matrices = [torch.rand(width, d_out) for _ in range(3)]  # W^Q, W^K, W^V, each (C, d_out)
+    matrices = random_projections(width, d_out, seed)  # W^Q, W^K, W^V, each (C, d_out)
     module = MultiHeadAttention(
         width, d_out, num_tokens, 0.0, num_heads, causal=causal, scale=None if scaled else 1.0
     ).eval()

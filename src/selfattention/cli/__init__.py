@@ -12,11 +12,9 @@ import sys
 from collections.abc import Sequence
 
 from selfattention.cli import explain
+from selfattention.cli.errors import UsageError
 
-
-class UsageError(Exception):
-    """Bad input from the command line: printed as one line, exit code 2."""
-
+__all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 
 COMMANDS = [explain]
 
