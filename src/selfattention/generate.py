@@ -14,7 +14,7 @@ cache, when it is full it is refilled from the last ``context_length // 2`` toke
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -25,14 +25,17 @@ from selfattention.modules import KVCache
 class CausalLM(Protocol):
     """What :func:`generate` needs: a config with ``context_length``, caches, and ``model(idx, kv_caches=)``."""
 
-    config: object
+    @property
+    def config(self) -> Any:
+        """Has ``context_length``."""
+        ...
 
     def make_kv_caches(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
         """One cache per layer."""
         ...
 
-    def __call__(self, idx: Tensor, *, kv_caches: list[KVCache] | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits ``(B, T, V)``."""
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``model(idx, kv_caches=...)`` returns ``(logits (B, T, V), loss or None)``."""
         ...
 
 
@@ -94,7 +97,7 @@ def generate(
     Raises:
         ValueError: an empty prompt, or prompt plus output beyond the context without ``slide``.
     """
-    context = int(getattr(model.config, "context_length"))  # noqa: B009 (a Protocol attribute)
+    context = int(model.config.context_length)
     if idx.dim() != 2 or idx.shape[1] < 1:
         raise ValueError(f"the prompt must be (batch, tokens) with at least one token, got {tuple(idx.shape)}")
     if max_new_tokens < 0:

@@ -10,6 +10,8 @@ from torch import Tensor, nn
 
 from selfattention.training.loop import TrainConfig, Trainer, learning_rate
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class Bigram(nn.Module):
     """Next token from the current one only: a lookup table of logits."""
@@ -32,8 +34,15 @@ def cyclic_batches(generator: torch.Generator) -> tuple[Tensor, Tensor]:
 
 def make_trainer(steps: int = 60, **kwargs) -> Trainer:
     torch.manual_seed(0)
-    config = TrainConfig(max_steps=steps, batch_size=4, learning_rate=0.1, min_learning_rate=0.01,
-                         warmup_steps=5, eval_interval=20, eval_batches=2)
+    config = TrainConfig(
+        max_steps=steps,
+        batch_size=4,
+        learning_rate=0.1,
+        min_learning_rate=0.01,
+        warmup_steps=5,
+        eval_interval=20,
+        eval_batches=2,
+    )
     return Trainer(Bigram(8), config, cyclic_batches, cyclic_batches, progress=False, **kwargs)
 
 

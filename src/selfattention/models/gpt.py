@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +89,9 @@ class RotaryEmbedding(nn.Module):
     ``(B, G, T, D)`` keys whose first token is at position ``start``. Pairs are the two halves of the
     head (the "rotate half" layout).
     """
+
+    cos: Tensor
+    sin: Tensor
 
     def __init__(self, head_dim: int, context_length: int, base: float = 10000.0) -> None:
         super().__init__()
@@ -187,7 +190,7 @@ class GPT(nn.Module):
     def make_kv_caches(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
         """One preallocated :class:`KVCache` per layer, ``max_len`` (default ``context_length``) positions."""
         length = self.config.context_length if max_len is None else max_len
-        return [block.attn.make_kv_cache(batch_size, length) for block in self.blocks]
+        return [cast(Block, block).attn.make_kv_cache(batch_size, length) for block in self.blocks]
 
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, *, kv_caches: list[KVCache] | None = None

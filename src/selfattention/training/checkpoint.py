@@ -144,7 +144,7 @@ def _read_tensors(path: Path, step: int) -> dict[str, Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as error:  # safetensors raises its own SafetensorError
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
     if meta.get("format") != FORMAT:
@@ -168,15 +168,14 @@ def load_weights(model: nn.Module, weights: dict[str, Tensor], source: str | os.
     missing = [k for k in expected if k not in weights and ties.get(k) not in weights]
     unexpected = [k for k in weights if k not in expected]
     if missing or unexpected:
+        raise ValueError(f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    wrong = [name for name in expected if name in weights and weights[name].shape != expected[name].shape]
+    if wrong:
+        name = wrong[0]
         raise ValueError(
-            f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"{source}: tensor {name} has shape {tuple(weights[name].shape)}, the model expects "
+            f"{tuple(expected[name].shape)} ({len(wrong)} tensor(s) differ in shape)"
         )
-    for name, tensor in weights.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(
-                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
-                f"the model expects {tuple(expected[name].shape)}"
-            )
     full = {name: weights.get(name, weights.get(ties.get(name, ""))) for name in expected}
     with torch.no_grad():
         model.load_state_dict(full)

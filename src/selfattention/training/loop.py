@@ -101,6 +101,7 @@ class Trainer:
         rank, world_size: this process in a data-parallel run; only rank 0 validates, shows progress and
             calls ``checkpoint``.
         progress: show a progress bar (on rank 0).
+        log: print each validation loss (on rank 0).
     """
 
     def __init__(
@@ -115,17 +116,20 @@ class Trainer:
         rank: int = 0,
         world_size: int = 1,
         progress: bool = True,
+        log: bool = True,
     ) -> None:
         self.model, self.config = model, config
         self.train_batch, self.val_batch = train_batch, val_batch
         self.checkpoint_fn, self.on_step = checkpoint, on_step
         self.rank, self.world_size = rank, world_size
         self.show_progress = progress and rank == 0
+        self.log = log and rank == 0
         self.optimizer = make_optimizer(model, config)
         self.data_generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.history = History()
         self.tokens_per_second = 0.0
+        self.stopping = False  # set when a Ctrl-C is being handled, for the checkpoint callback
 
     @property
     def raw_model(self) -> nn.Module:
@@ -156,6 +160,7 @@ class Trainer:
                     if self._any_rank(interrupted()):
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
+            self.stopping = True
             if not _HardInterrupt.raised:
                 self.save()
             raise
@@ -214,7 +219,7 @@ class Trainer:
         if val is None:
             return
         self.history.val.append((self.step, val))
-        if self.show_progress:
+        if self.log:
             from tqdm import tqdm
 
             train = self.history.train[-1][1]

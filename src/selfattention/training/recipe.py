@@ -31,8 +31,15 @@ from selfattention.training.tokenizer import Tokenizer, train_tokenizer
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "tiny": (
         {"context_length": 32, "emb_dim": 32, "num_layers": 2, "num_heads": 2},
-        {"max_steps": 300, "batch_size": 8, "warmup_steps": 20, "eval_interval": 100, "eval_batches": 5,
-         "learning_rate": 3e-3, "min_learning_rate": 3e-4},
+        {
+            "max_steps": 300,
+            "batch_size": 8,
+            "warmup_steps": 20,
+            "eval_interval": 100,
+            "eval_batches": 5,
+            "learning_rate": 3e-3,
+            "min_learning_rate": 3e-4,
+        },
     ),
     "small": (
         {"context_length": 128, "emb_dim": 128, "num_layers": 4, "num_heads": 4},
@@ -44,6 +51,8 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
 }
 LOSS_CURVE = "loss.png"
+PLOT_EVERY_S = 60.0
+"""The loss curve is redrawn at checkpoints at most this often (and always at the end or on Ctrl-C)."""
 
 
 @dataclass
@@ -102,6 +111,9 @@ def train_gpt(options: RunOptions) -> RunResult:
 def _train(options: RunOptions, info: distributed.DistInfo) -> RunResult:
     text = read_corpus(options.corpus)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if options.resume and (options.model or options.train):
+        names = sorted({**options.model, **options.train})
+        raise ValueError(f"--resume continues the saved configuration; do not also set {names}")
     checkpoint = load_checkpoint(options.out, need_trainer=True) if options.resume else None
     tokenizer: Tokenizer
     if checkpoint is not None:
@@ -109,8 +121,7 @@ def _train(options: RunOptions, info: distributed.DistInfo) -> RunResult:
         saved = trainer_json.get("data", {}).get("sha256")
         if saved != digest:
             raise ValueError(
-                f"cannot resume {options.out}: it was trained on a different corpus (sha256 {saved}, "
-                f"this one {digest})"
+                f"cannot resume {options.out}: it was trained on a different corpus (sha256 {saved}, this one {digest})"
             )
         tokenizer = checkpoint.tokenizer
         model_config = GPTConfig.from_dict(checkpoint.config["model"])
@@ -135,9 +146,12 @@ def _train(options: RunOptions, info: distributed.DistInfo) -> RunResult:
         return sample_batch(train_ids, batch, block, generator, rank=info.rank, world_size=info.world_size)
 
     def val_batch(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return sample_batch(val_ids, batch, block, generator)
+        # rank 0 validates alone, on the global batch: the same numbers as a single process
+        return sample_batch(val_ids, batch * info.world_size, block, generator)
 
     data = {"corpus": options.corpus or "<shipped shakespeare.txt>", "sha256": digest, "tokens": len(ids)}
+
+    last_plot = [time.monotonic()]
 
     def save(trainer: Trainer) -> None:
         from selfattention.viz.loss_curve import plot_losses
@@ -153,7 +167,10 @@ def _train(options: RunOptions, info: distributed.DistInfo) -> RunResult:
             trainer_json=state,
         )
         history = trainer.history
-        if history.train:
+        now = time.monotonic()
+        final = trainer.step == train_config.max_steps or trainer.stopping
+        if history.train and (final or now - last_plot[0] > PLOT_EVERY_S):
+            last_plot[0] = now
             title = f"{model.num_parameters():,} parameters, {tokenizer.kind} tokens, step {trainer.step}"
             plot_losses(history.train, history.val, Path(options.out) / LOSS_CURVE, title=title)
 
@@ -172,8 +189,9 @@ def _train(options: RunOptions, info: distributed.DistInfo) -> RunResult:
         trainer.load_state(checkpoint.trainer_tensors, checkpoint.config["trainer"])
     start = time.perf_counter()
     history = trainer.run()
-    return RunResult(history, trainer.step, time.perf_counter() - start, model.num_parameters(), Path(options.out),
-                     info.rank)
+    return RunResult(
+        history, trainer.step, time.perf_counter() - start, model.num_parameters(), Path(options.out), info.rank
+    )
 
 
 def load_gpt(directory: str | Path) -> tuple[GPT, Tokenizer]:
@@ -195,4 +213,3 @@ def load_gpt(directory: str | Path) -> tuple[GPT, Tokenizer]:
             f"model {config.vocab_size}"
         )
     return model.eval(), checkpoint.tokenizer
-

@@ -40,8 +40,10 @@ def plot_losses(
         steps, losses = zip(*train, strict=True)
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8)
         window = max(1, min(smoothing, len(losses)))
-        averaged = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-                    for i in range(len(losses))]
+        averaged = [
+            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
         ax.plot(steps, averaged, color="tab:blue", label=f"train (mean of {window} steps)")
     if val:
         steps, losses = zip(*val, strict=True)
