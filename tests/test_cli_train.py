@@ -110,6 +110,8 @@ def test_generate_errors(corpus: Path, tmp_path: Path, capsys) -> None:
 def test_resume_refuses_new_settings_and_another_corpus(corpus: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert main(["train", "--corpus", str(corpus), "--out", str(out), *TINY, "--steps", "2"]) == 0
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), *TINY, "--steps", "2"]) == 2
+    assert "already holds a checkpoint; pass --resume to continue it or --overwrite" in capsys.readouterr().err
     assert main(["train", "--corpus", str(corpus), "--out", str(out), "--resume", "--steps", "9"]) == 2
     assert "--resume continues the saved configuration; do not also set ['max_steps']" in capsys.readouterr().err
     other = tmp_path / "other.txt"

@@ -23,7 +23,7 @@ import torch
 
 from selfattention.models.gpt import GPT, GPTConfig
 from selfattention.training import distributed
-from selfattention.training.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from selfattention.training.checkpoint import CONFIG, load_checkpoint, load_weights, save_checkpoint
 from selfattention.training.data import check_length, read_corpus, sample_batch, split
 from selfattention.training.loop import History, TrainConfig, Trainer
 from selfattention.training.tokenizer import Tokenizer, train_tokenizer
@@ -61,6 +61,7 @@ class RunOptions:
     tokenizer: str = "char"
     bpe_vocab_size: int = 512
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
@@ -110,6 +111,11 @@ def _train(options: RunOptions, info: distributed.DistInfo) -> RunResult:
     if options.resume and (options.model or options.train):
         names = sorted({**options.model, **options.train})
         raise ValueError(f"--resume continues the saved configuration; do not also set {names}")
+    existing = Path(options.out) / CONFIG
+    if existing.exists() and not (options.resume or options.overwrite):
+        raise ValueError(
+            f"{options.out} already holds a checkpoint; pass --resume to continue it or --overwrite to replace it"
+        )
     checkpoint = load_checkpoint(options.out, need_trainer=True) if options.resume else None
     tokenizer: Tokenizer
     if checkpoint is not None:
