@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_checkpoint_arguments(parser)
     parser.add_argument("--plot")
+    parser.add_argument("--format", default="text")
     return parser.parse_args(list(argv))
 
 
@@ -59,6 +61,14 @@ def test_prints_top_keys_and_plots(checkpoint: Path, tmp_path: Path, capsys) -> 
     assert "attention weights α of layer 1 of 2, head 0 of 2" in out
     assert "  0 d  -> 0:d 1.00" in out  # the first token can only attend to itself
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_json_holds_every_weight(checkpoint: Path, capsys) -> None:
+    assert explain_checkpoint(parse("--checkpoint", str(checkpoint), "dagger", "--format", "json")) == 0
+    data = json.loads(capsys.readouterr().out)
+    _, weights, _ = checkpoint_weights(str(checkpoint), "dagger", None, 0)
+    assert data["tokens"] == list("dagger")
+    torch.testing.assert_close(torch.tensor(data["weights"]), weights, atol=1e-6, rtol=0)  # rounded to 6 places
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -61,8 +62,17 @@ def checkpoint_weights(directory: str, text: str, layer: int | None, head: int) 
 
 
 def explain_checkpoint(args: argparse.Namespace) -> int:
-    """Print, for each token of ``args.text``, the earlier tokens it attends to most; optionally plot α."""
+    """Print, for each token of ``args.text``, the earlier tokens it attends to most; optionally plot α.
+
+    Reads ``args.checkpoint``, ``args.text``, ``args.layer``, ``args.head``, and, when present,
+    ``args.plot`` (a PNG path) and ``args.format`` (``"json"``: tokens and the full α as JSON).
+    """
     tokens, weights, where = checkpoint_weights(args.checkpoint, args.text or "", args.layer, args.head)
+    if getattr(args, "format", "text") == "json":
+        data = {"where": where, "tokens": tokens, "weights": [[round(float(w), 6) for w in row] for row in weights]}
+        sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+        _plot(args, tokens, weights, where, announce=False)
+        return 0
     lines = [
         f"attention weights α of {where} ({args.checkpoint})",
         "each token, then the three earlier tokens (position:token) it attends to most",
@@ -75,10 +85,15 @@ def explain_checkpoint(args: argparse.Namespace) -> int:
         parts = [f"{j}:{tokens[j]} {float(w):.2f}" for w, j in zip(top.values, top.indices.tolist(), strict=True)]
         lines.append(f"{i:>3} {label:<{width}}  -> " + ", ".join(parts))
     sys.stdout.write("\n".join(lines) + "\n")
+    _plot(args, tokens, weights, where, announce=True)
+    return 0
+
+
+def _plot(args: argparse.Namespace, tokens: list[str], weights: Tensor, where: str, *, announce: bool) -> None:
     plot = getattr(args, "plot", None)
     if plot:
         from selfattention.viz.heatmap import plot_weights
 
         plot_weights(weights, tokens, tokens, plot, title=f"α, {where}")
-        print(f"\nheatmap of α written to {plot}")
-    return 0
+        if announce:
+            print(f"\nheatmap of α written to {plot}")
