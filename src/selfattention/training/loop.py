@@ -196,8 +196,9 @@ class Trainer:
             value = value / self.world_size
         self.step += 1
         self.history.train.append((self.step, float(value)))
-        elapsed = time.perf_counter() - start
-        self.tokens_per_second = inputs.numel() * self.world_size / max(elapsed, 1e-9)
+        speed = inputs.numel() * self.world_size / max(time.perf_counter() - start, 1e-9)
+        previous = self.tokens_per_second  # shown smoothed: the mean of roughly the last 10 steps
+        self.tokens_per_second = speed if previous == 0 else 0.9 * previous + 0.1 * speed
         return float(value)
 
     @torch.no_grad()
@@ -269,7 +270,9 @@ class Trainer:
         current = self.optimizer.state_dict()
         saved_groups = state["optimizer_groups"]
         if len(saved_groups) != len(current["param_groups"]):
-            raise ValueError(f"saved optimizer has {len(saved_groups)} parameter groups, expected 2")
+            raise ValueError(
+                f"saved optimizer has {len(saved_groups)} parameter groups, expected {len(current['param_groups'])}"
+            )
         groups = []
         for group, saved in zip(current["param_groups"], saved_groups, strict=True):
             groups.append({**saved, "params": group["params"], "betas": tuple(saved["betas"])})
