@@ -11,12 +11,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from selfattention.cli import explain
+from selfattention.cli import explain, generate, train
 from selfattention.cli.errors import UsageError
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 
-COMMANDS = [explain]
+COMMANDS = [explain, train, generate]
 
 
 def build_parser() -> argparse.ArgumentParser:

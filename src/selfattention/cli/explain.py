@@ -11,6 +11,7 @@ from torch import Tensor
 
 from selfattention import examples
 from selfattention.cli.errors import UsageError
+from selfattention.cli.explain_checkpoint import add_checkpoint_arguments, explain_checkpoint
 from selfattention.files import write_text
 from selfattention.inputs import load_embeddings
 from selfattention.inspect import capture_projections
@@ -42,15 +43,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--heads", type=int, default=1, help="split the --projections width into this many heads (default: 1)"
     )
     parser.add_argument("--head", type=int, default=0, help="the head to walk through (0-based, default: 0)")
+    parser.add_argument("--layer", type=int, help="with --checkpoint or --model: the layer to show")
+    parser.add_argument("text", nargs="?", help="with --checkpoint or --model: the text whose attention to show")
     parser.add_argument("--embeddings", metavar="FILE", help="your own token vectors: .json, .csv or .npy")
     parser.add_argument("--tokens", help="the tokens of a .npy file, separated by spaces")
     parser.add_argument("--plot", metavar="FILE.png", help="also save a heatmap of the weights α")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
+    add_checkpoint_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Compute the walk-through and print it; optionally save a heatmap."""
+    if args.checkpoint:
+        return explain_checkpoint(args)
+    if args.text is not None or args.layer is not None:
+        raise UsageError("TEXT and --layer are only used with --checkpoint DIR or --model NAME")
     if args.embeddings:
         tokens, inputs = load_embeddings(args.embeddings, args.tokens.split() if args.tokens else None)
     else:
