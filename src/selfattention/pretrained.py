@@ -164,8 +164,7 @@ class PretrainedEncoder:
                 raise ValueError(f"text {index} ({text!r}) has no tokens the model knows")
             if len(encoding.ids) > limit:
                 raise ValueError(
-                    f"text {index} has {len(encoding.ids)} word pieces ([CLS] and [SEP] included); "
-                    f"the limit is {limit}"
+                    f"text {index} has {len(encoding.ids)} word pieces ([CLS] and [SEP] included); the limit is {limit}"
                 )
         length = max(len(e.ids) for e in encodings)
         ids = torch.full((len(encodings), length), self.config.pad_token_id, dtype=torch.long)

@@ -182,9 +182,7 @@ def _check_ids(input_ids: Tensor, config: BertConfig) -> Tensor:
         raise ValueError(f"input_ids must be integer (batch, tokens), got {input_ids.dtype} {tuple(input_ids.shape)}")
     length = input_ids.shape[-1]
     if length > config.max_position_embeddings:
-        raise ValueError(
-            f"{length} word pieces exceed the {config.max_position_embeddings} positions the model has"
-        )
+        raise ValueError(f"{length} word pieces exceed the {config.max_position_embeddings} positions the model has")
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
         raise ValueError(
             f"token ids must be in [0, {config.vocab_size}), got {int(input_ids.min())}..{int(input_ids.max())}"
