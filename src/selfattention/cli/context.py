@@ -130,7 +130,7 @@ def _plots(result: WordInContext, similarity: Tensor, attention: list[Tensor], l
     written = [chart]
     for index, rows in enumerate(attention):
         path = folder / f"context-attention-{index + 1}.png"
-        heads = [f"head {h}" for h in range(rows.shape[0])]
+        heads = [f"{result.word}, head {h}" for h in range(rows.shape[0])]  # each row: the word as query
         title = f'attention of "{result.word}" in layer {layer}, sentence {index + 1}'
         plot_weights(rows, heads, result.encoded.batch.tokens(index), path, title=title)
         written.append(path)
