@@ -21,6 +21,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def bert_reference(minilm: PretrainedEncoder):  # type: ignore[no-untyped-def]
     transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is not installed")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the folder is local; never look for a hub
     return transformers.BertModel.from_pretrained(str(minilm_path()), local_files_only=True).eval()
 
 
