@@ -11,15 +11,16 @@ comparison of chapter-3 implementations: (8, 1024, 768), 12 heads):
 * ours: :class:`selfattention.MultiHeadAttention` with ``backend="auto"``;
 * ``torch.nn.MultiheadAttention`` with a causal ``attn_mask`` and ``need_weights=False``.
 
-Before timing, the outputs are checked to agree. Times are the best of ``--repeat`` rounds; the rounds visit
-the modules in turn so that a busy machine slows them alike. The last column is the ratio to the SDPA-based
-module, which is what to compare across machines.
+Before timing, the outputs are checked to agree. Each round runs every module once, in turn; times are the
+best of ``--repeat`` rounds, and each ratio to the SDPA-based module is the median over rounds of the ratio
+within a round (neighbouring runs share the machine's load). The ratios are what to compare across machines.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 from collections.abc import Callable
 
@@ -132,8 +133,8 @@ def forward_backward(module: nn.Module, x: Tensor) -> Callable[[], object]:
     return run
 
 
-def measure(cases: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Best milliseconds per case (noise only ever adds time); each round runs every case once, after a warm-up."""
+def measure(cases: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
+    """Milliseconds per case and round; each round runs every case once, after a warm-up round."""
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for round_ in range(repeat + 1):
         for name, fn in cases.items():
@@ -141,7 +142,19 @@ def measure(cases: dict[str, Callable[[], object]], repeat: int) -> dict[str, fl
             fn()
             if round_:
                 samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: min(values) for name, values in samples.items()}
+    return samples
+
+
+def summarise(samples: dict[str, list[float]], baseline: str) -> dict[str, tuple[float, float]]:
+    """Per case: the best time (noise only ever adds time) and the median over rounds of the ratio to
+    ``baseline`` in the same round (neighbouring runs share the machine's load, so the ratio is steadier)."""
+    return {
+        name: (
+            min(times),
+            statistics.median(t / b for t, b in zip(times, samples[baseline], strict=True)),
+        )
+        for name, times in samples.items()
+    }
 
 
 def main() -> None:
@@ -160,22 +173,24 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.tokens, args.width)
     check_agree(modules, x)
-    fwd = measure({name: forward(m, x) for name, m in modules.items()}, args.repeat)
+    fwd = summarise(measure({name: forward(m, x) for name, m in modules.items()}, args.repeat), "SDPA-based")
     x_grad = x.clone().requires_grad_(True)
     for module in modules.values():
         module.train()  # dropout is 0 everywhere: training mode only switches the path a module may take
-    both = measure({name: forward_backward(m, x_grad) for name, m in modules.items()}, args.repeat)
+    cases = {name: forward_backward(m, x_grad) for name, m in modules.items()}
+    both = summarise(measure(cases, args.repeat), "SDPA-based")
     shape = f"input ({args.batch}, {args.tokens}, {args.width}), {args.heads} heads, causal"
     lines = [
         "| module | forward ms | vs SDPA-based | forward+backward ms | vs SDPA-based |",
         "|---|---:|---:|---:|---:|",
     ]
     for name in modules:
-        lines.append(
-            f"| {name} | {fwd[name]:.1f} | {fwd[name] / fwd['SDPA-based']:.2f}x "
-            f"| {both[name]:.1f} | {both[name] / both['SDPA-based']:.2f}x |"
-        )
-    header = f"{shape}; torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeat} rounds"
+        (f_ms, f_ratio), (b_ms, b_ratio) = fwd[name], both[name]
+        lines.append(f"| {name} | {f_ms:.1f} | {f_ratio:.2f}x | {b_ms:.1f} | {b_ratio:.2f}x |")
+    header = (
+        f"{shape}; torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeat} rounds; "
+        "ratios: median of per-round ratios"
+    )
     table = "\n".join(lines)
     print(f"{header}\n{table}")
     if args.markdown:

@@ -48,6 +48,7 @@ def test_parameters_in_chapter_order_and_shapes():
     names = [name for name, _ in module.named_parameters()]
     assert names == [f"{n}.{p}" for n in ("W_query", "W_key", "W_value", "out_proj") for p in ("weight", "bias")]
     assert module.W_key.weight.shape == (6, 12)  # 2 kv heads of width 3
+    assert "num_heads=4, num_kv_heads=2, head_dim=3, context_length=16" in repr(module)
 
 
 @pytest.mark.parametrize("causal", [True, False])

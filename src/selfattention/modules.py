@@ -380,6 +380,14 @@ class MultiHeadAttention(AttentionModule):
         self.W_value = nn.Linear(d_in, kv_width, bias=qkv_bias, **factory)
         self.out_proj = nn.Linear(d_out, d_out, bias=out_bias, **factory)
 
+    def extra_repr(self) -> str:
+        """The settings shown by ``print(module)`` besides the layers."""
+        return (
+            f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"context_length={self.context_length}, dropout={self.dropout}, causal={self.causal}, "
+            f"backend={self.backend!r}"
+        )
+
     def forward(
         self,
         x: Tensor,
