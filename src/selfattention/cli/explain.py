@@ -12,6 +12,7 @@ from torch import Tensor
 from selfattention import examples
 from selfattention.cli.errors import UsageError
 from selfattention.cli.explain_checkpoint import add_checkpoint_arguments, explain_checkpoint
+from selfattention.cli.explain_model import add_model_arguments, explain_model
 from selfattention.files import write_text
 from selfattention.inputs import load_embeddings
 from selfattention.inspect import capture_projections
@@ -50,13 +51,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--plot", metavar="FILE.png", help="also save a heatmap of the weights α")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
     add_checkpoint_arguments(parser)
+    add_model_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Compute the walk-through and print it; optionally save a heatmap."""
+    if args.checkpoint and args.model:
+        raise UsageError("choose one of --checkpoint DIR and --model NAME")
     if args.checkpoint:
         return explain_checkpoint(args)
+    if args.model:
+        return explain_model(args)
     if args.text is not None or args.layer is not None:
         raise UsageError("TEXT and --layer are only used with --checkpoint DIR or --model NAME")
     if args.embeddings:
