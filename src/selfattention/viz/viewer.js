@@ -1,0 +1,401 @@
+// The attention viewer. Plain JavaScript, no libraries, nothing fetched: the data is the JSON block above.
+// Tokens are DOM elements (so they can be hovered, read and searched); the lines and heatmaps are canvases.
+// State the tests read is published on window.viewerState after every redraw.
+(function () {
+  "use strict";
+
+  const DATA = JSON.parse(document.getElementById("viewer-data").textContent);
+  const TOKENS = DATA.tokens;
+  const T = TOKENS.length;
+  const ROW = T <= 24 ? 28 : T > 512 ? 16 : 20; // px per token
+  const MAX_WIDTH = 12; // px of line thickness for a weight of 1
+  const DIGITS = 4;
+  const SHOWN_COMPONENTS = 8; // longer vectors are cut with "…" in the panel
+
+  const state = { layer: 0, head: 0, focus: null, side: "query", pinned: null, pinnedSide: "query" };
+  const published = { lines: [], drawnLines: 0, lastDrawMs: 0, draws: 0 };
+
+  // ---- data ------------------------------------------------------------------------------------------
+  function decode(m) {
+    const text = atob(m.f32);
+    const bytes = new Uint8Array(text.length);
+    for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
+    return { rows: m.shape[0], cols: m.shape[1], a: new Float32Array(bytes.buffer) };
+  }
+  const cache = new Map();
+  function matrix(layer, head, name) {
+    const key = layer + "/" + head + "/" + name;
+    if (!cache.has(key)) cache.set(key, decode(DATA.layers[layer].heads[head][name]));
+    return cache.get(key);
+  }
+  function row(m, i) {
+    return m.a.subarray(i * m.cols, (i + 1) * m.cols);
+  }
+  function masked(i, j) {
+    return DATA.causal && j > i;
+  }
+
+  // ---- formatting ------------------------------------------------------------------------------------
+  function num(x) {
+    const s = x.toFixed(DIGITS);
+    return s === "-0.0000" ? "0.0000" : s;
+  }
+  function vec(v) {
+    const shown = Array.from(v.slice(0, SHOWN_COMPONENTS), num).join(", ");
+    return "[" + shown + (v.length > SHOWN_COMPONENTS ? ", … (" + v.length + " numbers)" : "") + "]";
+  }
+  function el(tag, attrs, children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "html") node.innerHTML = v;
+      else if (k === "text") node.textContent = v;
+      else node.setAttribute(k, v);
+    }
+    for (const child of children || []) node.append(child);
+    return node;
+  }
+  function sub(name, index) {
+    return name + "<sub>" + index + "</sub>";
+  }
+
+  // ---- tokens ----------------------------------------------------------------------------------------
+  const scroll = document.getElementById("lines-scroll");
+  const queriesBox = document.getElementById("queries");
+  const keysBox = document.getElementById("keys");
+  const canvas = document.getElementById("lines");
+  const queryEls = [];
+  const keyEls = [];
+  function tokenEl(i, side) {
+    const node = el("div", { class: "tok", "data-i": String(i), "data-side": side, title: side + " " + (i + 1) });
+    node.textContent = TOKENS[i];
+    node.style.top = i * ROW + "px";
+    node.style.height = ROW + "px";
+    node.style.lineHeight = ROW + "px";
+    node.addEventListener("mouseenter", () => setFocus(i, side));
+    node.addEventListener("click", () => pin(i, side));
+    return node;
+  }
+  for (let i = 0; i < T; i++) {
+    queryEls.push(queriesBox.appendChild(tokenEl(i, "query")));
+    keyEls.push(keysBox.appendChild(tokenEl(i, "key")));
+  }
+  scroll.addEventListener("mouseleave", () => setFocus(state.pinned, state.pinnedSide));
+
+  function layout() {
+    const probe = el("span", { class: "tok" });
+    probe.style.position = "static";
+    document.body.append(probe);
+    let widest = 40;
+    for (const token of TOKENS.slice(0, 2000)) {
+      probe.textContent = token;
+      widest = Math.max(widest, probe.offsetWidth + 4);
+    }
+    probe.remove();
+    const labelWidth = Math.min(widest, 160);
+    const total = scroll.clientWidth;
+    const height = T * ROW + 4;
+    queriesBox.style.width = keysBox.style.width = labelWidth + "px";
+    queriesBox.style.height = keysBox.style.height = height + "px";
+    const width = Math.max(60, total - 2 * labelWidth);
+    const ratio = Math.min(window.devicePixelRatio || 1, 32000 / height);
+    canvas.style.left = labelWidth + "px";
+    canvas.style.width = width + "px";
+    canvas.style.height = height + "px";
+    canvas.width = Math.round(width * ratio);
+    canvas.height = Math.round(height * ratio);
+    canvas.getContext("2d").setTransform(ratio, 0, 0, ratio, 0, 0);
+    scroll.style.height = Math.min(height, window.innerHeight * 0.72) + "px";
+    published.labelWidth = labelWidth;
+  }
+
+  // ---- lines -----------------------------------------------------------------------------------------
+  function y(i) {
+    return i * ROW + ROW / 2;
+  }
+  function drawLines() {
+    const started = performance.now();
+    const ctx = canvas.getContext("2d");
+    const width = parseFloat(canvas.style.width);
+    const weights = matrix(state.layer, state.head, "weights");
+    ctx.clearRect(0, 0, width, parseFloat(canvas.style.height));
+    const lines = [];
+    let drawn = 0;
+    if (state.focus === null) {
+      // Every line, faint; lines of similar thickness share one path (16 strokes instead of T² strokes).
+      const buckets = Array.from({ length: 16 }, () => new Path2D());
+      const used = new Array(16).fill(false);
+      for (let i = 0; i < T; i++) {
+        const r = row(weights, i);
+        for (let j = 0; j < T; j++) {
+          if (r[j] * MAX_WIDTH < 0.05) continue;
+          const b = Math.min(15, Math.floor(r[j] * 16));
+          buckets[b].moveTo(0, y(i));
+          buckets[b].lineTo(width, y(j));
+          used[b] = true;
+          drawn++;
+        }
+      }
+      ctx.strokeStyle = "rgba(37, 99, 235, 0.35)";
+      buckets.forEach((path, b) => {
+        if (!used[b]) return;
+        ctx.lineWidth = ((b + 0.5) / 16) * MAX_WIDTH;
+        ctx.stroke(path);
+      });
+    } else {
+      const f = state.focus;
+      ctx.strokeStyle = "rgba(234, 120, 12, 0.85)";
+      for (let other = 0; other < T; other++) {
+        const [i, j] = state.side === "query" ? [f, other] : [other, f];
+        const w = weights.a[i * T + j];
+        const lineWidth = w * MAX_WIDTH;
+        lines.push({ query: i, key: j, weight: w, width: lineWidth });
+        if (lineWidth <= 0) continue;
+        ctx.lineWidth = lineWidth;
+        ctx.beginPath();
+        ctx.moveTo(0, y(i));
+        ctx.lineTo(width, y(j));
+        ctx.stroke();
+        drawn++;
+      }
+    }
+    shadeTokens(weights);
+    published.lines = lines;
+    published.drawnLines = drawn;
+    published.lastDrawMs = performance.now() - started;
+    published.draws++;
+  }
+  function shadeTokens(weights) {
+    const f = state.focus;
+    for (let i = 0; i < T; i++) {
+      for (const [els, side] of [[queryEls, "query"], [keyEls, "key"]]) {
+        const node = els[i];
+        const isFocus = f !== null && state.side === side && i === f;
+        node.classList.toggle("focus", isFocus);
+        node.classList.toggle("pinned", state.pinned === i && state.pinnedSide === side);
+        let shade = 0;
+        let isMasked = false;
+        if (f !== null && state.side !== side) {
+          const [q, k] = side === "key" ? [f, i] : [i, f];
+          shade = weights.a[q * T + k];
+          isMasked = masked(q, k);
+        }
+        node.classList.toggle("masked", isMasked);
+        node.style.backgroundColor = shade > 0 ? "rgba(255, 159, 28, " + Math.min(1, 0.15 + shade).toFixed(3) + ")" : "";
+      }
+    }
+  }
+
+  // ---- heatmaps --------------------------------------------------------------------------------------
+  function paintHeatmap(target, layer, head, focusRow) {
+    const weights = matrix(layer, head, "weights");
+    let largest = 0;
+    for (const w of weights.a) largest = Math.max(largest, w);
+    const image = new ImageData(T, T);
+    for (let i = 0; i < T; i++) {
+      for (let j = 0; j < T; j++) {
+        const p = 4 * (i * T + j);
+        if (masked(i, j)) {
+          const stripe = (i + j) % 4 < 2;
+          image.data.set(stripe ? [225, 215, 198, 255] : [243, 239, 232, 255], p);
+          continue;
+        }
+        const t = largest > 0 ? weights.a[i * T + j] / largest : 0;
+        image.data.set([255 - 218 * t, 255 - 156 * t, 255 - 20 * t, 255], p);
+      }
+    }
+    const source = document.createElement("canvas");
+    source.width = source.height = T;
+    source.getContext("2d").putImageData(image, 0, 0);
+    const ctx = target.getContext("2d");
+    ctx.imageSmoothingEnabled = T > target.width;
+    ctx.clearRect(0, 0, target.width, target.height);
+    ctx.drawImage(source, 0, 0, target.width, target.height);
+    if (focusRow !== null && focusRow !== undefined) {
+      const cell = target.height / T;
+      ctx.strokeStyle = "#ea780c";
+      ctx.lineWidth = 2;
+      if (state.side === "query") ctx.strokeRect(1, focusRow * cell, target.width - 2, Math.max(cell, 2));
+      else ctx.strokeRect(focusRow * cell, 1, Math.max(cell, 2), target.height - 2);
+    }
+  }
+
+  const thumbs = [];
+  function buildThumbs() {
+    const box = document.getElementById("thumbs");
+    DATA.layers.forEach((layer, l) => {
+      const rowEl = el("div", { class: "thumb-row" }, [el("span", { class: "row-name", text: layer.name, title: layer.name })]);
+      layer.heads.forEach((_, h) => {
+        const c = el("canvas", { width: "64", height: "64" });
+        const item = el("div", { class: "thumb", "data-layer": String(l), "data-head": String(h), title: layer.name + ", head " + h }, [
+          c,
+          el("span", { text: "L" + l + " H" + h }),
+        ]);
+        item.addEventListener("click", () => select(l, h));
+        rowEl.append(item);
+        thumbs.push({ item, l, h });
+        paintHeatmap(c, l, h, null);
+      });
+      box.append(rowEl);
+    });
+  }
+
+  // ---- numbers ---------------------------------------------------------------------------------------
+  function queryPanel(i) {
+    const L = state.layer;
+    const H = state.head;
+    const q = row(matrix(L, H, "q"), i);
+    const v = matrix(L, H, "v");
+    const scores = row(matrix(L, H, "scores"), i);
+    const weights = row(matrix(L, H, "weights"), i);
+    const z = row(matrix(L, H, "context"), i);
+    const n = i + 1;
+    const scale = DATA.layers[L].scale;
+    const panel = document.getElementById("panel");
+    panel.replaceChildren(
+      el("h2", { text: "query " + JSON.stringify(TOKENS[i]) + " (token " + n + ")" }),
+      el("div", { class: "eq", id: "query-vector", html: sub("q", n) + " = " + vec(q) }),
+      el("div", { class: "eq", html: sub("ω", n + "j") + " = " + sub("q", n) + " · " + sub("k", "j") + "   (scores)" }),
+      el("div", {
+        class: "eq",
+        html: sub("α", n + "j") + " = softmax<sub>j</sub>(" + num(scale) + " · " + sub("ω", n + "j") + ")" +
+          (DATA.causal ? ", keys j &gt; " + n + " masked" : "") + "   (weights)",
+      }),
+      el("div", { class: "eq", html: sub("z", n) + " = Σ<sub>j</sub> " + sub("α", n + "j") + " " + sub("v", "j") + "   (context)" }),
+    );
+    const body = el("tbody");
+    let total = 0;
+    for (let j = 0; j < T; j++) {
+      total += weights[j];
+      const term = Array.from(row(v, j), (x) => weights[j] * x);
+      const tr = el("tr", { class: masked(i, j) ? "masked" : "", "data-j": String(j) }, [
+        el("td", { text: String(j + 1) }),
+        el("td", { class: "token", text: TOKENS[j] }),
+        el("td", { class: "omega", text: num(scores[j]) }),
+        el("td", { class: "alpha", text: masked(i, j) ? "0 (masked)" : num(weights[j]) }),
+        el("td", { class: "term", text: vec(term) }),
+      ]);
+      body.append(tr);
+    }
+    const head = el("thead", {}, [
+      el("tr", {}, [
+        el("th", { text: "j" }),
+        el("th", { text: "key" }),
+        el("th", { html: sub("ω", n + "j") }),
+        el("th", { html: sub("α", n + "j") }),
+        el("th", { html: sub("α", n + "j") + " " + sub("v", "j") }),
+      ]),
+    ]);
+    const foot = el("tfoot", {}, [
+      el("tr", {}, [
+        el("td", { colspan: "3", html: "sum" }),
+        el("td", { id: "alpha-sum", text: num(total) }),
+        el("td", { id: "context", html: sub("z", n) + " = " + vec(z) }),
+      ]),
+    ]);
+    panel.append(el("table", { id: "steps" }, [head, body, foot]));
+  }
+  function keyPanel(j) {
+    const weights = matrix(state.layer, state.head, "weights");
+    const panel = document.getElementById("panel");
+    const body = el("tbody");
+    for (let i = 0; i < T; i++) {
+      body.append(
+        el("tr", { class: masked(i, j) ? "masked" : "" }, [
+          el("td", { text: String(i + 1) }),
+          el("td", { class: "token", text: TOKENS[i] }),
+          el("td", { class: "alpha", text: masked(i, j) ? "0 (masked)" : num(weights.a[i * T + j]) }),
+        ]),
+      );
+    }
+    panel.replaceChildren(
+      el("h2", { text: "key " + JSON.stringify(TOKENS[j]) + " (token " + (j + 1) + "): the weight each query gives it" }),
+      el("table", { id: "steps" }, [el("thead", {}, [el("tr", {}, [el("th", { text: "i" }), el("th", { text: "query" }), el("th", { html: sub("α", "i" + (j + 1)) })])]), body]),
+    );
+  }
+  function drawPanel() {
+    const panel = document.getElementById("panel");
+    if (state.focus === null) {
+      panel.replaceChildren(
+        el("h2", { text: "Hover a token" }),
+        el("p", {
+          class: "muted",
+          html: "Hover a query token on the left to see its scores ω, weights α and the weighted sum of the values that makes its context vector z; hover a key token on the right to see who attends to it.",
+        }),
+      );
+    } else if (state.side === "query") queryPanel(state.focus);
+    else keyPanel(state.focus);
+  }
+
+  // ---- state -----------------------------------------------------------------------------------------
+  function publish() {
+    window.viewerState = Object.freeze({
+      layer: state.layer,
+      head: state.head,
+      focus: state.focus,
+      side: state.side,
+      pinned: state.pinned,
+      causal: DATA.causal,
+      numTokens: T,
+      numLayers: DATA.layers.length,
+      numHeads: DATA.layers[state.layer].heads.length,
+      lines: published.lines,
+      drawnLines: published.drawnLines,
+      lastDrawMs: published.lastDrawMs,
+      draws: published.draws,
+      ready: true,
+    });
+    document.body.dataset.layer = String(state.layer);
+    document.body.dataset.head = String(state.head);
+    document.body.dataset.focus = state.focus === null ? "" : state.side + ":" + state.focus;
+  }
+  function redraw() {
+    drawLines();
+    drawPanel();
+    paintHeatmap(document.getElementById("heatmap"), state.layer, state.head, state.focus);
+    for (const { item, l, h } of thumbs) item.classList.toggle("selected", l === state.layer && h === state.head);
+    publish();
+  }
+  function setFocus(i, side) {
+    if (state.focus === i && state.side === side) return;
+    state.focus = i;
+    state.side = side || "query";
+    redraw();
+  }
+  function pin(i, side) {
+    const same = state.pinned === i && state.pinnedSide === side;
+    state.pinned = same ? null : i;
+    state.pinnedSide = side;
+    state.focus = null; // force a redraw of the pin outline
+    setFocus(i, side);
+  }
+  function fillHeads() {
+    const heads = document.getElementById("head");
+    heads.replaceChildren(...DATA.layers[state.layer].heads.map((_, h) => el("option", { value: String(h), text: String(h) })));
+    heads.value = String(state.head);
+  }
+  function select(layer, head) {
+    state.layer = layer;
+    state.head = Math.min(head, DATA.layers[layer].heads.length - 1);
+    document.getElementById("layer").value = String(layer);
+    fillHeads();
+    redraw();
+  }
+
+  // ---- start -----------------------------------------------------------------------------------------
+  const layerSelect = document.getElementById("layer");
+  DATA.layers.forEach((layer, l) => layerSelect.append(el("option", { value: String(l), text: l + ": " + layer.name })));
+  layerSelect.addEventListener("change", () => select(Number(layerSelect.value), state.head));
+  document.getElementById("head").addEventListener("change", (e) => select(state.layer, Number(e.target.value)));
+  document.getElementById("mask-badge").hidden = !DATA.causal;
+  document.getElementById("heatmap-mask").textContent = DATA.causal ? "; hatched = masked (a key after the query)" : "";
+  window.viewerSelect = select;
+  window.viewerFocus = setFocus;
+  layout();
+  buildThumbs();
+  fillHeads();
+  redraw();
+  window.addEventListener("resize", () => {
+    layout();
+    redraw();
+  });
+})();
