@@ -100,9 +100,7 @@ class HeadData:
         return head
 
     @classmethod
-    def from_tensors(
-        cls, query: Any, key: Any, value: Any, scores: Any, weights: Any, context: Any
-    ) -> HeadData:
+    def from_tensors(cls, query: Any, key: Any, value: Any, scores: Any, weights: Any, context: Any) -> HeadData:
         """A head from 2-D tensors (any dtype or device); they are copied to float lists."""
         return cls.from_lists(
             **{
@@ -123,9 +121,7 @@ class HeadData:
     def check(self) -> None:
         """Raise ValueError, naming the shapes, unless q, k, v, ω, α and z agree with each other."""
         t, d = _shape(self.query)
-        shapes = {
-            name: _shape(getattr(self, name)) for name in ("key", "value", "scores", "weights", "context")
-        }
+        shapes = {name: _shape(getattr(self, name)) for name in ("key", "value", "scores", "weights", "context")}
         expected = {"key": (t, d), "scores": (t, t), "weights": (t, t)}
         for name, shape in expected.items():
             if shapes[name] != shape:
@@ -261,8 +257,7 @@ def _records(source: Any) -> list[tuple[str, Any]]:
     items = source.items() if hasattr(source, "items") else None
     if items is None:
         raise TypeError(
-            "to_html takes an AttentionView, a capture result or a capture record, "
-            f"not {type(source).__name__}"
+            f"to_html takes an AttentionView, a capture result or a capture record, not {type(source).__name__}"
         )
     records = list(items)
     if not records:
@@ -270,9 +265,7 @@ def _records(source: Any) -> list[tuple[str, Any]]:
     return records
 
 
-def view_from_capture(
-    source: Any, tokens: Iterable[str], *, batch: int = 0, title: str = "Attention"
-) -> AttentionView:
+def view_from_capture(source: Any, tokens: Iterable[str], *, batch: int = 0, title: str = "Attention") -> AttentionView:
     """An :class:`AttentionView` from what :func:`selfattention.capture` recorded.
 
     Args:
@@ -289,27 +282,35 @@ def view_from_capture(
     tokens = [str(token) for token in tokens]
     layers, names, scales, causal = [], [], [], False
     for name, record in _records(source):
-        heads = []
-        for index in range(record.num_heads):
-            head = record.head(index)
-            tensors = [head.query, head.key, head.value, head.scores, head.weights, head.context]
-            if tensors[0].dim() == 3:
-                if not 0 <= batch < tensors[0].shape[0]:
-                    raise ValueError(
-                        f"batch {batch} out of range: {name!r} ran on {tensors[0].shape[0]} rows"
-                    )
-                tensors = [tensor[batch] for tensor in tensors]
-            if tuple(tensors[4].shape) != (len(tokens), len(tokens)):
-                raise ValueError(
-                    f"{name!r} head {index} has weights of shape {tuple(tensors[4].shape)}, but "
-                    f"{len(tokens)} tokens need ({len(tokens)}, {len(tokens)})"
-                )
-            heads.append(HeadData.from_tensors(*tensors))
-        layers.append(heads)
+        layers.append(heads_from_record(record, len(tokens), batch=batch, name=name))
         names.append(name or "model")
         scales.append(float(record.scale))
         causal = causal or bool(record.causal)
     return AttentionView(tokens, layers, causal=causal, layer_names=names, scales=scales, title=title)
+
+
+def heads_from_record(record: Any, num_tokens: int, *, batch: int = 0, name: str = "attention") -> list[HeadData]:
+    """One :class:`HeadData` per query head of a capture record (grouped-query heads share their k and v).
+
+    Raises:
+        ValueError: when the record's weights are not ``(num_tokens, num_tokens)``, or ``batch`` is out of
+            range for a batched record.
+    """
+    heads = []
+    for index in range(record.num_heads):
+        head = record.head(index)
+        tensors = [head.query, head.key, head.value, head.scores, head.weights, head.context]
+        if tensors[0].dim() == 3:  # (B, T, D): pick one batch row
+            if not 0 <= batch < tensors[0].shape[0]:
+                raise ValueError(f"batch {batch} out of range: {name!r} ran on {tensors[0].shape[0]} rows")
+            tensors = [tensor[batch] for tensor in tensors]
+        if tuple(tensors[4].shape) != (num_tokens, num_tokens):
+            raise ValueError(
+                f"{name!r} head {index} has weights of shape {tuple(tensors[4].shape)}, but "
+                f"{num_tokens} tokens need ({num_tokens}, {num_tokens})"
+            )
+        heads.append(HeadData.from_tensors(*tensors))
+    return heads
 
 
 def to_html(

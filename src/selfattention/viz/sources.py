@@ -2,12 +2,14 @@
 
 :func:`example_view` gives two layers:
 
-* ``"W = I"``: the worked example's attention as the book first computes it: one head, the embeddings
-  themselves as queries, keys and values (q = k = v = x), unscaled softmax. For "journey" the weights are
-  0.1385 ... 0.1581 and the context vector is [0.4419, 0.6515, 0.5683].
+* ``"W = I"``: the worked example's attention as the book first computes it (:func:`selfattention.walkthrough.walk`,
+  as ``selfattention explain`` prints it): one head, the embeddings themselves as queries, keys and values
+  (q = k = v = x), unscaled softmax. For "journey" the weights are 0.1385 ... 0.1581 and the context vector is
+  [0.4419, 0.6515, 0.5683].
 * ``"random W"``: ``num_heads`` heads of width 2 from random projections ``W^Q, W^K, W^V`` drawn as
-  ``torch.rand(3, 2 * num_heads)`` in that order after ``torch.manual_seed(seed)``, scores scaled by
-  ``1/sqrt(2)``, so that the head picker and the thumbnails have different heads to show.
+  ``torch.rand(3, 2 * num_heads)`` in that order after ``torch.manual_seed(seed)``
+  (:func:`selfattention.capture_projections`), scores scaled by ``1/sqrt(2)``, so that the head picker and the
+  thumbnails have different heads to show.
 
 Words of other text are embedded as the example does it where the word is one of the example's tokens
 (case-insensitive), and otherwise by 3 numbers in [0, 1) drawn from a generator seeded with the word's
@@ -16,15 +18,16 @@ CRC-32, so the same word always gets the same vector. These are stand-ins for le
 
 from __future__ import annotations
 
-import math
 import zlib
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from selfattention import examples
-from selfattention.functional import attention_scores, attention_weights, causal_mask, context_vectors
-from selfattention.viz.html import AttentionView, HeadData
+from selfattention.inspect import capture_projections
+from selfattention.viz.html import AttentionView, HeadData, heads_from_record
+from selfattention.walkthrough import walk
 
 HEAD_WIDTH = 2
 
@@ -40,14 +43,6 @@ def embed_words(words: list[str]) -> Tensor:
             generator = torch.Generator().manual_seed(zlib.crc32(word.encode("utf-8")))
             rows.append(torch.rand(3, generator=generator))
     return torch.stack(rows)  # (T, 3)
-
-
-def _head(query: Tensor, key: Tensor, value: Tensor, *, scale: float, causal: bool) -> HeadData:
-    """One head of self-attention on ``(T, D)`` inputs, from the math core."""
-    scores = attention_scores(query, key)  # (T, D) @ (D, T) -> (T, T)
-    mask = causal_mask(len(query), len(key)) if causal else None
-    weights = attention_weights(scores, mask=mask, scale=scale)
-    return HeadData.from_tensors(query, key, value, scores, weights, context_vectors(weights, value))
 
 
 def example_view(
@@ -68,25 +63,44 @@ def example_view(
     if not words:
         raise ValueError("the text to view is empty; give at least one word")
     if num_heads < 1:
-        raise ValueError(f"num_heads must be at least 1, got {num_heads}")
+        raise ValueError(f"--heads must be at least 1, got {num_heads}")
     x = embed_words(words).float()  # (T, 3)
-    identity = _head(x, x, x, scale=1.0, causal=causal)
-    torch.manual_seed(seed)
-    w_query, w_key, w_value = (torch.rand(x.shape[1], HEAD_WIDTH * num_heads) for _ in range(3))
-    # (T, 3) @ (3, H*D) -> (T, H*D) -> (H, T, D)
-    queries, keys, values = (
-        (x @ w).view(len(words), num_heads, HEAD_WIDTH).transpose(0, 1) for w in (w_query, w_key, w_value)
+    steps = walk(words, x, scaled=False, causal=causal)
+    identity = HeadData.from_tensors(
+        steps.queries, steps.keys, steps.values, steps.scores, steps.weights, steps.context
     )
-    scale = 1 / math.sqrt(HEAD_WIDTH)
-    heads = [_head(queries[h], keys[h], values[h], scale=scale, causal=causal) for h in range(num_heads)]
+    record = capture_projections(x, HEAD_WIDTH * num_heads, seed=seed, num_heads=num_heads, causal=causal)
     return AttentionView(
         tokens=words,
-        layers=[[identity], heads],
+        layers=[[identity], heads_from_record(record, len(words), name="random W")],
         causal=causal,
-        layer_names=[
-            "W = I (q = k = v = x, unscaled)",
-            f"random W, {num_heads} heads (scaled 1/√{HEAD_WIDTH})",
-        ],
-        scales=[1.0, scale],
+        layer_names=["W = I (q = k = v = x, unscaled)", f"random W, {num_heads} heads (scaled 1/√{HEAD_WIDTH})"],
+        scales=[1.0, record.scale],
         title="Your journey starts with one step" if text is None else "Worked-example embeddings",
     )
+
+
+def model_view(
+    model: str, text: str | None = None, *, num_heads: int = 4, causal: bool = False, seed: int = 123
+) -> AttentionView:
+    """The view for ``selfattention view --model MODEL``: ``"example"``, ``"minilm"`` or a checkpoint folder.
+
+    ``num_heads``, ``causal`` and ``seed`` apply to the example only.
+
+    Raises:
+        ValueError: for a model that is none of these. ImportError: for a model this installation lacks
+            (the message says what is missing).
+    """
+    if model == "example":
+        return example_view(text, num_heads=num_heads, causal=causal, seed=seed)
+    if model == "minilm":
+        raise ImportError(
+            "--model minilm needs the pretrained encoder (selfattention.pretrained), which this version of "
+            "selfattention does not include yet; use --model example"
+        )
+    if Path(model).is_dir():
+        raise ImportError(
+            f"--model {model}: viewing a trained GPT checkpoint needs selfattention.models.gpt and its "
+            "checkpoint reader, which this version of selfattention does not include yet; use --model example"
+        )
+    raise ValueError(f"--model {model!r} is not 'example', 'minilm' or an existing checkpoint folder")

@@ -66,7 +66,7 @@
   const queryEls = [];
   const keyEls = [];
   function tokenEl(i, side) {
-    const node = el("div", { class: "tok", "data-i": String(i), "data-side": side, title: side + " " + (i + 1) });
+    const node = el("div", { class: "tok", "data-i": String(i), "data-side": side, title: side + " " + i });
     node.textContent = TOKENS[i];
     node.style.top = i * ROW + "px";
     node.style.height = ROW + "px";
@@ -203,6 +203,10 @@
         image.data.set([255 - 218 * t, 255 - 156 * t, 255 - 20 * t, 255], p);
       }
     }
+    // Whole pixels per cell where they fit, so small matrices show even cells; CSS scales the canvas.
+    const size = Number(target.dataset.size);
+    const side = T <= size ? T * Math.ceil(size / T) : size;
+    if (target.width !== side) target.width = target.height = side;
     const source = document.createElement("canvas");
     source.width = source.height = T;
     source.getContext("2d").putImageData(image, 0, 0);
@@ -225,7 +229,7 @@
     DATA.layers.forEach((layer, l) => {
       const rowEl = el("div", { class: "thumb-row" }, [el("span", { class: "row-name", text: layer.name, title: layer.name })]);
       layer.heads.forEach((_, h) => {
-        const c = el("canvas", { width: "64", height: "64" });
+        const c = el("canvas", { width: "64", height: "64", "data-size": "64" });
         const item = el("div", { class: "thumb", "data-layer": String(l), "data-head": String(h), title: layer.name + ", head " + h }, [
           c,
           el("span", { text: "L" + l + " H" + h }),
@@ -240,6 +244,7 @@
   }
 
   // ---- numbers ---------------------------------------------------------------------------------------
+  // Notation and 0-based positions as `selfattention explain` prints them.
   function queryPanel(i) {
     const L = state.layer;
     const H = state.head;
@@ -248,19 +253,20 @@
     const scores = row(matrix(L, H, "scores"), i);
     const weights = row(matrix(L, H, "weights"), i);
     const z = row(matrix(L, H, "context"), i);
-    const n = i + 1;
     const scale = DATA.layers[L].scale;
+    const scaled = Math.abs(scale - 1) > 1e-12;
     const panel = document.getElementById("panel");
     panel.replaceChildren(
-      el("h2", { text: "query " + JSON.stringify(TOKENS[i]) + " (token " + n + ")" }),
-      el("div", { class: "eq", id: "query-vector", html: sub("q", n) + " = " + vec(q) }),
-      el("div", { class: "eq", html: sub("ω", n + "j") + " = " + sub("q", n) + " · " + sub("k", "j") + "   (scores)" }),
+      el("h2", { id: "query-title", text: "Query " + i + " " + JSON.stringify(TOKENS[i]) }),
+      el("div", { class: "eq", id: "query-vector", html: sub("q", "i") + " = " + vec(q) }),
+      el("div", { class: "eq", html: "scores   " + sub("ω", "ij") + " = " + sub("q", "i") + " · " + sub("k", "j") }),
       el("div", {
         class: "eq",
-        html: sub("α", n + "j") + " = softmax<sub>j</sub>(" + num(scale) + " · " + sub("ω", n + "j") + ")" +
-          (DATA.causal ? ", keys j &gt; " + n + " masked" : "") + "   (weights)",
+        html:
+          "weights  " + sub("α", "ij") + " = softmax<sub>j</sub>(" + (scaled ? num(scale) + " · " : "") + sub("ω", "ij") + ")" +
+          (scaled ? "" : ", unscaled") + (DATA.causal ? ", keys j &gt; i masked" : ""),
       }),
-      el("div", { class: "eq", html: sub("z", n) + " = Σ<sub>j</sub> " + sub("α", n + "j") + " " + sub("v", "j") + "   (context)" }),
+      el("div", { class: "eq", html: "context  " + sub("z", "i") + " = Σ<sub>j</sub> " + sub("α", "ij") + " " + sub("v", "j") }),
     );
     const body = el("tbody");
     let total = 0;
@@ -268,7 +274,7 @@
       total += weights[j];
       const term = Array.from(row(v, j), (x) => weights[j] * x);
       const tr = el("tr", { class: masked(i, j) ? "masked" : "", "data-j": String(j) }, [
-        el("td", { text: String(j + 1) }),
+        el("td", { text: String(j) }),
         el("td", { class: "token", text: TOKENS[j] }),
         el("td", { class: "omega", text: num(scores[j]) }),
         el("td", { class: "alpha", text: masked(i, j) ? "0 (masked)" : num(weights[j]) }),
@@ -279,17 +285,17 @@
     const head = el("thead", {}, [
       el("tr", {}, [
         el("th", { text: "j" }),
-        el("th", { text: "key" }),
-        el("th", { html: sub("ω", n + "j") }),
-        el("th", { html: sub("α", n + "j") }),
-        el("th", { html: sub("α", n + "j") + " " + sub("v", "j") }),
+        el("th", { text: "token" }),
+        el("th", { html: sub("ω", "ij") }),
+        el("th", { html: sub("α", "ij") }),
+        el("th", { html: sub("α", "ij") + " · " + sub("v", "j") }),
       ]),
     ]);
     const foot = el("tfoot", {}, [
       el("tr", {}, [
         el("td", { colspan: "3", html: "sum" }),
         el("td", { id: "alpha-sum", text: num(total) }),
-        el("td", { id: "context", html: sub("z", n) + " = " + vec(z) }),
+        el("td", { id: "context", text: "z = " + vec(z) }),
       ]),
     ]);
     panel.append(el("table", { id: "steps" }, [head, body, foot]));
@@ -301,15 +307,18 @@
     for (let i = 0; i < T; i++) {
       body.append(
         el("tr", { class: masked(i, j) ? "masked" : "" }, [
-          el("td", { text: String(i + 1) }),
+          el("td", { text: String(i) }),
           el("td", { class: "token", text: TOKENS[i] }),
           el("td", { class: "alpha", text: masked(i, j) ? "0 (masked)" : num(weights.a[i * T + j]) }),
         ]),
       );
     }
     panel.replaceChildren(
-      el("h2", { text: "key " + JSON.stringify(TOKENS[j]) + " (token " + (j + 1) + "): the weight each query gives it" }),
-      el("table", { id: "steps" }, [el("thead", {}, [el("tr", {}, [el("th", { text: "i" }), el("th", { text: "query" }), el("th", { html: sub("α", "i" + (j + 1)) })])]), body]),
+      el("h2", { text: "Key " + j + " " + JSON.stringify(TOKENS[j]) + ": the weight each query i gives it" }),
+      el("table", { id: "steps" }, [
+        el("thead", {}, [el("tr", {}, [el("th", { text: "i" }), el("th", { text: "token" }), el("th", { html: sub("α", "i" + j) })])]),
+        body,
+      ]),
     );
   }
   function drawPanel() {
