@@ -166,6 +166,13 @@ def test_hovering_a_token_changes_the_highlighted_lines(open_viewer: Any) -> Non
     assert [f"{w:.4f}" for w in viewer.weights()] != JOURNEY_WEIGHTS
     assert viewer.canvas_pixels() != journey
 
+    viewer.page.locator("#queries .tok[data-i='2']").click()  # pinned: hovering elsewhere keeps it
+    viewer.hover("query", 5)
+    assert (viewer.state()["focus"], viewer.state()["pinned"]) == (2, 2)
+    viewer.page.keyboard.press("Escape")  # back to the overview of every line
+    assert (viewer.state()["focus"], viewer.state()["pinned"], viewer.state()["drawnLines"]) == (None, None, 36)
+    assert viewer.canvas_pixels() == unfocused
+
     viewer.hover("key", 1)  # a key: the lines from every query into "journey"
     state = viewer.state()
     assert (state["focus"], state["side"]) == (1, "key")
@@ -227,6 +234,12 @@ def test_256_tokens(open_viewer: Any) -> None:
     state = viewer.state()
     assert state["focus"] == 200
     assert viewer.weights() == pytest.approx(view.layers[0][0].weights[200], abs=1e-6)
+    row = view.layers[0][0].weights[200]
+    largest = sorted(sorted(range(256), key=lambda j: -row[j])[:64])
+    shown = [int(j) for j in viewer.page.locator("#steps tbody tr").evaluate_all("rows => rows.map(r => r.dataset.j)")]
+    assert shown == largest  # the 64 largest weights, in key order
+    assert viewer.page.locator("#alpha-sum").inner_text() == "1.0000"  # the sum is over all 256
+    viewer.page.locator("#all-rows").click()
     assert viewer.page.locator("#steps tbody tr").count() == 256
 
 

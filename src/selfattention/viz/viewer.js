@@ -11,8 +11,9 @@
   const MAX_WIDTH = 12; // px of line thickness for a weight of 1
   const DIGITS = 4;
   const SHOWN_COMPONENTS = 8; // longer vectors are cut with "…" in the panel
+  const PANEL_ROWS = 64; // longer sequences list their largest weights first (a button shows all)
 
-  const state = { layer: 0, head: 0, focus: null, side: "query", pinned: null, pinnedSide: "query" };
+  const state = { layer: 0, head: 0, focus: null, side: "query", pinned: null, pinnedSide: "query", allRows: false };
   const published = { lines: [], drawnLines: 0, lastDrawMs: 0, draws: 0 };
 
   // ---- data ------------------------------------------------------------------------------------------
@@ -71,7 +72,9 @@
     node.style.top = i * ROW + "px";
     node.style.height = ROW + "px";
     node.style.lineHeight = ROW + "px";
-    node.addEventListener("mouseenter", () => setFocus(i, side));
+    node.addEventListener("mouseenter", () => {
+      if (state.pinned === null) setFocus(i, side);
+    });
     node.addEventListener("click", () => pin(i, side));
     return node;
   }
@@ -79,36 +82,56 @@
     queryEls.push(queriesBox.appendChild(tokenEl(i, "query")));
     keyEls.push(keysBox.appendChild(tokenEl(i, "key")));
   }
-  scroll.addEventListener("mouseleave", () => setFocus(state.pinned, state.pinnedSide));
+  // The last focused token stays focused when the mouse leaves (so its numbers can be read and scrolled);
+  // Escape, or a click on the lines, goes back to the overview of every line.
+  function overview() {
+    state.pinned = null;
+    setFocus(null, "query");
+  }
+  canvas.addEventListener("click", overview);
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") overview();
+  });
+  let scrollQueued = false;
+  scroll.addEventListener("scroll", () => {
+    if (scrollQueued) return;
+    scrollQueued = true;
+    requestAnimationFrame(() => {
+      scrollQueued = false;
+      drawLines();
+      publish();
+    });
+  });
 
+  // The line canvas covers only the visible part of the scrolling token columns (it moves with the scroll),
+  // so drawing and rasterising cost the same for 6 tokens or 1000.
+  let ratio = 1;
   function layout() {
-    const probe = el("span", { class: "tok" });
-    probe.style.position = "static";
-    document.body.append(probe);
+    const measure = document.createElement("canvas").getContext("2d");
+    measure.font = getComputedStyle(queryEls[0]).font;
     let widest = 40;
-    for (const token of TOKENS.slice(0, 2000)) {
-      probe.textContent = token;
-      widest = Math.max(widest, probe.offsetWidth + 4);
-    }
-    probe.remove();
+    for (const token of TOKENS) widest = Math.max(widest, measure.measureText(token).width + 16);
     const labelWidth = Math.min(widest, 160);
-    const total = scroll.clientWidth;
     const height = T * ROW + 4;
     queriesBox.style.width = keysBox.style.width = labelWidth + "px";
     queriesBox.style.height = keysBox.style.height = height + "px";
-    const width = Math.max(60, total - 2 * labelWidth);
-    const ratio = Math.min(window.devicePixelRatio || 1, 32000 / height);
+    scroll.style.height = Math.min(height, window.innerHeight * 0.72) + "px";
+    const width = Math.max(60, scroll.clientWidth - 2 * labelWidth);
+    const visible = scroll.clientHeight;
+    ratio = window.devicePixelRatio || 1;
     canvas.style.left = labelWidth + "px";
     canvas.style.width = width + "px";
-    canvas.style.height = height + "px";
+    canvas.style.height = visible + "px";
     canvas.width = Math.round(width * ratio);
-    canvas.height = Math.round(height * ratio);
-    canvas.getContext("2d").setTransform(ratio, 0, 0, ratio, 0, 0);
-    scroll.style.height = Math.min(height, window.innerHeight * 0.72) + "px";
+    canvas.height = Math.round(visible * ratio);
     published.labelWidth = labelWidth;
   }
 
   // ---- lines -----------------------------------------------------------------------------------------
+  const WIDTH_STEP = 0.05; // px: lines are grouped into paths of equal thickness, rounded to this step
+  // With nothing focused, weights below 0.02 (lines under 0.24 px) are left out, or below twice the uniform
+  // weight 1/T on long sequences: the overview shows the lines that stand out; a focused token shows all.
+  const FAINTEST = Math.min(0.02, 2 / T);
   function y(i) {
     return i * ROW + ROW / 2;
   }
@@ -116,31 +139,38 @@
     const started = performance.now();
     const ctx = canvas.getContext("2d");
     const width = parseFloat(canvas.style.width);
+    const top = scroll.scrollTop;
+    const visible = parseFloat(canvas.style.height);
+    canvas.style.top = top + "px";
+    ctx.setTransform(ratio, 0, 0, ratio, 0, -top * ratio); // draw in token coordinates
+    ctx.clearRect(0, top, width, visible);
+    const first = Math.max(0, Math.floor(top / ROW) - 1);
+    const last = Math.min(T - 1, Math.ceil((top + visible) / ROW) + 1);
     const weights = matrix(state.layer, state.head, "weights");
-    ctx.clearRect(0, 0, width, parseFloat(canvas.style.height));
     const lines = [];
     let drawn = 0;
     if (state.focus === null) {
-      // Every line, faint; lines of similar thickness share one path (16 strokes instead of T² strokes).
-      const buckets = Array.from({ length: 16 }, () => new Path2D());
-      const used = new Array(16).fill(false);
+      // With nothing focused: every line of weight >= FAINTEST that starts or ends at a token in view. Lines of (nearly)
+      // equal thickness share one path: a few hundred strokes instead of T².
+      const paths = new Map();
+      const add = (i, j) => {
+        const w = weights.a[i * T + j];
+        if (w < FAINTEST) return;
+        const step = Math.round((w * MAX_WIDTH) / WIDTH_STEP);
+        if (!paths.has(step)) paths.set(step, new Path2D());
+        paths.get(step).moveTo(0, y(i));
+        paths.get(step).lineTo(width, y(j));
+        drawn++;
+      };
       for (let i = 0; i < T; i++) {
-        const r = row(weights, i);
-        for (let j = 0; j < T; j++) {
-          if (r[j] * MAX_WIDTH < 0.05) continue;
-          const b = Math.min(15, Math.floor(r[j] * 16));
-          buckets[b].moveTo(0, y(i));
-          buckets[b].lineTo(width, y(j));
-          used[b] = true;
-          drawn++;
-        }
+        const inView = i >= first && i <= last;
+        for (let j = inView ? 0 : first; j <= (inView ? T - 1 : last); j++) add(i, j);
       }
       ctx.strokeStyle = "rgba(37, 99, 235, 0.35)";
-      buckets.forEach((path, b) => {
-        if (!used[b]) return;
-        ctx.lineWidth = ((b + 0.5) / 16) * MAX_WIDTH;
+      for (const [step, path] of paths) {
+        ctx.lineWidth = step * WIDTH_STEP;
         ctx.stroke(path);
-      });
+      }
     } else {
       const f = state.focus;
       ctx.strokeStyle = "rgba(234, 120, 12, 0.85)";
@@ -164,14 +194,14 @@
     published.lastDrawMs = performance.now() - started;
     published.draws++;
   }
+  const painted = new Map(); // token element -> what shadeTokens last gave it, to touch only what changes
   function shadeTokens(weights) {
     const f = state.focus;
     for (let i = 0; i < T; i++) {
       for (const [els, side] of [[queryEls, "query"], [keyEls, "key"]]) {
         const node = els[i];
         const isFocus = f !== null && state.side === side && i === f;
-        node.classList.toggle("focus", isFocus);
-        node.classList.toggle("pinned", state.pinned === i && state.pinnedSide === side);
+        const isPinned = state.pinned === i && state.pinnedSide === side;
         let shade = 0;
         let isMasked = false;
         if (f !== null && state.side !== side) {
@@ -179,14 +209,23 @@
           shade = weights.a[q * T + k];
           isMasked = masked(q, k);
         }
+        const background = shade > 0 ? "rgba(255, 159, 28, " + Math.min(1, 0.15 + shade).toFixed(3) + ")" : "";
+        const look = [isFocus, isPinned, isMasked, background].join("|");
+        if (painted.get(node) === look) continue;
+        painted.set(node, look);
+        node.classList.toggle("focus", isFocus);
+        node.classList.toggle("pinned", isPinned);
         node.classList.toggle("masked", isMasked);
-        node.style.backgroundColor = shade > 0 ? "rgba(255, 159, 28, " + Math.min(1, 0.15 + shade).toFixed(3) + ")" : "";
+        node.style.backgroundColor = background;
       }
     }
   }
 
   // ---- heatmaps --------------------------------------------------------------------------------------
-  function paintHeatmap(target, layer, head, focusRow) {
+  const heatmaps = new Map(); // one T×T picture per head, drawn once and scaled onto each canvas
+  function heatmapSource(layer, head) {
+    const key = layer + "/" + head;
+    if (heatmaps.has(key)) return heatmaps.get(key);
     const weights = matrix(layer, head, "weights");
     let largest = 0;
     for (const w of weights.a) largest = Math.max(largest, w);
@@ -203,13 +242,18 @@
         image.data.set([255 - 218 * t, 255 - 156 * t, 255 - 20 * t, 255], p);
       }
     }
+    const source = document.createElement("canvas");
+    source.width = source.height = T;
+    source.getContext("2d").putImageData(image, 0, 0);
+    heatmaps.set(key, source);
+    return source;
+  }
+  function paintHeatmap(target, layer, head, focusRow) {
+    const source = heatmapSource(layer, head);
     // Whole pixels per cell where they fit, so small matrices show even cells; CSS scales the canvas.
     const size = Number(target.dataset.size);
     const side = T <= size ? T * Math.ceil(size / T) : size;
     if (target.width !== side) target.width = target.height = side;
-    const source = document.createElement("canvas");
-    source.width = source.height = T;
-    source.getContext("2d").putImageData(image, 0, 0);
     const ctx = target.getContext("2d");
     ctx.imageSmoothingEnabled = T > target.width;
     ctx.clearRect(0, 0, target.width, target.height);
@@ -270,8 +314,8 @@
     );
     const body = el("tbody");
     let total = 0;
-    for (let j = 0; j < T; j++) {
-      total += weights[j];
+    for (const w of weights) total += w;
+    for (const j of shownRows(weights)) {
       const term = Array.from(row(v, j), (x) => weights[j] * x);
       const tr = el("tr", { class: masked(i, j) ? "masked" : "", "data-j": String(j) }, [
         el("td", { text: String(j) }),
@@ -299,12 +343,30 @@
       ]),
     ]);
     panel.append(el("table", { id: "steps" }, [head, body, foot]));
+    rowsNote(panel);
+  }
+  // Long sequences: the table lists the PANEL_ROWS largest weights (in key order) unless asked for all.
+  function shownRows(weights) {
+    const all = Array.from({ length: T }, (_, j) => j);
+    if (T <= PANEL_ROWS || state.allRows) return all;
+    return all.sort((a, b) => weights[b] - weights[a]).slice(0, PANEL_ROWS).sort((a, b) => a - b);
+  }
+  function rowsNote(panel) {
+    if (T <= PANEL_ROWS) return;
+    const button = el("button", { type: "button", id: "all-rows", text: state.allRows ? "show the largest " + PANEL_ROWS : "show all " + T });
+    button.addEventListener("click", () => {
+      state.allRows = !state.allRows;
+      drawPanel();
+    });
+    const text = state.allRows ? "all " + T + " keys shown " : "the " + PANEL_ROWS + " largest of " + T + " weights shown (the sum and z use all) ";
+    panel.append(el("p", { class: "muted", id: "rows-note", text }, [button]));
   }
   function keyPanel(j) {
     const weights = matrix(state.layer, state.head, "weights");
     const panel = document.getElementById("panel");
     const body = el("tbody");
-    for (let i = 0; i < T; i++) {
+    const column = Float32Array.from({ length: T }, (_, i) => weights.a[i * T + j]);
+    for (const i of shownRows(column)) {
       body.append(
         el("tr", { class: masked(i, j) ? "masked" : "" }, [
           el("td", { text: String(i) }),
@@ -320,6 +382,7 @@
         body,
       ]),
     );
+    rowsNote(panel);
   }
   function drawPanel() {
     const panel = document.getElementById("panel");
