@@ -274,3 +274,19 @@ def test_the_harness_catches_a_page_that_reaches_for_the_network(browser: Any, t
     viewer.page.wait_for_load_state("load")
     viewer.context.close()
     assert viewer.blocked == ["http://192.0.2.1/x.png"]
+
+
+def test_the_pretrained_encoder_in_the_browser(open_viewer: Any, minilm: Any) -> None:
+    from selfattention.viz.sources import pretrained_view
+
+    view = pretrained_view(minilm, "The bat flew out of the cave.")
+    viewer = open_viewer(view.to_html(), "minilm.html")
+    assert viewer.page.locator(".thumb").count() == 72
+    assert _texts(viewer, "#keys .tok")[0] == "[CLS]"
+    viewer.page.select_option("#layer", "2")
+    viewer.hover("query", 2)
+    before = viewer.weights()
+    assert before == pytest.approx(view.layers[2][0].weights[2], abs=1e-6)
+    viewer.page.select_option("#head", "5")
+    assert viewer.weights() == pytest.approx(view.layers[2][5].weights[2], abs=1e-6)
+    assert viewer.weights() != pytest.approx(before, abs=1e-3)

@@ -19,15 +19,20 @@ CRC-32, so the same word always gets the same vector. These are stand-ins for le
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from selfattention import examples
-from selfattention.inspect import capture_projections
-from selfattention.viz.html import AttentionView, HeadData, heads_from_record
+from selfattention.inspect import capture, capture_projections
+from selfattention.viz.html import AttentionView, HeadData, heads_from_record, view_from_capture
 from selfattention.walkthrough import walk
+
+if TYPE_CHECKING:
+    from selfattention.pretrained import PretrainedEncoder
 
 HEAD_WIDTH = 2
 
@@ -80,24 +85,40 @@ def example_view(
     )
 
 
+def pretrained_view(model: PretrainedEncoder, text: str) -> AttentionView:
+    """Every head of every layer of a pretrained encoder on ``text`` (its word pieces, ``[CLS]`` and ``[SEP]``).
+
+    The text is run once while :func:`selfattention.capture` records the model's attention modules.
+
+    Raises:
+        ValueError: for empty text or text longer than the model reads (see ``PretrainedEncoder.tokenize``).
+    """
+    with capture(model.encoder) as cap:
+        encoded = model.encode([text])
+    tokens = encoded.batch.tokens(0)
+    view = view_from_capture(cap, tokens, title=f"{model.name}: {text}")
+    names = [f"layer {n} ({name})" for n, name in enumerate(view.layer_names, start=1)]
+    return replace(view, layer_names=names)
+
+
 def model_view(
     model: str, text: str | None = None, *, num_heads: int = 4, causal: bool = False, seed: int = 123
 ) -> AttentionView:
     """The view for ``selfattention view --model MODEL``: ``"example"``, ``"minilm"`` or a checkpoint folder.
 
-    ``num_heads``, ``causal`` and ``seed`` apply to the example only.
+    ``num_heads``, ``causal`` and ``seed`` apply to the example only; the pretrained encoder reads ``text``
+    (default: the worked example's sentence).
 
     Raises:
-        ValueError: for a model that is none of these. ImportError: for a model this installation lacks
-            (the message says what is missing).
+        ValueError: for a model that is none of these. ImportError: for a model whose packages are not
+            installed (the message says what to install).
     """
     if model == "example":
         return example_view(text, num_heads=num_heads, causal=causal, seed=seed)
     if model == "minilm":
-        raise ImportError(
-            "--model minilm needs the pretrained encoder (selfattention.pretrained), which this version of "
-            "selfattention does not include yet; use --model example"
-        )
+        from selfattention.pretrained import load_minilm
+
+        return pretrained_view(load_minilm(), " ".join(examples.TOKENS) if text is None else text)
     if Path(model).is_dir():
         raise ImportError(
             f"--model {model}: viewing a trained GPT checkpoint needs selfattention.models.gpt and its "

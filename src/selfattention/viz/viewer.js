@@ -10,7 +10,7 @@
   const ROW = T <= 24 ? 28 : T > 512 ? 16 : 20; // px per token
   const MAX_WIDTH = 12; // px of line thickness for a weight of 1
   const DIGITS = 4;
-  const SHOWN_COMPONENTS = 8; // longer vectors are cut with "…" in the panel
+  const SHOWN_COMPONENTS = 6; // vectors longer than 8 numbers show their first 6 and "…" in the panel
   const PANEL_ROWS = 64; // longer sequences list their largest weights first (a button shows all)
 
   const state = { layer: 0, head: 0, focus: null, side: "query", pinned: null, pinnedSide: "query", allRows: false };
@@ -43,7 +43,8 @@
   }
   function vec(v) {
     const shown = Array.from(v.slice(0, SHOWN_COMPONENTS), num).join(", ");
-    return "[" + shown + (v.length > SHOWN_COMPONENTS ? ", … (" + v.length + " numbers)" : "") + "]";
+    if (v.length <= 8) return "[" + Array.from(v, num).join(", ") + "]";
+    return "[" + shown + ", … (" + v.length + " numbers)]";
   }
   function el(tag, attrs, children) {
     const node = document.createElement(tag);
@@ -276,7 +277,7 @@
         const c = el("canvas", { width: "64", height: "64", "data-size": "64" });
         const item = el("div", { class: "thumb", "data-layer": String(l), "data-head": String(h), title: layer.name + ", head " + h }, [
           c,
-          el("span", { text: "L" + l + " H" + h }),
+          el("span", { text: "head " + h }),
         ]);
         item.addEventListener("click", () => select(l, h));
         rowEl.append(item);
@@ -455,7 +456,7 @@
 
   // ---- start -----------------------------------------------------------------------------------------
   const layerSelect = document.getElementById("layer");
-  DATA.layers.forEach((layer, l) => layerSelect.append(el("option", { value: String(l), text: l + ": " + layer.name })));
+  DATA.layers.forEach((layer, l) => layerSelect.append(el("option", { value: String(l), text: layer.name })));
   layerSelect.addEventListener("change", () => select(Number(layerSelect.value), state.head));
   document.getElementById("head").addEventListener("change", (e) => select(state.layer, Number(e.target.value)));
   document.getElementById("mask-badge").hidden = !DATA.causal;
