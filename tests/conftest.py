@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -53,3 +54,16 @@ def minilm():  # type: ignore[no-untyped-def]
     from selfattention.pretrained import load_minilm
 
     return load_minilm()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """``torch.set_num_threads(1)`` for the test, restored afterwards.
+
+    Tiny models run kernels of microseconds, where a second intra-op thread only adds hand-off cost (and
+    much more when other jobs load the machine). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

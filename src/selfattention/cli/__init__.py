@@ -11,14 +11,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from selfattention.cli import context, explain, view
+from selfattention.cli import context, explain, generate, train, view
 
 
 class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit code 2."""
 
 
-COMMANDS = [explain, context, view]
+COMMANDS = [explain, context, train, generate, view]
 
 
 def build_parser() -> argparse.ArgumentParser:
