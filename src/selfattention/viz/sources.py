@@ -101,13 +101,38 @@ def pretrained_view(model: PretrainedEncoder, text: str) -> AttentionView:
     return replace(view, layer_names=names)
 
 
+def checkpoint_view(directory: str | Path, text: str) -> AttentionView:
+    """Every head of every layer of a GPT trained by ``selfattention train``, on ``text``, causal mask shown.
+
+    Tokens are the tokenizer's pieces, each decoded alone; a newline shows as ⏎ and a tab as ⇥.
+
+    Raises:
+        ValueError: for a missing or damaged checkpoint, empty text, or text longer than the model's context.
+    """
+    from selfattention.training.recipe import load_gpt
+
+    model, tokenizer = load_gpt(directory)
+    if not text:
+        raise ValueError("the text to view is empty")
+    ids = tokenizer.encode(text)
+    if len(ids) > model.config.context_length:
+        raise ValueError(
+            f"the text has {len(ids)} tokens, more than the model's context of {model.config.context_length}"
+        )
+    with torch.no_grad(), capture(model) as cap:
+        model(torch.tensor([ids], dtype=torch.long))
+    pieces = [tokenizer.decode([i]).replace("\n", "⏎").replace("\t", "⇥") or "∅" for i in ids]
+    view = view_from_capture(cap, pieces, title=f"{Path(directory).name}: {text}")
+    return replace(view, layer_names=[f"layer {n} ({name})" for n, name in enumerate(view.layer_names)])
+
+
 def model_view(
     model: str, text: str | None = None, *, num_heads: int = 4, causal: bool = False, seed: int = 123
 ) -> AttentionView:
     """The view for ``selfattention view --model MODEL``: ``"example"``, ``"minilm"`` or a checkpoint folder.
 
-    ``num_heads``, ``causal`` and ``seed`` apply to the example only; the pretrained encoder reads ``text``
-    (default: the worked example's sentence).
+    ``num_heads``, ``causal`` and ``seed`` apply to the example only; the pretrained encoder and a trained GPT
+    read ``text`` (default: the worked example's sentence).
 
     Raises:
         ValueError: for a model that is none of these. ImportError: for a model whose packages are not
@@ -120,8 +145,5 @@ def model_view(
 
         return pretrained_view(load_minilm(), " ".join(examples.TOKENS) if text is None else text)
     if Path(model).is_dir():
-        raise ImportError(
-            f"--model {model}: viewing a trained GPT checkpoint needs selfattention.models.gpt and its "
-            "checkpoint reader, which this version of selfattention does not include yet; use --model example"
-        )
+        return checkpoint_view(model, " ".join(examples.TOKENS) if text is None else text)
     raise ValueError(f"--model {model!r} is not 'example', 'minilm' or an existing checkpoint folder")
