@@ -289,4 +289,8 @@ def test_the_pretrained_encoder_in_the_browser(open_viewer: Any, minilm: Any) ->
     assert before == pytest.approx(view.layers[2][0].weights[2], abs=1e-6)
     viewer.page.select_option("#head", "5")
     assert viewer.weights() == pytest.approx(view.layers[2][5].weights[2], abs=1e-6)
+    shown = [float(text) for text in _texts(viewer, "#steps td.omega")]  # ω = q · k, computed in the page
+    assert shown == pytest.approx(view.layers[2][5].scores[2], abs=1e-4)  # 4 decimals, float32 q and k
     assert viewer.weights() != pytest.approx(before, abs=1e-3)
+    ARTIFACTS.mkdir(exist_ok=True)
+    viewer.page.screenshot(path=str(ARTIFACTS / "viewer-minilm.png"), full_page=True)

@@ -88,8 +88,14 @@ def test_the_page_holds_every_matrix_in_float32() -> None:
     assert [layer["scale"] for layer in data["layers"]] == pytest.approx([1.0, 2**-0.5])
     for layer, heads in zip(data["layers"], view.layers, strict=True):
         for encoded, head in zip(layer["heads"], heads, strict=True):
-            for key, name in [("q", "query"), ("k", "key"), ("v", "value"), ("scores", "scores"),
-                              ("weights", "weights"), ("context", "context")]:  # fmt: skip
+            assert "scores" not in encoded  # the page computes ω = q · k itself
+            for key, name in [
+                ("q", "query"),
+                ("k", "key"),
+                ("v", "value"),
+                ("weights", "weights"),
+                ("context", "context"),
+            ]:
                 expected = torch.tensor(getattr(head, name), dtype=torch.float32)
                 torch.testing.assert_close(decode(encoded[key]), expected, atol=0, rtol=0)
 

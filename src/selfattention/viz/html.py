@@ -37,14 +37,14 @@ _TEMPLATE_FILES = ("viewer.html", "viewer.css", "viewer.js")
 
 def _matrix(name: str, rows: Sequence[Sequence[float]]) -> Matrix:
     """``rows`` as a rectangular list of lists of finite floats, or a ValueError naming ``name``."""
-    matrix = [[float(x) for x in row] for row in rows]
+    matrix = [list(map(float, row)) for row in rows]
     widths = {len(row) for row in matrix}
     if len(widths) > 1:
         raise ValueError(f"{name} is ragged: its rows have widths {sorted(widths)}")
     for i, row in enumerate(matrix):
-        for j, x in enumerate(row):
-            if not math.isfinite(x):
-                raise ValueError(f"{name}[{i}][{j}] is {x}; the viewer needs finite numbers")
+        if not all(map(math.isfinite, row)):
+            j = next(j for j, x in enumerate(row) if not math.isfinite(x))
+            raise ValueError(f"{name}[{i}][{j}] is {row[j]}; the viewer needs finite numbers")
     return matrix
 
 
@@ -60,7 +60,7 @@ class HeadData:
         query: q, ``(T, D)``.
         key: k, ``(T, D)``.
         value: v, ``(T, E)``.
-        scores: ω = q kᵀ, ``(T, T)``, before scaling and masking.
+        scores: ω = q kᵀ, ``(T, T)``, before scaling and masking (the page recomputes it from q and k).
         weights: α, ``(T, T)``; row ``i`` is how query ``i`` spreads its attention over the keys.
         context: z = α v, ``(T, E)``.
     """
@@ -102,16 +102,16 @@ class HeadData:
     @classmethod
     def from_tensors(cls, query: Any, key: Any, value: Any, scores: Any, weights: Any, context: Any) -> HeadData:
         """A head from 2-D tensors (any dtype or device); they are copied to float lists."""
-        return cls.from_lists(
-            **{
-                name: tensor.detach().float().cpu().tolist()
-                for name, tensor in zip(
-                    ("query", "key", "value", "scores", "weights", "context"),
-                    (query, key, value, scores, weights, context),
-                    strict=True,
-                )
-            }
-        )
+        matrices = {}
+        for name, tensor in zip(
+            ("query", "key", "value", "scores", "weights", "context"),
+            (query, key, value, scores, weights, context),
+            strict=True,
+        ):
+            if tensor.dim() != 2:
+                raise ValueError(f"{name} must be 2-D (rows, columns), got shape {tuple(tensor.shape)}")
+            matrices[name] = tensor.detach().float().cpu().tolist()
+        return cls.from_lists(**matrices)
 
     @property
     def num_tokens(self) -> int:
@@ -194,13 +194,17 @@ class ViewerHTML(str):
 def _encode(matrix: Matrix) -> dict[str, Any]:
     """A matrix as ``{"shape": [rows, cols], "f32": base64 of little-endian float32}`` for the page."""
     rows, cols = _shape(matrix)
-    flat = array("f", (x for row in matrix for x in row))
+    flat = array("f")
+    for row in matrix:
+        flat.extend(row)
     if sys.byteorder != "little":
         flat.byteswap()
     return {"shape": [rows, cols], "f32": base64.b64encode(flat.tobytes()).decode("ascii")}
 
 
 def _payload(view: AttentionView) -> dict[str, Any]:
+    """The page's data. Scores are left out: the page computes ω_ij = q_i · k_j (in float64 from the float32
+    q and k) for the focused token, which halves the size of long pages (ω and α are the T × T parts)."""
     names = view.layer_names or [f"layer {i}" for i in range(len(view.layers))]
     scales = view.scales or [1.0] * len(view.layers)
     return {
@@ -216,7 +220,6 @@ def _payload(view: AttentionView) -> dict[str, Any]:
                         "q": _encode(head.query),
                         "k": _encode(head.key),
                         "v": _encode(head.value),
-                        "scores": _encode(head.scores),
                         "weights": _encode(head.weights),
                         "context": _encode(head.context),
                     }
@@ -290,27 +293,37 @@ def view_from_capture(source: Any, tokens: Iterable[str], *, batch: int = 0, tit
 
 
 def heads_from_record(record: Any, num_tokens: int, *, batch: int = 0, name: str = "attention") -> list[HeadData]:
-    """One :class:`HeadData` per query head of a capture record (grouped-query heads share their k and v).
+    """One :class:`HeadData` per query head of a capture record; with grouped-query attention, query head
+    ``h`` reads key/value head ``h // (H // G)`` (as ``Record.head`` does).
 
     Raises:
         ValueError: when the record's weights are not ``(num_tokens, num_tokens)``, or ``batch`` is out of
             range for a batched record.
     """
-    heads = []
-    for index in range(record.num_heads):
-        head = record.head(index)
-        tensors = [head.query, head.key, head.value, head.scores, head.weights, head.context]
-        if tensors[0].dim() == 3:  # (B, T, D): pick one batch row
-            if not 0 <= batch < tensors[0].shape[0]:
-                raise ValueError(f"batch {batch} out of range: {name!r} ran on {tensors[0].shape[0]} rows")
-            tensors = [tensor[batch] for tensor in tensors]
-        if tuple(tensors[4].shape) != (num_tokens, num_tokens):
-            raise ValueError(
-                f"{name!r} head {index} has weights of shape {tuple(tensors[4].shape)}, but "
-                f"{num_tokens} tokens need ({num_tokens}, {num_tokens})"
-            )
-        heads.append(HeadData.from_tensors(*tensors))
-    return heads
+    tensors = [record.query, record.key, record.value, record.scores, record.weights, record.context]
+    if tensors[0].dim() == 4:  # (B, H, T, D): pick one batch row
+        if not 0 <= batch < tensors[0].shape[0]:
+            raise ValueError(f"batch {batch} out of range: {name!r} ran on {tensors[0].shape[0]} rows")
+        tensors = [tensor[batch] for tensor in tensors]
+    if tuple(tensors[4].shape[-2:]) != (num_tokens, num_tokens):
+        raise ValueError(
+            f"{name!r} has weights of shape {tuple(tensors[4].shape[-2:])} per head, but "
+            f"{num_tokens} tokens need ({num_tokens}, {num_tokens})"
+        )
+    # One conversion per tensor, not per head: many small torch calls are slow on a busy machine.
+    query, key, value, scores, weights, context = (t.detach().float().cpu().tolist() for t in tensors)
+    group = len(query) // len(key)
+    return [
+        HeadData.from_lists(
+            query=query[h],
+            key=key[h // group],
+            value=value[h // group],
+            scores=scores[h],
+            weights=weights[h],
+            context=context[h],
+        )
+        for h in range(len(query))
+    ]
 
 
 def to_html(

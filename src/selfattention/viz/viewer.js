@@ -10,7 +10,7 @@
   const ROW = T <= 24 ? 28 : T > 512 ? 16 : 20; // px per token
   const MAX_WIDTH = 12; // px of line thickness for a weight of 1
   const DIGITS = 4;
-  const SHOWN_COMPONENTS = 6; // vectors longer than 8 numbers show their first 6 and "…" in the panel
+  const SHOWN_COMPONENTS = 4; // vectors longer than 8 numbers show their first 4 in the panel
   const PANEL_ROWS = 64; // longer sequences list their largest weights first (a button shows all)
 
   const state = { layer: 0, head: 0, focus: null, side: "query", pinned: null, pinnedSide: "query", allRows: false };
@@ -44,7 +44,7 @@
   function vec(v) {
     const shown = Array.from(v.slice(0, SHOWN_COMPONENTS), num).join(", ");
     if (v.length <= 8) return "[" + Array.from(v, num).join(", ") + "]";
-    return "[" + shown + ", … (" + v.length + " numbers)]";
+    return "[" + shown + ", … " + (v.length - SHOWN_COMPONENTS) + " more]";
   }
   function el(tag, attrs, children) {
     const node = document.createElement(tag);
@@ -295,7 +295,12 @@
     const H = state.head;
     const q = row(matrix(L, H, "q"), i);
     const v = matrix(L, H, "v");
-    const scores = row(matrix(L, H, "scores"), i);
+    const k = matrix(L, H, "k");
+    const scores = Array.from({ length: T }, (_, j) => {
+      let dot = 0; // ω_ij = q_i · k_j, from the page's q and k (the page does not carry ω)
+      for (let d = 0; d < q.length; d++) dot += q[d] * k.a[j * k.cols + d];
+      return dot;
+    });
     const weights = row(matrix(L, H, "weights"), i);
     const z = row(matrix(L, H, "context"), i);
     const scale = DATA.layers[L].scale;
