@@ -152,7 +152,7 @@ def test_to_html_from_a_capture() -> None:
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
-        (lambda cap: to_html(cap, list("abcd")), ValueError, r"weights of shape \(5, 5\), but 4 tokens"),
+        (lambda cap: to_html(cap, list("abcd")), ValueError, r"weights of shape \(5, 5\) per head, but 4 tokens"),
         (lambda cap: to_html(cap), ValueError, "needs the tokens"),
         (lambda cap: to_html(cap, list("abcde"), batch=2), ValueError, "batch 2 out of range"),
         (lambda cap: to_html(42, ["a"]), TypeError, "not int"),
