@@ -169,6 +169,8 @@ def test_hovering_a_token_changes_the_highlighted_lines(open_viewer: Any) -> Non
     viewer.page.locator("#queries .tok[data-i='2']").click()  # pinned: hovering elsewhere keeps it
     viewer.hover("query", 5)
     assert (viewer.state()["focus"], viewer.state()["pinned"]) == (2, 2)
+    viewer.page.keyboard.press("ArrowDown")  # arrows move the focus, and the pin with it
+    assert (viewer.state()["focus"], viewer.state()["pinned"]) == (3, 3)
     viewer.page.keyboard.press("Escape")  # back to the overview of every line
     assert (viewer.state()["focus"], viewer.state()["pinned"], viewer.state()["drawnLines"]) == (None, None, 36)
     assert viewer.canvas_pixels() == unfocused

@@ -92,6 +92,13 @@
   canvas.addEventListener("click", overview);
   document.addEventListener("keydown", (event) => {
     if (event.key === "Escape") overview();
+    if (event.key !== "ArrowDown" && event.key !== "ArrowUp") return;
+    event.preventDefault(); // arrows walk the focus (and the pin) through the tokens on the focused side
+    const step = event.key === "ArrowDown" ? 1 : -1;
+    const next = state.focus === null ? 0 : Math.min(T - 1, Math.max(0, state.focus + step));
+    if (state.pinned !== null) state.pinned = next;
+    setFocus(next, state.side);
+    (state.side === "query" ? queryEls : keyEls)[next].scrollIntoView({ block: "nearest" });
   });
   let scrollQueued = false;
   scroll.addEventListener("scroll", () => {
