@@ -145,3 +145,18 @@ def test_capture_projections_per_head_unscaled_and_causal():
     assert_close(record.weights[1], torch.softmax(record.scores[1].masked_fill(~causal_mask(6, 6), -math.inf), -1))
     with pytest.raises(ValueError, match=r"d_out \(3\) must be divisible by num_heads \(2\)"):
         capture_projections(embeddings(), 3, num_heads=2)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_capture_projections_agrees_with_the_walkthrough(scaled, causal):
+    from selfattention.walkthrough import random_projections, walk
+
+    x = embeddings()
+    want = walk(list(range(6)), x, projections=random_projections(3, 4, 5), scaled=scaled, causal=causal)
+    got = capture_projections(x, 4, seed=5, scaled=scaled, causal=causal).head(0)
+    for ours, theirs in (("query", "queries"), ("key", "keys"), ("value", "values")):
+        assert_close(getattr(got, ours), getattr(want, theirs))
+    assert_close(got.scores, want.scores)
+    assert_close(got.weights, want.weights)
+    assert_close(got.context, want.context)

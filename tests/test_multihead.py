@@ -38,9 +38,9 @@ def reference(module: MultiHeadAttention, x, key_padding_mask=None):
     return F.linear(merged, p["out_proj.weight"], p.get("out_proj.bias"))
 
 
-def make(seed=0, d_in=12, d_out=12, heads=4, **kwargs):
+def make(seed=0, d_in=12, d_out=12, heads=4, dropout=0.0, **kwargs):
     torch.manual_seed(seed)
-    return MultiHeadAttention(d_in, d_out, 16, 0.0, heads, **kwargs).eval()
+    return MultiHeadAttention(d_in, d_out, 16, dropout, heads, **kwargs).eval()
 
 
 def test_parameters_in_chapter_order_and_shapes():
@@ -48,6 +48,7 @@ def test_parameters_in_chapter_order_and_shapes():
     names = [name for name, _ in module.named_parameters()]
     assert names == [f"{n}.{p}" for n in ("W_query", "W_key", "W_value", "out_proj") for p in ("weight", "bias")]
     assert module.W_key.weight.shape == (6, 12)  # 2 kv heads of width 3
+    assert "num_heads=4, num_kv_heads=2, head_dim=3, context_length=16" in repr(module)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -139,8 +140,7 @@ def test_padded_row_equals_the_sequence_alone(causal):
 
 
 def test_eval_is_deterministic_and_equals_no_dropout():
-    with_dropout = make()
-    with_dropout.dropout = 0.3
+    with_dropout = make(dropout=0.3)
     without = make()
     x = torch.randn(2, 6, 12)
     assert torch.equal(with_dropout(x), with_dropout(x))
@@ -247,8 +247,7 @@ def spy(monkeypatch):
 
 def test_auto_uses_the_fused_kernel_unless_it_must_not(monkeypatch):
     calls = spy(monkeypatch)
-    module = make()
-    module.dropout = 0.1
+    module = make(dropout=0.1)
     x = torch.randn(2, 6, 12)
     module.eval()(x)
     assert calls == {"sdpa": 1}
@@ -314,3 +313,32 @@ def test_tiny_model_overfits_one_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_kv_cache_with_left_padding_equals_the_full_pass_and_the_row_alone():
+    module = make()
+    x = torch.randn(2, 7, 12)
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[0, :2] = False  # row 0: two padding tokens on the left, then 5 real ones
+    full = module(x, key_padding_mask=keep)
+    cache = module.make_kv_cache(2)
+    with torch.no_grad():
+        steps = [module(x[:, :4], kv_cache=cache, key_padding_mask=keep[:, :4])]
+        steps += [module(x[:, t : t + 1], kv_cache=cache, key_padding_mask=keep[:, : t + 1]) for t in range(4, 7)]
+    assert_close(torch.cat(steps, dim=1), full, atol=1e-6, rtol=1e-5)
+    assert_close(full[0, 2:], module(x[0, 2:]), atol=1e-6, rtol=1e-5)
+
+
+def test_from_torch_sequence_first_layout():
+    torch.manual_seed(12)
+    theirs = torch.nn.MultiheadAttention(8, 2).eval()  # batch_first=False: (T, B, C)
+    x = torch.randn(3, 5, 8)
+    want, _ = theirs(*(x.transpose(0, 1),) * 3, need_weights=False)
+    assert_close(MultiHeadAttention.from_torch(theirs)(x), want.transpose(0, 1), atol=1e-6, rtol=1e-5)
+
+
+def test_from_torch_keeps_dropout_and_training_mode():
+    theirs = torch.nn.MultiheadAttention(8, 2, dropout=0.25)
+    ours = MultiHeadAttention.from_torch(theirs)
+    assert ours.dropout == 0.25 and ours.training and not ours.causal
+    assert ours.to_torch().dropout == 0.25
