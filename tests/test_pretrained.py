@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def bert_reference(minilm: PretrainedEncoder):  # type: ignore[no-untyped-def]
     transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is not installed")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the folder is local; never look for a hub
     return transformers.BertModel.from_pretrained(str(minilm_path()), local_files_only=True).eval()
 
 
@@ -135,3 +137,12 @@ def test_a_folder_without_weights_is_named(tmp_path) -> None:  # type: ignore[no
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"lacks model.safetensors, tokenizer.json"):
         load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("library", ["tokenizers", "safetensors.torch"])
+def test_a_missing_library_says_what_to_install(minilm: PretrainedEncoder, monkeypatch, library: str) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setitem(sys.modules, library, None)  # makes `import library` raise ImportError
+    with pytest.raises(
+        PretrainedNotInstalledError, match=r"is missing; install it with: pip install 'selfattention\[pretrained\]'"
+    ):
+        load_pretrained(minilm_path())

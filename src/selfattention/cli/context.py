@@ -35,7 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--word", default=DEFAULT_WORD, help=f"the word to follow (default: {DEFAULT_WORD})")
     parser.add_argument("--model", choices=sorted(MODELS), default="minilm", help="the model (default: minilm)")
     parser.add_argument("--layer", type=int, help="layer for nearest tokens and attention (default: the last)")
-    parser.add_argument("--top", type=int, default=5, help="how many tokens to list (default: 5)")
+    parser.add_argument(
+        "--top",
+        type=int,
+        default=5,
+        help="nearest tokens to list (default: 5); attention lists the top min(TOP, 3) per head",
+    )
     parser.add_argument("--plot", metavar="DIR", help="also save a line chart and per-sentence heatmaps in DIR")
     parser.set_defaults(func=run)
 

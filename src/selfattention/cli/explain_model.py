@@ -5,6 +5,8 @@
 ``--plot`` and ``--format`` keep their meaning from ``explain``; the options that choose the worked
 example's inputs or projections (``--embeddings``, ``--tokens``, ``--projections``, ``--causal``) do not apply,
 since the model's own tokens and learned W^Q, W^K, W^V are used, and the model always scales by 1/sqrt(D).
+``--query`` keeps ``explain``'s default, "journey", the worked example's word and so a word piece of the
+default TEXT; for a TEXT without it, the query is the first word piece after ``[CLS]``.
 """
 
 from __future__ import annotations
