@@ -110,9 +110,23 @@ def test_generate_errors(corpus: Path, tmp_path: Path, capsys) -> None:
 def test_resume_refuses_new_settings_and_another_corpus(corpus: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert main(["train", "--corpus", str(corpus), "--out", str(out), *TINY, "--steps", "2"]) == 0
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), *TINY, "--steps", "2"]) == 2
+    assert "already holds a checkpoint; pass --resume to continue it or --overwrite" in capsys.readouterr().err
     assert main(["train", "--corpus", str(corpus), "--out", str(out), "--resume", "--steps", "9"]) == 2
     assert "--resume continues the saved configuration; do not also set ['max_steps']" in capsys.readouterr().err
     other = tmp_path / "other.txt"
     other.write_text(CORPUS.upper(), encoding="utf-8")
     assert main(["train", "--corpus", str(other), "--out", str(out), "--resume"]) == 2
     assert "trained on a different corpus" in capsys.readouterr().err
+
+
+def test_bpe_tokenizer_trains_saves_and_generates(corpus: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bpe"
+    argv = ["train", "--corpus", str(corpus), "--out", str(out), *TINY, "--steps", "3"]
+    assert main([*argv, "--tokenizer", "bpe", "--vocab-size", "300"]) == 0
+    tokenizer = json.loads((out / "tokenizer.json").read_text())
+    assert tokenizer["model"]["type"] == "BPE"
+    assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == 300
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out), "Zebra ✓", "--max-new-tokens", "5"]) == 0  # bytes: no unknowns
+    assert capsys.readouterr().out.startswith("Zebra ✓")

@@ -9,6 +9,7 @@ from selfattention.functional import (
     context_vectors,
 )
 from selfattention.inspect import Capture, Record, capture, capture_projections
+from selfattention.models.gpt import GPT, GPTConfig
 from selfattention.modules import (
     CausalAttention,
     KVCache,
@@ -19,8 +20,10 @@ from selfattention.modules import (
 
 __all__ = [
     "BACKENDS",
+    "GPT",
     "Capture",
     "CausalAttention",
+    "GPTConfig",
     "KVCache",
     "MultiHeadAttention",
     "Record",

@@ -63,12 +63,16 @@ def checkpoint_weights(directory: str, text: str, layer: int | None, head: int) 
 def explain_checkpoint(args: argparse.Namespace) -> int:
     """Print, for each token of ``args.text``, the earlier tokens it attends to most; optionally plot α."""
     tokens, weights, where = checkpoint_weights(args.checkpoint, args.text or "", args.layer, args.head)
-    lines = [f"attention weights α of {where} ({args.checkpoint}), causal: row i sees tokens 0..i", ""]
+    lines = [
+        f"attention weights α of {where} ({args.checkpoint})",
+        "each token, then the three earlier tokens (position:token) it attends to most",
+        "",
+    ]
     width = max(len(t) for t in tokens)
     for i, label in enumerate(tokens):
         row = weights[i, : i + 1]
         top = row.topk(min(3, i + 1))
-        parts = [f"{tokens[j]!s} {float(w):.2f}" for w, j in zip(top.values, top.indices.tolist(), strict=True)]
+        parts = [f"{j}:{tokens[j]} {float(w):.2f}" for w, j in zip(top.values, top.indices.tolist(), strict=True)]
         lines.append(f"{i:>3} {label:<{width}}  -> " + ", ".join(parts))
     sys.stdout.write("\n".join(lines) + "\n")
     plot = getattr(args, "plot", None)

@@ -40,12 +40,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("the prompt is empty; give at least one character")
     ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long)
     generator = torch.Generator().manual_seed(args.seed)
-    sys.stdout.write(args.prompt)
     new: list[int] = []
     shown = ""
 
     def stream(token: torch.Tensor) -> None:
         nonlocal shown
+        if not new:
+            sys.stdout.write(args.prompt)  # only once the checks in generate() have passed
         new.append(int(token[0, 0]))
         text = tokenizer.decode(new)  # decode the whole tail: BPE tokens may split a character
         if not text.endswith("\ufffd"):
@@ -64,5 +65,7 @@ def run(args: argparse.Namespace) -> int:
         slide=not args.no_slide,
         on_token=stream,
     )
+    if not new:
+        sys.stdout.write(args.prompt)
     sys.stdout.write(tokenizer.decode(new)[len(shown) :] + "\n")
     return 0

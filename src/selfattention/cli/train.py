@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, (_, kind, text) in {**MODEL_OPTIONS, **TRAIN_OPTIONS}.items():
         parser.add_argument(name, type=kind, help=f"{text} (default: from --config)")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     parser.add_argument(
         "--threads",
         type=int,
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         bpe_vocab_size=args.vocab_size,
         resume=args.resume,
+        overwrite=args.overwrite,
         progress=not args.no_progress,
         model=model,
         train=_overrides(args, TRAIN_OPTIONS),
