@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import doctest
 import html
 import json
 import re
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+import selfattention.viz.html
 from selfattention import MultiHeadAttention, capture
 from selfattention.examples import TOKENS
 from selfattention.viz import AttentionView, HeadData, to_html, view_from_capture
@@ -206,3 +208,8 @@ def test_the_template_ships_with_the_package() -> None:
     for name in ("viewer.html", "viewer.css", "viewer.js"):
         assert (folder / name).is_file()
         assert any(fnmatch(name, pattern) for pattern in package_data["selfattention.viz"])
+
+
+def test_the_docstring_example_runs() -> None:
+    result = doctest.testmod(selfattention.viz.html)
+    assert result.attempted > 0 and result.failed == 0

@@ -12,7 +12,7 @@ shows self-attention, so the keys are the same tokens as the queries (``S == T``
 ...     query=[[1.0], [0.0]], key=[[1.0], [0.0]], value=[[1.0], [2.0]],
 ...     scores=[[1.0, 0.0], [0.0, 0.0]], weights=[[0.5, 0.5], [0.5, 0.5]], context=[[1.5], [1.5]])]])
 >>> page = to_html(view)
->>> page.startswith("<!DOCTYPE html>"), "http" in page.split("<body")[0]
+>>> page.startswith("<!DOCTYPE html>"), "://" in page
 (True, False)
 """
 
