@@ -37,6 +37,7 @@ LAUNCH_ARGS = [
     "--no-first-run",
     "--no-pings",
 ]
+VIEWER_READY = "window.viewerState && window.viewerState.ready"
 JOURNEY_WEIGHTS = ["0.1385", "0.2379", "0.2333", "0.1240", "0.1082", "0.1581"]
 JOURNEY_SCORES = ["0.9544", "1.4950", "1.4754", "0.8434", "0.7070", "1.0865"]
 
@@ -69,7 +70,7 @@ def browser() -> Iterator[Any]:
 class Viewer:
     """One offline page of the viewer, with the requests it attempted and the errors it raised."""
 
-    def __init__(self, browser: Any, page_html: str, path: Path) -> None:
+    def __init__(self, browser: Any, page_html: str, path: Path, ready: str = VIEWER_READY) -> None:
         path.write_text(page_html, encoding="utf-8")
         self.context = browser.new_context(offline=True, viewport={"width": 1280, "height": 900})
         self.blocked: list[str] = []
@@ -79,7 +80,7 @@ class Viewer:
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
         self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
         self.page.goto(path.as_uri())
-        self.page.wait_for_function("window.viewerState && window.viewerState.ready")
+        self.page.wait_for_function(ready)
 
     def _route(self, route: Any) -> None:
         url = route.request.url
@@ -123,8 +124,8 @@ class Viewer:
 def open_viewer(browser: Any, tmp_path: Path) -> Iterator[Any]:
     opened: list[Viewer] = []
 
-    def open_page(page_html: str, name: str = "view.html") -> Viewer:
-        viewer = Viewer(browser, page_html, tmp_path / name)
+    def open_page(page_html: str, name: str = "view.html", ready: str = VIEWER_READY) -> Viewer:
+        viewer = Viewer(browser, page_html, tmp_path / name, ready)
         opened.append(viewer)
         return viewer
 
@@ -296,3 +297,14 @@ def test_the_pretrained_encoder_in_the_browser(open_viewer: Any, minilm: Any) ->
     assert viewer.weights() != pytest.approx(before, abs=1e-3)
     ARTIFACTS.mkdir(exist_ok=True)
     viewer.page.screenshot(path=str(ARTIFACTS / "viewer-minilm.png"), full_page=True)
+
+
+def test_the_notebook_frame_runs_the_viewer(open_viewer: Any) -> None:
+    """What a notebook displays (``_repr_html_``, an iframe with the page in srcdoc) shows the same view."""
+    frame_html = example_view()._repr_html_()
+    page_html = f"<!DOCTYPE html><html><body>{frame_html}</body></html>"
+    viewer = open_viewer(page_html, "notebook.html", "document.readyState === 'complete'")
+    frame = viewer.page.frame_locator("iframe")
+    assert frame.locator("#queries .tok").all_inner_texts() == list(TOKENS)
+    frame.locator("#queries .tok[data-i='1']").hover()
+    assert frame.locator("#context").inner_text() == "z = [0.4419, 0.6515, 0.5683]"
