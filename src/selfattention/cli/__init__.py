@@ -11,12 +11,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from selfattention.cli import context, explain, generate, train
+from selfattention.cli import context, explain, generate, train, view
 from selfattention.cli.errors import UsageError
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 
-COMMANDS = [explain, train, generate, context]
+COMMANDS = [explain, train, generate, context, view]
 
 
 def build_parser() -> argparse.ArgumentParser:

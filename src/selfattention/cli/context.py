@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from selfattention.cli.errors import UsageError
 from selfattention.cli.pretrained_models import MODELS, load_model
 from selfattention.contextual import (
     DEFAULT_SENTENCES,
@@ -47,8 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Compute and print the three views; optionally save the pictures."""
-    from selfattention.cli import UsageError
-
     sentences = list(args.sentences) or list(DEFAULT_SENTENCES)
     if len(sentences) < 2:
         raise UsageError(f"give at least two sentences to compare, got {len(sentences)}")

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from selfattention.cli.errors import UsageError
 from selfattention.cli.pretrained_models import MODELS, load_model
 from selfattention.models.walkthrough import HeadWalkthrough, head_walkthrough
 from selfattention.walkthrough import find_query
@@ -41,8 +42,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def explain_model(args: argparse.Namespace) -> int:
     """Print (and with ``--plot`` draw) the walk-through of ``args.model``'s head on ``args.text``."""
-    from selfattention.cli import UsageError
-
     for name in _NOT_WITH_MODEL:
         if getattr(args, name, None):
             raise UsageError(f"--{name} does not apply with --model: the model's own tokens and W^Q, W^K, W^V are used")

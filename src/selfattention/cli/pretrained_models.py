@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from selfattention.cli.errors import UsageError
 from selfattention.pretrained import PretrainedEncoder, PretrainedNotInstalledError, load_minilm
 
 MODELS = {"minilm": load_minilm}
@@ -13,8 +14,6 @@ def load_model(name: str) -> PretrainedEncoder:
     Raises:
         UsageError: an unknown name, or the ``pretrained`` extra not installed (saying what to install).
     """
-    from selfattention.cli import UsageError  # here, not at import: selfattention.cli imports this module
-
     if name not in MODELS:
         raise UsageError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     try:
