@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from selfattention import checks
 from selfattention.backends import BACKENDS
-from selfattention.functional import attention
+from selfattention.functional import attention, materialize_mask
+from selfattention.masks import MaskDescription
 
 Rope = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
 """A position hook: ``rope(query (B, H, T, D), key (B, G, T, D), start) -> (query, key)``, where ``start``
@@ -84,7 +85,7 @@ class AttentionModule(nn.Module):
         key: Tensor,
         value: Tensor,
         *,
-        mask: Tensor | None = None,
+        mask: Tensor | MaskDescription | None = None,
         causal: bool = False,
         return_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
@@ -108,6 +109,8 @@ class AttentionModule(nn.Module):
                 backend=backend,
             )
             return context, None
+        if isinstance(mask, MaskDescription):  # the eager path records and returns tensors
+            mask = materialize_mask(mask, query, key.shape[-2])
         eager = self.backend if self.backend in BACKENDS and BACKENDS[self.backend].returns_weights else "math"
         context, weights = attention(
             query,
@@ -393,6 +396,7 @@ class MultiHeadAttention(AttentionModule):
         x: Tensor,
         *,
         key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | MaskDescription | None = None,
         kv_cache: KVCache | None = None,
         rope: Rope | None = None,
         return_weights: bool = False,
@@ -404,6 +408,9 @@ class MultiHeadAttention(AttentionModule):
             key_padding_mask: boolean ``(B, S)`` (or ``(S,)`` for unbatched input), ``True`` = a real token
                 that may be attended to, ``False`` = padding (``torch.nn.MultiheadAttention``: the opposite).
                 ``S`` counts every key: cached plus new.
+            attn_mask: a further mask, ``True`` = may attend (both it and the padding mask must allow): a
+                boolean tensor broadcastable to ``(B, H, T, S)``, or a mask description from
+                :mod:`selfattention.masks`, which ``backend="auto"`` runs block-sparse when it is the only mask.
             kv_cache: a :class:`KVCache` (see :meth:`make_kv_cache`); the new keys and values are appended and
                 the queries attend to all of them. Use under ``torch.no_grad()``.
             rope: a position hook applied to the new queries and keys before caching (see :data:`Rope`).
@@ -440,7 +447,8 @@ class MultiHeadAttention(AttentionModule):
         if unbatched:
             q, k, v = q[0], k[0], v[0]
             mask = None if mask is None else mask[0]
-        context, weights = self.attend(q, k, v, mask=mask, causal=causal, return_weights=return_weights)
+        combined = _with_attn_mask(mask, attn_mask, q, k.shape[-2])
+        context, weights = self.attend(q, k, v, mask=combined, causal=causal, return_weights=return_weights)
         if unbatched:
             context = context.unsqueeze(0)
         # (B, H, T, D) -> (B, T, H, D) -> (B, T, d_out)
@@ -598,3 +606,17 @@ class MultiHeadAttention(AttentionModule):
                 out_bias = self.out_proj.bias
                 module.out_proj.bias.copy_(out_bias if out_bias is not None else zeros)
         return module.train(self.training)
+
+
+def _with_attn_mask(
+    padding: Tensor | None, extra: Tensor | MaskDescription | None, query: Tensor, num_keys: int
+) -> Tensor | MaskDescription | None:
+    """The padding mask and ``attn_mask`` together; a description alone stays a description (block-sparse)."""
+    if extra is None or padding is None:
+        return extra if padding is None else padding
+    checks.mask(extra, (*query.shape[:-1], num_keys))
+    if isinstance(extra, MaskDescription):
+        extra = materialize_mask(extra, query, num_keys)
+    if extra.dtype == torch.bool:
+        return padding & extra
+    return extra.masked_fill(~padding, -math.inf)  # a float mask is added; padding forbids
