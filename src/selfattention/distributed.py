@@ -1,0 +1,465 @@
+"""Attention over a sequence split across processes: ring attention (context parallelism).
+
+Each process (a *rank* of a ``torch.distributed`` group of ``N`` ranks) holds one slice of the sequence:
+its queries and the keys/values of the same tokens. Key/value blocks travel around the ring (rank ``r``
+sends to ``r + 1`` and receives from ``r - 1``) with ``torch.distributed`` point-to-point operations, so
+after ``N`` steps every rank has met every block. Each step attends the local queries to the block it
+holds with the tiled backend, which also returns each row's log-sum-exp; the partial results merge exactly
+by log-sum-exp rescaling, as the tiled backend merges its tiles. The next transfer is started before the
+current block is computed, so communication overlaps compute. The backward pass sends the key/value blocks
+around again, together with the gradients of the keys and values they have collected so far; after one
+more hop each block's gradient is back with its owner.
+
+Layouts (how a sequence of ``L`` tokens is cut into slices; see :func:`sequence_segments`):
+
+* ``"contiguous"``: rank ``r`` holds one run of consecutive tokens, in rank order. Any lengths work, even
+  uneven ones: they are exchanged at the start of each call.
+* ``"zigzag"``: the sequence is cut into ``2N`` chunks and rank ``r`` holds chunks ``r`` and
+  ``2N - 1 - r``. With ``causal=True`` every rank then does the same amount of work (in ``"contiguous"``
+  the last rank does ``2N - 1`` times as much as the first).
+
+The math is the same as single-process :func:`selfattention.attention` with the same ``causal`` and
+``scale`` (the tests check this to 1e-5 for outputs and 1e-4 for gradients in float32). Arbitrary masks
+and dropout are not supported here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from selfattention import checks
+from selfattention.functional import causal_mask, expand_kv_heads
+
+Layout = Literal["contiguous", "zigzag"]
+LAYOUTS = ("contiguous", "zigzag")
+Segments = tuple[tuple[int, int], ...]  # global [start, stop) ranges, in the order a rank stores them
+
+
+def sequence_segments(lengths: list[int], layout: Layout) -> list[Segments]:
+    """Where each rank's slice lies in the whole sequence, given every rank's slice length.
+
+    Args:
+        lengths: the number of tokens on each rank, in rank order.
+        layout: ``"contiguous"`` (any lengths) or ``"zigzag"`` (the lengths :func:`shard_sequence` gives).
+
+    Returns:
+        For each rank, its global ``(start, stop)`` ranges in the order its tokens are stored.
+
+    Raises:
+        ValueError: an unknown layout, a rank without tokens, or zigzag lengths that are not the
+            ``2N``-chunk split of their total.
+
+    >>> sequence_segments([3, 2], "contiguous")
+    [((0, 3),), ((3, 5),)]
+    >>> sequence_segments([3, 3], "zigzag")
+    [((0, 2), (4, 6)), ((2, 3), (3, 4))]
+    """
+    _check_layout(layout)
+    if any(n < 1 for n in lengths):
+        raise ValueError(f"every rank needs at least one token; slice lengths are {lengths}")
+    total, size = sum(lengths), len(lengths)
+    if layout == "contiguous":
+        starts = [sum(lengths[:r]) for r in range(size)]
+        return [((start, start + n),) for start, n in zip(starts, lengths, strict=True)]
+    chunks = _split(total, 2 * size)
+    segments = [(chunks[r], chunks[2 * size - 1 - r]) for r in range(size)]
+    expected = [sum(stop - start for start, stop in s) for s in segments]
+    if expected != lengths:
+        raise ValueError(
+            f"zigzag layout of {total} tokens over {size} ranks needs slice lengths {expected}, got {lengths}; "
+            f"cut the sequence with shard_sequence(..., layout='zigzag')"
+        )
+    return segments
+
+
+def shard_sequence(
+    x: Tensor,
+    *,
+    layout: Layout = "contiguous",
+    rank: int | None = None,
+    world_size: int | None = None,
+    dim: int = -2,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """This rank's slice of a whole sequence ``x`` along ``dim``.
+
+    Lengths that do not divide evenly are allowed: the first ranks (or chunks, for ``"zigzag"``) get one
+    token more, as :func:`torch.tensor_split` does.
+
+    Args:
+        x: the whole sequence, e.g. ``(B, H, L, D)``.
+        layout: ``"contiguous"`` or ``"zigzag"`` (see the module docstring).
+        rank, world_size: default to this process's rank and size in ``group``.
+        dim: the sequence dimension.
+        group: the process group (default: the whole world).
+
+    Returns:
+        The slice, e.g. ``(B, H, L_local, D)``; a copy for ``"zigzag"``, a view for ``"contiguous"``.
+
+    Raises:
+        ValueError: an unknown layout, or fewer tokens than slices.
+
+    >>> shard_sequence(torch.arange(6).view(1, 6, 1), layout="zigzag", rank=0, world_size=2).flatten().tolist()
+    [0, 1, 5]
+    """
+    _check_layout(layout)
+    rank = dist.get_rank(group) if rank is None else rank
+    world_size = dist.get_world_size(group) if world_size is None else world_size
+    pieces = world_size * (2 if layout == "zigzag" else 1)
+    if x.shape[dim] < pieces:
+        raise ValueError(
+            f"a sequence of {x.shape[dim]} tokens cannot be cut into {pieces} non-empty {layout} pieces "
+            f"for {world_size} ranks"
+        )
+    chunks = _split(x.shape[dim], pieces)
+    mine = [chunks[rank]] if layout == "contiguous" else [chunks[rank], chunks[pieces - 1 - rank]]
+    parts = [x.narrow(dim, start, stop - start) for start, stop in mine]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def gather_sequence(
+    x_local: Tensor, *, layout: Layout = "contiguous", dim: int = -2, group: dist.ProcessGroup | None = None
+) -> Tensor:
+    """Put every rank's slice back into the whole sequence, on every rank (the inverse of the shard).
+
+    Slices may have different lengths. This is a plain collective for results and inspection: gradients do
+    not flow through it.
+
+    Args:
+        x_local: this rank's slice, e.g. ``(B, H, L_local, E)``; the other dimensions must agree on all ranks.
+        layout: the layout the slices were cut with.
+        dim: the sequence dimension.
+        group: the process group (default: the whole world).
+
+    Returns:
+        The whole sequence, e.g. ``(B, H, L, E)``, in token order.
+    """
+    size = dist.get_world_size(group)
+    lengths = _all_lengths(x_local.shape[dim], group)
+    segments = sequence_segments(lengths, layout)
+    moved = x_local.detach().movedim(dim, 0).contiguous()  # the sequence first, so padding is at the end
+    padded = moved.new_zeros((max(lengths), *moved.shape[1:]))
+    padded[: moved.shape[0]] = moved
+    received = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(received, padded, group=group)
+    whole = moved.new_empty((sum(lengths), *moved.shape[1:]))
+    for rank in range(size):
+        offset = 0
+        for start, stop in segments[rank]:
+            whole[start:stop] = received[rank][offset : offset + stop - start]
+            offset += stop - start
+    return whole.movedim(0, dim)
+
+
+def ring_attention(
+    q_local: Tensor,
+    k_local: Tensor,
+    v_local: Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    layout: Layout = "contiguous",
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """Scaled dot-product attention of a sequence that is split across the ranks of ``group``.
+
+    Every rank calls this with its own slice (cut with :func:`shard_sequence` and the same ``layout``) and
+    gets back the context vectors of its own queries, equal to the matching rows of
+    ``selfattention.attention(q, k, v, causal=causal, scale=scale)`` on the whole sequence. Differentiable:
+    the backward pass is a second trip around the ring. Works with any ``torch.distributed`` backend that
+    has point-to-point operations (gloo on CPU, NCCL on GPU).
+
+    Args:
+        q_local: ``(..., H, T_local, D)``, this rank's queries.
+        k_local: ``(..., G, T_local, D)``, the keys of the same tokens (``H % G == 0``; grouped heads are
+            repeated before they travel).
+        v_local: ``(..., G, T_local, E)``, their values.
+        causal: each token attends to itself and earlier tokens of the whole sequence.
+        scale: multiplies the scores; ``None`` means ``1/sqrt(D)``.
+        layout: how the sequence was cut: ``"contiguous"`` (uneven slices allowed) or ``"zigzag"``
+            (balances the work when ``causal``).
+        group: the process group (default: the whole world).
+
+    Returns:
+        Context vectors ``(..., H, T_local, E)`` for this rank's queries, in the dtype of ``q_local``.
+
+    Raises:
+        ValueError / TypeError: for local inputs that :func:`selfattention.attention` would reject, for
+            slices whose shapes disagree across ranks (every rank raises the same error), and for slice
+            lengths that do not fit ``layout``.
+    """
+    checks.qkv(q_local, k_local, v_local)
+    if q_local.shape[-2] != k_local.shape[-2]:
+        raise ValueError(
+            f"ring attention is self-attention: queries and keys must be the same tokens, got "
+            f"{q_local.shape[-2]} queries and {k_local.shape[-2]} keys on this rank"
+        )
+    k_local, v_local = expand_kv_heads(q_local, k_local, v_local)
+    ring = _Ring.build(q_local, k_local, v_local, layout, group)
+    scale = 1.0 / math.sqrt(q_local.shape[-1]) if scale is None else float(scale)
+    out: Tensor = _RingAttention.apply(q_local, k_local, v_local, ring, scale, causal)
+    return out
+
+
+@dataclass(frozen=True)
+class _Ring:
+    """Who this rank is in the ring, and where every rank's tokens lie in the whole sequence."""
+
+    rank: int
+    size: int
+    segments: tuple[Segments, ...]
+    group: dist.ProcessGroup | None
+
+    @staticmethod
+    def build(q: Tensor, k: Tensor, v: Tensor, layout: Layout, group: dist.ProcessGroup | None) -> _Ring:
+        """Exchange the slices' shapes (one small collective), check they agree, and place every slice."""
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        shapes: list[Any] = [None] * size
+        mine = (tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype))
+        dist.all_gather_object(shapes, mine, group=group)
+        for other, theirs in enumerate(shapes):
+            if _without_length(theirs) != _without_length(mine):
+                raise ValueError(
+                    f"ring attention needs the same shapes on every rank apart from the sequence length: "
+                    f"rank {rank} has q, k, v, dtype {mine}, rank {other} has {theirs}"
+                )
+        lengths = [theirs[0][-2] for theirs in shapes]
+        return _Ring(rank, size, tuple(sequence_segments(lengths, layout)), group)
+
+    def owner(self, step: int) -> int:
+        """The rank whose key/value block this rank holds at ``step`` (blocks move one rank per step)."""
+        return (self.rank - step) % self.size
+
+    def length(self, rank: int) -> int:
+        return sum(stop - start for start, stop in self.segments[rank])
+
+    def shift(self, send: Tensor, recv: Tensor, tag: int) -> list[Any]:
+        """Start sending ``send`` to the next rank and receiving ``recv`` from the previous one."""
+        if self.size == 1:
+            recv.copy_(send)
+            return []
+        next_rank, prev_rank = (self.rank + 1) % self.size, (self.rank - 1) % self.size
+        ops = [
+            dist.P2POp(dist.isend, send, group=self.group, tag=tag, group_peer=next_rank),
+            dist.P2POp(dist.irecv, recv, group=self.group, tag=tag, group_peer=prev_rank),
+        ]
+        return list(dist.batch_isend_irecv(ops))
+
+    def pairs(self, owner: int, causal: bool) -> list[tuple[slice, slice, bool]]:
+        """The (query rows, key rows, diagonal?) blocks to compute when holding ``owner``'s keys.
+
+        Without ``causal`` that is everything at once. With it, each pair of segments is fully visible
+        (keys before queries), fully hidden (keys after queries: skipped) or the same tokens (the diagonal,
+        computed with the causal mask).
+        """
+        if not causal:
+            return [(slice(None), slice(None), False)]
+        blocks = []
+        for q_rows, (q0, q1) in _local_rows(self.segments[self.rank]):
+            for k_rows, (k0, k1) in _local_rows(self.segments[owner]):
+                if (k0, k1) == (q0, q1):
+                    blocks.append((q_rows, k_rows, True))
+                elif k1 <= q0:
+                    blocks.append((q_rows, k_rows, False))
+                else:
+                    assert k0 >= q1, f"segments overlap: queries {(q0, q1)}, keys {(k0, k1)}"
+        return blocks
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, q: Tensor, k: Tensor, v: Tensor, ring: _Ring, scale: float, causal: bool
+    ) -> Tensor:
+        out, lse = _ring_forward(q, k, v, ring, scale, causal)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring, ctx.scale, ctx.causal = ring, scale, causal
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(q, k, v, out, lse, grad_out, ctx.ring, ctx.scale, ctx.causal)
+        return dq, dk, dv, None, None, None
+
+
+def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring, scale: float, causal: bool):
+    """Every rank's key/value block visits, one per step; partial results merge by log-sum-exp."""
+    acc = _accumulation_dtype(q.dtype)
+    out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=acc)  # (..., T_local, E)
+    lse = q.new_full(q.shape[:-1], -math.inf, dtype=acc)  # (..., T_local)
+    block = _pack(k, v)
+    for step in range(ring.size):
+        owner = ring.owner(step)
+        incoming, pending = None, []
+        if step + 1 < ring.size:  # start the next transfer before computing on the current block
+            incoming = block.new_empty(_packed_numel(k, v, ring.length(ring.owner(step + 1))))
+            pending = ring.shift(block, incoming, tag=0)
+        k_block, v_block = _unpack(block, k, v, ring.length(owner))
+        for q_rows, k_rows, diagonal in ring.pairs(owner, causal):
+            out_part, lse_part = _block_forward(
+                q[..., q_rows, :], k_block[..., k_rows, :], v_block[..., k_rows, :], scale=scale, causal=diagonal
+            )
+            out[..., q_rows, :], lse[..., q_rows] = _merge(
+                out[..., q_rows, :], lse[..., q_rows], out_part.to(acc), lse_part.to(acc)
+            )
+        for work in pending:
+            work.wait()
+        if incoming is not None:
+            block = incoming
+    return out, lse
+
+
+def _ring_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grad_out: Tensor,
+    ring: _Ring,
+    scale: float,
+    causal: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Key/value blocks go round again, each followed by the gradient of its keys and values so far."""
+    acc = _accumulation_dtype(q.dtype)
+    out, grad_out = out.to(q.dtype), grad_out.to(q.dtype)
+    dq = torch.zeros_like(q, dtype=acc)
+    block = _pack(k, v)
+    grads_in: Tensor | None = None  # the gradient of the held block from the ranks it visited before
+    grads_pending: list[Any] = []
+    for step in range(ring.size):
+        owner = ring.owner(step)
+        incoming, pending = None, []
+        if step + 1 < ring.size:
+            incoming = block.new_empty(_packed_numel(k, v, ring.length(ring.owner(step + 1))))
+            pending = ring.shift(block, incoming, tag=1)
+        k_block, v_block = _unpack(block, k, v, ring.length(owner))
+        dk_block = torch.zeros_like(k_block, dtype=acc)
+        dv_block = torch.zeros_like(v_block, dtype=acc)
+        for q_rows, k_rows, diagonal in ring.pairs(owner, causal):
+            dq_part, dk_part, dv_part = _block_backward(
+                q[..., q_rows, :],
+                k_block[..., k_rows, :],
+                v_block[..., k_rows, :],
+                out[..., q_rows, :],
+                lse[..., q_rows],
+                grad_out[..., q_rows, :],
+                scale=scale,
+                causal=diagonal,
+            )
+            dq[..., q_rows, :] += dq_part
+            dk_block[..., k_rows, :] += dk_part
+            dv_block[..., k_rows, :] += dv_part
+        grads = _pack(dk_block, dv_block)
+        for work in grads_pending:  # the previous rank's share arrived while this step computed
+            work.wait()
+        if grads_in is not None:
+            grads += grads_in
+        # After the last step the block's owner is the next rank, so this hop returns every gradient home.
+        grads_in = grads.new_empty(_packed_numel(k, v, ring.length(ring.owner(step + 1))))
+        grads_pending = ring.shift(grads, grads_in, tag=2)
+        for work in pending:
+            work.wait()
+        if incoming is not None:
+            block = incoming
+    for work in grads_pending:
+        work.wait()
+    assert grads_in is not None
+    dk, dv = _unpack(grads_in, k, v, k.shape[-2])
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --- per-block attention (to be replaced by the tiled backend's functions) ---
+
+
+def _block_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], device=q.device), -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.exp(scores - lse.unsqueeze(-1)) @ v, lse
+
+
+def _merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    out = out_a * torch.exp(lse_a - safe).unsqueeze(-1) + out_b * torch.exp(lse_b - safe).unsqueeze(-1)
+    return out, lse
+
+
+def _block_backward(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, *, scale: float, causal: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], device=q.device), -math.inf)
+    p = torch.exp(scores - lse.unsqueeze(-1))
+    dv = p.transpose(-2, -1) @ grad_out
+    dp = grad_out @ v.transpose(-2, -1)
+    ds = p * (dp - (grad_out * out).sum(-1, keepdim=True))
+    return ds @ k * scale, ds.transpose(-2, -1) @ q * scale, dv
+
+
+# --- small helpers ---
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
+
+
+def _split(total: int, pieces: int) -> list[tuple[int, int]]:
+    """``total`` tokens in ``pieces`` runs, the first ``total % pieces`` one longer (as tensor_split)."""
+    base, extra = divmod(total, pieces)
+    bounds = [0]
+    for piece in range(pieces):
+        bounds.append(bounds[-1] + base + (1 if piece < extra else 0))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _local_rows(segments: Segments) -> list[tuple[slice, tuple[int, int]]]:
+    """Each segment's rows in the local tensor, with its global range."""
+    rows, offset = [], 0
+    for start, stop in segments:
+        rows.append((slice(offset, offset + stop - start), (start, stop)))
+        offset += stop - start
+    return rows
+
+
+def _all_lengths(length: int, group: dist.ProcessGroup | None) -> list[int]:
+    lengths: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(lengths, length, group=group)
+    return [int(n) for n in lengths]
+
+
+def _without_length(shapes: Any) -> Any:
+    q, k, v, dtype = shapes
+    return (q[:-2] + q[-1:], k[:-2] + k[-1:], v[:-2] + v[-1:], dtype)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _pack(k: Tensor, v: Tensor) -> Tensor:
+    """Keys and values in one flat buffer, so that each hop is a single message."""
+    return torch.cat([k.reshape(-1), v.reshape(-1)])
+
+
+def _packed_numel(k: Tensor, v: Tensor, length: int) -> int:
+    return (k[..., :1, :].numel() + v[..., :1, :].numel()) * length
+
+
+def _unpack(block: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Split a buffer made by :func:`_pack` back into keys ``(..., length, D)`` and values ``(..., length, E)``."""
+    k_shape = (*k.shape[:-2], length, k.shape[-1])
+    v_shape = (*v.shape[:-2], length, v.shape[-1])
+    k_numel = math.prod(k_shape)
+    return block[:k_numel].view(k_shape), block[k_numel:].view(v_shape)
