@@ -25,6 +25,7 @@ and dropout are not supported here.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -68,12 +69,12 @@ def sequence_segments(lengths: list[int], layout: Layout) -> list[Segments]:
         starts = [sum(lengths[:r]) for r in range(size)]
         return [((start, start + n),) for start, n in zip(starts, lengths, strict=True)]
     chunks = _split(total, 2 * size)
-    segments = [(chunks[r], chunks[2 * size - 1 - r]) for r in range(size)]
+    segments: list[Segments] = [(chunks[r], chunks[2 * size - 1 - r]) for r in range(size)]
     expected = [sum(stop - start for start, stop in s) for s in segments]
     if expected != lengths:
         raise ValueError(
-            f"zigzag layout of {total} tokens over {size} ranks needs slice lengths {expected}, got {lengths}; "
-            f"cut the sequence with shard_sequence(..., layout='zigzag')"
+            f"zigzag layout of {total} tokens over {size} ranks needs slice lengths {expected}, "
+            f"got {lengths}; cut the sequence with shard_sequence(..., layout='zigzag')"
         )
     return segments
 
@@ -105,7 +106,8 @@ def shard_sequence(
     Raises:
         ValueError: an unknown layout, or fewer tokens than slices.
 
-    >>> shard_sequence(torch.arange(6).view(1, 6, 1), layout="zigzag", rank=0, world_size=2).flatten().tolist()
+    >>> x = torch.arange(6).view(1, 6, 1)
+    >>> shard_sequence(x, layout="zigzag", rank=0, world_size=2).flatten().tolist()
     [0, 1, 5]
     """
     _check_layout(layout)
@@ -274,22 +276,22 @@ class _Ring:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, q: Tensor, k: Tensor, v: Tensor, ring: _Ring, scale: float, causal: bool
-    ) -> Tensor:
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, ring: _Ring, scale: float, causal: bool) -> Tensor:
         out, lse = _ring_forward(q, k, v, ring, scale, causal)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring, ctx.scale, ctx.causal = ring, scale, causal
         return out.to(q.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _ring_backward(q, k, v, out, lse, grad_out, ctx.ring, ctx.scale, ctx.causal)
         return dq, dk, dv, None, None, None
 
 
-def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring, scale: float, causal: bool):
+def _ring_forward(
+    q: Tensor, k: Tensor, v: Tensor, ring: _Ring, scale: float, causal: bool
+) -> tuple[Tensor, Tensor]:
     """Every rank's key/value block visits, one per step; partial results merge by log-sum-exp."""
     acc = _accumulation_dtype(q.dtype)
     out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=acc)  # (..., T_local, E)
@@ -304,7 +306,11 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring, scale: float, ca
         k_block, v_block = _unpack(block, k, v, ring.length(owner))
         for q_rows, k_rows, diagonal in ring.pairs(owner, causal):
             out_part, lse_part = _block_forward(
-                q[..., q_rows, :], k_block[..., k_rows, :], v_block[..., k_rows, :], scale=scale, causal=diagonal
+                q[..., q_rows, :],
+                k_block[..., k_rows, :],
+                v_block[..., k_rows, :],
+                scale=scale,
+                causal=diagonal,
             )
             out[..., q_rows, :], lse[..., q_rows] = _merge(
                 out[..., q_rows, :], lse[..., q_rows], out_part.to(acc), lse_part.to(acc)
@@ -421,7 +427,7 @@ def _split(total: int, pieces: int) -> list[tuple[int, int]]:
     bounds = [0]
     for piece in range(pieces):
         bounds.append(bounds[-1] + base + (1 if piece < extra else 0))
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+    return list(itertools.pairwise(bounds))
 
 
 def _local_rows(segments: Segments) -> list[tuple[slice, tuple[int, int]]]:
@@ -458,7 +464,7 @@ def _packed_numel(k: Tensor, v: Tensor, length: int) -> int:
 
 
 def _unpack(block: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    """Split a buffer made by :func:`_pack` back into keys ``(..., length, D)`` and values ``(..., length, E)``."""
+    """Split a :func:`_pack` buffer back into keys ``(..., length, D)`` and values ``(..., length, E)``."""
     k_shape = (*k.shape[:-2], length, k.shape[-1])
     v_shape = (*v.shape[:-2], length, v.shape[-1])
     k_numel = math.prod(k_shape)

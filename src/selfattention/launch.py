@@ -14,6 +14,7 @@ Collective and point-to-point operations also time out after ``op_timeout`` seco
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 HOST = "127.0.0.1"
 
@@ -40,7 +42,7 @@ def run_local(
     op_timeout: float = 30.0,
     threads: int = 1,
 ) -> list[Any]:
-    """Run ``fn(*args)`` in ``world_size`` processes that share a gloo process group; return each rank's result.
+    """Run ``fn(*args)`` in ``world_size`` processes sharing a gloo process group; return every result.
 
     Each process calls ``torch.distributed.init_process_group("gloo")`` on 127.0.0.1 (a free port chosen by
     the operating system), runs ``fn(*args)`` and returns its result to the caller (through a file, so it
@@ -67,7 +69,16 @@ def run_local(
     ctx = mp.get_context("forkserver")
     # The fork server imports torch once; every rank is then a cheap fork of a process that has run no
     # threads (forking the caller itself would be unsafe once its OpenMP threads have started).
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "selfattention.distributed"])
+    ctx.set_forkserver_preload(
+        # symbolic_shapes: torch imports it (and sympy, ~1 s) on the first backward; do it once here.
+        [
+            "__main__",
+            "torch",
+            "torch.distributed",
+            "torch.fx.experimental.symbolic_shapes",
+            "selfattention.distributed",
+        ]
+    )
     with tempfile.TemporaryDirectory(prefix="selfattention-launch-") as tmp:
         context = mp.start_processes(
             _worker,
@@ -81,13 +92,15 @@ def run_local(
             while not context.join(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
                 if time.monotonic() >= deadline:
                     raise LaunchError(f"{world_size} ranks did not finish within {timeout} s")
-        except mp.ProcessException as error:  # join() has already terminated the other ranks
-            raise LaunchError(f"rank {error.error_index} failed:\n{error}") from None
+        except ProcessException as error:  # join() has already terminated the other ranks
+            raise LaunchError(_failures(context.error_files, error)) from None
         finally:
             for process in context.processes:
                 if process.is_alive():
                     process.terminate()
                 process.join(timeout=5)
+            for name in context.error_files:
+                Path(name).unlink(missing_ok=True)
         return [torch.load(Path(tmp) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 
@@ -114,6 +127,22 @@ def _worker(
         path.with_suffix(".tmp").replace(path)
     finally:
         dist.destroy_process_group()
+
+
+def _failures(error_files: list[str], first: ProcessException) -> str:
+    """One line per failed rank (its exception), then the full traceback of the failure seen first.
+
+    When one rank raises, its peers often fail too (a connection reset, a timeout); listing every rank
+    keeps the original error in view whichever rank the launcher noticed first.
+    """
+    lines = []
+    for rank, name in enumerate(error_files):
+        path = Path(name)
+        if path.is_file() and path.stat().st_size > 0:
+            with path.open("rb") as file:
+                trace = pickle.load(file)
+            lines.append(f"rank {rank} failed: {trace.strip().splitlines()[-1]}")
+    return "\n".join([*lines, str(first).strip()])
 
 
 def _loopback_name() -> str:

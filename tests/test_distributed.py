@@ -1,0 +1,170 @@
+"""Ring attention against single-process attention, in 2 and 4 real processes (gloo on the loopback)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from selfattention import attention
+from selfattention.distributed import gather_sequence, ring_attention, sequence_segments, shard_sequence
+from selfattention.launch import LaunchError, run_local
+
+# float32 tolerances of the specification. The ring adds the keys' contributions in another order than
+# one softmax over the whole row (a log-sum-exp merge per block), so results differ from the reference by
+# rounding only: a few float32 ulps of values of order 1, far inside 1e-5 (outputs) and 1e-4 (gradients).
+OUT_TOL = {"atol": 1e-5, "rtol": 1e-5}
+GRAD_TOL = {"atol": 1e-4, "rtol": 1e-4}
+
+
+def _inputs(length: int, heads: int = 2, kv_heads: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads, length, 8, generator=g)
+    k = torch.randn(2, kv_heads, length, 8, generator=g)
+    v = torch.randn(2, kv_heads, length, 6, generator=g)
+    grad_out = torch.randn(2, heads, length, 6, generator=g)
+    return q, k, v, grad_out
+
+
+def _ring_run(length: int, causal: bool, layout: str, lengths: list[int] | None, kv_heads: int):
+    """On every rank: cut the same seeded inputs, run the ring forward and backward, gather the results."""
+    q, k, v, grad_out = _inputs(length, kv_heads=kv_heads)
+    if lengths is None:
+        pieces = [shard_sequence(t, layout=layout) for t in (q, k, v, grad_out)]  # type: ignore[arg-type]
+    else:  # arbitrary contiguous slices, e.g. [5, 1, 3, 7]
+        start = sum(lengths[: dist.get_rank()])
+        pieces = [t[..., start : start + lengths[dist.get_rank()], :] for t in (q, k, v, grad_out)]
+    q_local, k_local, v_local = (p.clone().requires_grad_() for p in pieces[:3])
+    out = ring_attention(q_local, k_local, v_local, causal=causal, layout=layout)  # type: ignore[arg-type]
+    out.backward(pieces[3])
+    return [gather_sequence(t, layout=layout) for t in (out, q_local.grad, k_local.grad, v_local.grad)]  # type: ignore[arg-type]
+
+
+CASES = [
+    # world size, total length, causal, layout, explicit slice lengths, key/value heads
+    pytest.param(2, 16, False, "contiguous", None, 2, id="2ranks-even"),
+    pytest.param(2, 13, True, "contiguous", None, 2, id="2ranks-causal-uneven"),
+    pytest.param(2, 16, True, "zigzag", None, 2, id="2ranks-causal-zigzag"),
+    pytest.param(4, 10, False, "contiguous", None, 2, id="4ranks-uneven"),
+    pytest.param(4, 16, True, "contiguous", [5, 1, 3, 7], 2, id="4ranks-causal-any-lengths"),
+    pytest.param(4, 19, True, "zigzag", None, 2, id="4ranks-causal-zigzag-uneven"),
+    pytest.param(4, 12, False, "zigzag", None, 1, id="4ranks-zigzag-grouped-heads"),
+]
+
+
+@pytest.mark.parametrize(("world_size", "length", "causal", "layout", "lengths", "kv_heads"), CASES)
+def test_ring_attention_matches_single_process(world_size, length, causal, layout, lengths, kv_heads):
+    q, k, v, grad_out = _inputs(length, kv_heads=kv_heads)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    expected = attention(q, k, v, causal=causal, backend="math")
+    expected.backward(grad_out)
+
+    results = run_local(_ring_run, world_size, length, causal, layout, lengths, kv_heads, timeout=60)
+
+    out, dq, dk, dv = results[0]
+    torch.testing.assert_close(out, expected.detach(), **OUT_TOL)
+    torch.testing.assert_close(dq, q.grad, **GRAD_TOL)
+    torch.testing.assert_close(dk, k.grad, **GRAD_TOL)
+    torch.testing.assert_close(dv, v.grad, **GRAD_TOL)
+    for rank, other in enumerate(results[1:], start=1):  # every rank gathered the same whole sequence
+        for mine, theirs in zip(results[0], other, strict=True):
+            torch.testing.assert_close(theirs, mine, atol=0, rtol=0, msg=f"rank {rank} disagrees")
+
+
+def test_one_process_is_plain_attention():
+    q, k, v, _ = _inputs(7)
+    (out,) = run_local(_one_rank, 1, q, k, v)
+    torch.testing.assert_close(out, attention(q, k, v, causal=True, backend="math"), **OUT_TOL)
+
+
+def _one_rank(q, k, v):
+    return ring_attention(q, k, v, causal=True)
+
+
+# --- layouts, without processes ---
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize(("length", "world_size"), [(8, 2), (11, 4), (9, 1), (16, 4)])
+def test_shards_cover_the_sequence_once_in_their_segments(layout, length, world_size):
+    x = torch.arange(length).view(1, length, 1)
+    shards = [
+        shard_sequence(x, layout=layout, rank=r, world_size=world_size).flatten() for r in range(world_size)
+    ]
+    segments = sequence_segments([len(s) for s in shards], layout)
+    for shard, segs in zip(shards, segments, strict=True):
+        assert shard.tolist() == [i for start, stop in segs for i in range(start, stop)]
+    assert sorted(torch.cat(shards).tolist()) == list(range(length))
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= (2 if layout == "zigzag" else 1)
+
+
+def test_zigzag_pairs_early_and_late_chunks():
+    assert sequence_segments([4, 4, 4, 4], "zigzag") == [
+        ((0, 2), (14, 16)),
+        ((2, 4), (12, 14)),
+        ((4, 6), (10, 12)),
+        ((6, 8), (8, 10)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "layout", "message"),
+    [
+        ([3, 0], "contiguous", r"at least one token; slice lengths are \[3, 0\]"),
+        ([5, 3], "zigzag", r"needs slice lengths \[4, 4\], got \[5, 3\]"),
+        ([2, 2], "ring", r"unknown layout 'ring'"),
+    ],
+)
+def test_bad_slices_are_named(lengths, layout, message):
+    with pytest.raises(ValueError, match=message):
+        sequence_segments(lengths, layout)
+
+
+def test_too_short_to_shard():
+    with pytest.raises(ValueError, match="3 tokens cannot be cut into 4 non-empty zigzag pieces for 2 ranks"):
+        shard_sequence(torch.zeros(1, 3, 2), layout="zigzag", rank=0, world_size=2)
+
+
+# --- failures end every rank instead of hanging ---
+
+
+def _mismatched_heads():
+    heads = 2 + dist.get_rank()  # rank 1 has a different number of heads
+    q = torch.randn(1, heads, 4, 8)
+    return ring_attention(q, q, q)
+
+
+def test_shapes_that_disagree_across_ranks_fail_on_every_rank():
+    with pytest.raises(LaunchError, match="same shapes on every rank"):
+        run_local(_mismatched_heads, 2, timeout=60)
+
+
+def _rank_one_fails():
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 gives up")
+    q = torch.randn(1, 2, 4, 8)
+    return ring_attention(q, q, q)  # rank 0 waits here for rank 1
+
+
+def test_a_failing_rank_ends_the_others():
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match="rank 1 gives up"):
+        run_local(_rank_one_fails, 2, timeout=60, op_timeout=30)
+    assert time.monotonic() - start < 20  # ended by the launcher, not by the 30 s operation timeout
+
+
+def _rank_one_hangs():
+    if dist.get_rank() == 1:
+        time.sleep(60)
+    q = torch.randn(1, 2, 4, 8)
+    return ring_attention(q, q, q)
+
+
+def test_a_hanging_rank_times_out():
+    start = time.monotonic()
+    with pytest.raises(LaunchError):
+        run_local(_rank_one_hangs, 2, timeout=60, op_timeout=2)
+    assert time.monotonic() - start < 30  # rank 0's wait timed out after 2 s and ended the run
