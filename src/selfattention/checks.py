@@ -41,13 +41,10 @@ def qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
         floating(name, tensor)
     same_width(query, key)
     if key.shape[-2] != value.shape[-2]:
-        raise ValueError(
-            f"key and value must have the same length: key {tuple(key.shape)}, value {tuple(value.shape)}"
-        )
+        raise ValueError(f"key and value must have the same length: key {tuple(key.shape)}, value {tuple(value.shape)}")
     if key.shape[:-2] != value.shape[:-2]:
         raise ValueError(
-            f"key and value must have the same leading dimensions: key {tuple(key.shape)}, "
-            f"value {tuple(value.shape)}"
+            f"key and value must have the same leading dimensions: key {tuple(key.shape)}, value {tuple(value.shape)}"
         )
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         finite(name, tensor)

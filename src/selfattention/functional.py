@@ -114,9 +114,7 @@ def context_vectors(weights: Tensor, values: Tensor) -> Tensor:
         ValueError: when the number of weights per query differs from the number of values.
     """
     if weights.shape[-1] != values.shape[-2]:
-        raise ValueError(
-            f"weights have {weights.shape[-1]} keys per query but values have {values.shape[-2]} rows"
-        )
+        raise ValueError(f"weights have {weights.shape[-1]} keys per query but values have {values.shape[-2]} rows")
     return weights @ values.to(weights.dtype)  # (..., T, S) @ (..., S, E) -> (..., T, E)
 
 
@@ -224,9 +222,7 @@ def attention(
     checks.dropout(dropout_p)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    chosen = choose_backend(
-        backend, return_weights=return_weights, dropout_p=dropout_p, mask=mask, causal=causal
-    )
+    chosen = choose_backend(backend, return_weights=return_weights, dropout_p=dropout_p, mask=mask, causal=causal)
     context, weights = chosen.fn(
         query,
         key,
@@ -260,8 +256,7 @@ def expand_kv_heads(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, 
     heads, kv_heads = query.shape[-3], key.shape[-3]
     if kv_heads == 0 or heads % kv_heads != 0:
         raise ValueError(
-            f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads}) "
-            f"for grouped-query attention"
+            f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads}) for grouped-query attention"
         )
     groups = heads // kv_heads
     # (..., G, S, D) -> (..., G * groups, S, D): head h reads key/value head h // groups

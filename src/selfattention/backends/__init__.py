@@ -40,9 +40,7 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-def choose_backend(
-    name: str, *, return_weights: bool, dropout_p: float, mask: object, causal: bool
-) -> Backend:
+def choose_backend(name: str, *, return_weights: bool, dropout_p: float, mask: object, causal: bool) -> Backend:
     """Look up ``name`` in :data:`BACKENDS`, or pick one for ``"auto"``.
 
     ``"auto"`` takes the fused kernel (``"sdpa"``), the fastest on every shape we measured, unless the

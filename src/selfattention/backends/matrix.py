@@ -14,7 +14,9 @@ from selfattention.functional import (
 )
 
 
-def combined_mask(mask: Tensor | None, causal: bool, num_queries: int, num_keys: int, device: torch.device):
+def combined_mask(
+    mask: Tensor | None, causal: bool, num_queries: int, num_keys: int, device: torch.device
+) -> Tensor | None:
     """``mask`` and the bottom-right causal mask together (a float mask becomes -inf where causal forbids)."""
     if not causal:
         return mask

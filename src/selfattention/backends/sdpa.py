@@ -40,9 +40,7 @@ def attention(
     else:
         row_ok = (mask > float("-inf")).any(dim=-1, keepdim=True)
         mask = torch.where(row_ok, mask, torch.zeros_like(mask)).to(query.dtype)
-    context = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout_p, scale=scale
-    )
+    context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     if not bool(row_ok.all()):
         context = context * row_ok.to(context.dtype)
     return context, None

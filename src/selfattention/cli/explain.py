@@ -1,16 +1,180 @@
-"""``selfattention explain``: walk through the four steps of attention on the worked example."""
+"""``selfattention explain``: walk through the four steps of attention on the worked example (or your tokens)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from selfattention import examples
+from selfattention.files import write_text
+from selfattention.inputs import load_embeddings
+from selfattention.walkthrough import Walkthrough, find_query, random_projections, walk
+
+EXAMPLE_SENTENCE = " ".join(examples.TOKENS)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``explain`` command."""
-    parser = sub.add_parser("explain", help="walk through attention step by step")
+    parser = sub.add_parser(
+        "explain",
+        help="walk through attention step by step on the worked example",
+        description="Walk through self-attention (scores ω, weights α, context z) on the worked example "
+        f'"{EXAMPLE_SENTENCE}" or on your own token embeddings.',
+    )
+    parser.add_argument("--query", default="journey", help="query token: a word or a 0-based index (default: journey)")
+    parser.add_argument("--all", action="store_true", help="walk through every query, not just one")
+    parser.add_argument("--scaled", action="store_true", help="divide the scores by sqrt(d) before the softmax")
+    parser.add_argument("--causal", action="store_true", help="each token attends only to itself and earlier tokens")
+    parser.add_argument(
+        "--projections",
+        type=int,
+        metavar="D",
+        help="random trainable W^Q, W^K, W^V of width D (torch.rand, in that order) instead of the identity",
+    )
+    parser.add_argument("--seed", type=int, default=123, help="seed for --projections (default: 123)")
+    parser.add_argument("--embeddings", metavar="FILE", help="your own token vectors: .json, .csv or .npy")
+    parser.add_argument("--tokens", help="the tokens of a .npy file, separated by spaces")
+    parser.add_argument("--plot", metavar="FILE.png", help="also save a heatmap of the weights α")
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the walk-through."""
-    raise NotImplementedError
+    """Compute the walk-through and print it; optionally save a heatmap."""
+    if args.embeddings:
+        tokens, inputs = load_embeddings(args.embeddings, args.tokens.split() if args.tokens else None)
+    else:
+        if args.tokens:
+            raise ValueError("--tokens is only used with --embeddings FILE.npy")
+        tokens, inputs = list(examples.TOKENS), examples.embeddings()
+    projections = None
+    if args.projections is not None:
+        projections = random_projections(inputs.shape[1], args.projections, args.seed)
+    result = walk(tokens, inputs, projections=projections, scaled=args.scaled, causal=args.causal)
+    indices = list(range(len(tokens))) if args.all else [find_query(tokens, args.query)]
+    if args.plot:
+        from selfattention.viz.heatmap import plot_weights
+
+        plot_weights(result.weights, tokens, tokens, args.plot, title=_title(result))
+    text = to_json(result, indices) if args.format == "json" else to_text(result, indices)
+    sys.stdout.write(text)
+    if args.plot and args.format == "text":
+        print(f"\nheatmap of α written to {args.plot}")
+    return 0
+
+
+def _title(result: Walkthrough) -> str:
+    parts = ["attention weights α"]
+    if result.scale is not None:
+        parts.append("scaled")
+    if result.causal:
+        parts.append("causal")
+    return ", ".join(parts)
+
+
+def _vector(values: Tensor | Sequence[float]) -> str:
+    return "[" + ", ".join(f"{float(v):.4f}" for v in values) + "]"
+
+
+def _matrix(rows: Tensor, row_labels: Sequence[str], col_labels: Sequence[str] | None = None) -> list[str]:
+    width = max(8, *(len(t) + 1 for t in row_labels))
+    lines = []
+    if col_labels is not None:
+        lines.append(" " * width + "".join(f"{label[:8]:>9}" for label in col_labels))
+    for label, row in zip(row_labels, rows, strict=True):
+        lines.append(f"{label:<{width}}" + "".join(f"{float(v):9.4f}" for v in row))
+    return lines
+
+
+def to_text(result: Walkthrough, indices: Sequence[int]) -> str:
+    """The walk-through as the text the command prints."""
+    tokens = result.tokens
+    width_in, width = result.inputs.shape[1], result.values.shape[1]
+    lines = [f'Self-attention on "{" ".join(tokens)}": {len(tokens)} tokens, embeddings of width {width_in}.']
+    if result.projections is None:
+        lines.append("W^Q = W^K = W^V = identity, so each token's query, key and value is its embedding x.")
+    else:
+        lines.append(f"Random trainable W^Q, W^K, W^V of shape ({width_in}, {width}); q = x W^Q, k = x W^K, v = x W^V:")
+        for name, matrix in zip(("W^Q", "W^K", "W^V"), result.projections, strict=True):
+            lines.append(f"  {name} = " + ", ".join(_vector(row) for row in matrix))
+        lines += ["", "  token        query q                 key k                   value v"]
+        for i, token in enumerate(tokens):
+            q, k, v = (_vector(t[i]) for t in (result.queries, result.keys, result.values))
+            lines.append(f"  {token:<10} {q:<23} {k:<23} {v}")
+    scaling = f"scaled by 1/sqrt({width}) = {result.scale:.4f}" if result.scale is not None else "unscaled"
+    masking = "causal: a token sees only itself and earlier tokens" if result.causal else "no mask"
+    lines.append(f"Scores are {scaling}; {masking}.")
+    softmax = "softmax_j(ω_ij · scale)" if result.scale is not None else "softmax_j(ω_ij)"
+    steps = [
+        (
+            "project",
+            "q_i = x_i W^Q, k_j = x_j W^K, v_j = x_j W^V",
+            "the token's question, every token's answer, content",
+        ),
+        ("scores", "ω_ij = q_i · k_j", "how well token j matches the query"),
+        ("weights", f"α_ij = {softmax}", "scores made positive, summing to 1 over j"),
+        ("context", "z_i = Σ_j α_ij v_j", f"the query rewritten from its context ({width} numbers, one per dimension)"),
+    ]
+    lines += ["", "The four steps, for query token i:"]
+    lines += [f"  {n}. {name:<9} {formula:<46} {meaning}" for n, (name, formula, meaning) in enumerate(steps, 1)]
+    for i in indices:
+        lines += _one_query(result, i)
+    lines += ["", "Attention weights α (row: query, column: key; each row sums to 1):"]
+    lines += _matrix(result.weights, tokens, tokens)
+    lines += ["", f"Context vectors z (one per token, width {width}):"]
+    lines += _matrix(result.context, tokens)
+    return "\n".join(lines) + "\n"
+
+
+def _one_query(result: Walkthrough, i: int) -> list[str]:
+    token, width = result.tokens[i], result.values.shape[1]
+    lines = ["", f'Query {i} "{token}": q = {_vector(result.queries[i])}', ""]
+    lines.append(f"  {'j':>2}  {'token':<10} {'ω_ij':>8} {'α_ij':>8}   α_ij · v_j")
+    for j, key_token in enumerate(result.tokens):
+        allowed = not result.causal or j <= i
+        omega = f"{float(result.scores[i, j]):8.4f}" if allowed else f"{'masked':>8}"
+        alpha = float(result.weights[i, j])
+        lines.append(f"  {j:>2}  {key_token:<10} {omega} {alpha:8.4f}   {_vector(alpha * result.values[j])}")
+    total = float(result.weights[i].sum())
+    lines.append(f"  {'':>2}  {'sum':<10} {'':>8} {total:8.4f}   z = {_vector(result.context[i])}")
+    lines.append(f'  z_{i} = Σ_j α_ij v_j has {width} numbers: the new vector for "{token}".')
+    return lines
+
+
+def to_json(result: Walkthrough, indices: Sequence[int]) -> str:
+    """The walk-through as a JSON document (full-precision numbers)."""
+    document = {
+        "tokens": result.tokens,
+        "embeddings": result.inputs.tolist(),
+        "projections": None
+        if result.projections is None
+        else dict(zip(("W_query", "W_key", "W_value"), (w.tolist() for w in result.projections), strict=True)),
+        "queries": result.queries.tolist(),
+        "keys": result.keys.tolist(),
+        "values": result.values.tolist(),
+        "scale": result.scale,
+        "causal": result.causal,
+        "scores": result.scores.tolist(),
+        "weights": result.weights.tolist(),
+        "context": result.context.tolist(),
+        "walkthrough": [
+            {
+                "index": i,
+                "token": result.tokens[i],
+                "scores": result.scores[i].tolist(),
+                "weights": result.weights[i].tolist(),
+                "context": result.context[i].tolist(),
+            }
+            for i in indices
+        ],
+    }
+    return json.dumps(document, indent=2) + "\n"
+
+
+def save_json(result: Walkthrough, indices: Sequence[int], path: str) -> None:
+    """Write :func:`to_json` to ``path`` atomically."""
+    write_text(path, to_json(result, indices))

@@ -1,0 +1,65 @@
+"""A heatmap of attention weights α with token labels on both axes and each value written in its cell."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from selfattention.files import atomic_path
+
+
+def plot_weights(
+    weights: Tensor,
+    row_tokens: Sequence[str],
+    col_tokens: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "attention weights α",
+    annotate: bool | None = None,
+) -> None:
+    """Save a PNG heatmap of ``weights`` (T, S): rows are queries, columns are keys.
+
+    Args:
+        weights: α, ``(T, S)``.
+        row_tokens: T labels for the queries; col_tokens: S labels for the keys.
+        path: where the PNG goes (written atomically).
+        title: the figure title.
+        annotate: write each value in its cell; by default only when the matrix is at most 24 × 24.
+
+    Raises:
+        ValueError: when the labels do not match the shape of ``weights``.
+    """
+    if weights.dim() != 2 or weights.shape != (len(row_tokens), len(col_tokens)):
+        raise ValueError(
+            f"weights of shape {tuple(weights.shape)} do not match {len(row_tokens)} query labels "
+            f"and {len(col_tokens)} key labels"
+        )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = weights.detach().float().cpu().numpy()
+    rows, cols = values.shape
+    if annotate is None:
+        annotate = rows <= 24 and cols <= 24
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * max(cols, 4), 0.8 + 0.6 * max(rows, 4)))
+    image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=max(float(values.max()), 1e-9))
+    ax.set_xticks(range(cols), labels=list(col_tokens), rotation=45, ha="right")
+    ax.set_yticks(range(rows), labels=list(row_tokens))
+    ax.set_xlabel("key (attended to)")
+    ax.set_ylabel("query")
+    ax.set_title(title)
+    if annotate:
+        threshold = 0.6 * float(values.max())
+        for i in range(rows):
+            for j in range(cols):
+                color = "white" if values[i, j] > threshold else "black"
+                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", color=color, fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
