@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from selfattention.masks import MaskDescription
+
 
 def floating(name: str, tensor: Tensor) -> None:
     """Raise TypeError unless ``tensor`` is a floating-point tensor with at least two dimensions."""
@@ -50,10 +52,17 @@ def qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
         finite(name, tensor)
 
 
-def mask(mask: Tensor, target: tuple[int, ...]) -> None:
-    """Raise unless ``mask`` is boolean or float and broadcasts to ``target`` (``(..., T, S)``)."""
+def mask(mask: Tensor | MaskDescription, target: tuple[int, ...]) -> None:
+    """Raise unless ``mask`` is boolean or float and broadcasts to ``target`` (``(..., T, S)``).
+
+    A mask description is checked against the batch (all dims before ``H``), heads, ``T`` and ``S``.
+    """
+    if isinstance(mask, MaskDescription):
+        heads = target[-3] if len(target) >= 3 else 1
+        mask.check(math.prod(target[:-3]), heads, target[-2], target[-1])
+        return
     if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        raise TypeError(f"mask must be a torch.Tensor or a mask description, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(
             f"mask must be boolean (True = may attend) or float (added to the scores), got dtype {mask.dtype}"

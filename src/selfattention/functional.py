@@ -28,14 +28,19 @@ scaled scores. A query whose keys are all masked gets all-zero weights and a zer
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal, overload
 
 import torch
 from torch import Tensor
 
 from selfattention import checks
+from selfattention.masks import MaskDescription
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+"""``score_mod(score, b, h, q_idx, kv_idx) -> score``: an elementwise change of the scaled scores."""
 
 
 def attention_scores(queries: Tensor, keys: Tensor) -> Tensor:
@@ -142,12 +147,13 @@ def attention(
     key: Tensor,
     value: Tensor,
     *,
-    mask: Tensor | None = ...,
+    mask: Tensor | MaskDescription | None = ...,
     causal: bool = ...,
     scale: float | None = ...,
     dropout_p: float = ...,
     backend: str = ...,
     return_weights: Literal[False] = ...,
+    score_mod: ScoreMod | None = ...,
 ) -> Tensor: ...
 @overload
 def attention(
@@ -155,24 +161,26 @@ def attention(
     key: Tensor,
     value: Tensor,
     *,
-    mask: Tensor | None = ...,
+    mask: Tensor | MaskDescription | None = ...,
     causal: bool = ...,
     scale: float | None = ...,
     dropout_p: float = ...,
     backend: str = ...,
     return_weights: Literal[True],
+    score_mod: ScoreMod | None = ...,
 ) -> tuple[Tensor, Tensor]: ...
 def attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
     *,
-    mask: Tensor | None = None,
+    mask: Tensor | MaskDescription | None = None,
     causal: bool = False,
     scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str = "auto",
     return_weights: bool = False,
+    score_mod: ScoreMod | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Scaled dot-product attention: ``softmax(Q Kᵀ · scale + mask) V``, through a chosen backend.
 
@@ -195,12 +203,15 @@ def attention(
         query: ``(..., H, T, D)`` or ``(T, D)``.
         key: ``(..., G, S, D)`` or ``(S, D)``.
         value: ``(..., G, S, E)`` or ``(S, E)``.
-        mask: boolean or float, broadcastable to ``(..., H, T, S)``.
+        mask: boolean or float tensor, broadcastable to ``(..., H, T, S)``, or a mask description from
+            :mod:`selfattention.masks` (materialised for backends that need a tensor).
         causal: apply the bottom-right causal mask.
         scale: multiplies the scores; ``None`` means ``1/sqrt(D)``.
         dropout_p: probability of zeroing a weight (survivors scaled by ``1/(1-p)``); pass 0 in eval.
         backend: a name from :data:`selfattention.backends.BACKENDS`, or ``"auto"``.
         return_weights: also return α (after dropout) from an eager backend.
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` applied to the scaled scores before
+            the mask (ALiBi, soft-capping); only the ``"tiled"`` backend takes it.
 
     Returns:
         Context ``(..., H, T, E)``; with ``return_weights=True``, ``(context, weights (..., H, T, S))``.
@@ -222,7 +233,18 @@ def attention(
     checks.dropout(dropout_p)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    chosen = choose_backend(backend, return_weights=return_weights, dropout_p=dropout_p, mask=mask, causal=causal)
+    chosen = choose_backend(
+        backend,
+        return_weights=return_weights,
+        dropout_p=dropout_p,
+        mask=mask,
+        causal=causal,
+        score_mod=score_mod,
+        shape=(query.shape[-2], key.shape[-2]),
+    )
+    if isinstance(mask, MaskDescription) and not chosen.takes_mask_descriptions:
+        mask = materialize_mask(mask, query, key.shape[-2])
+    extra = {"score_mod": score_mod} if score_mod is not None else {}
     context, weights = chosen.fn(
         query,
         key,
@@ -232,11 +254,24 @@ def attention(
         scale=float(scale),
         dropout_p=dropout_p,
         return_weights=return_weights,
+        **extra,
     )
     if return_weights:
         assert weights is not None, f"backend {chosen.name!r} returned no weights"
         return context, weights
     return context
+
+
+def materialize_mask(mask: MaskDescription, query: Tensor, num_keys: int) -> Tensor:
+    """The boolean tensor of a mask description for ``query (..., H, T, D)``, broadcastable to the scores.
+
+    The description's ``b`` indexes the dimensions before ``H`` flattened, ``h`` indexes ``H``.
+    """
+    from selfattention.backends.tiles import batch_and_heads, to_rank
+
+    batch, heads = batch_and_heads(query)
+    tensor = mask.materialize(batch, heads, query.shape[-2], num_keys, device=query.device)
+    return to_rank(tensor, query)
 
 
 def expand_kv_heads(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
