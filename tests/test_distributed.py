@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from selfattention import attention
+from selfattention import attention, masks
 from selfattention.distributed import gather_sequence, ring_attention, sequence_segments, shard_sequence
 from selfattention.launch import LaunchError, run_local
 
@@ -28,7 +28,28 @@ def _inputs(length: int, heads: int = 2, kv_heads: int = 2, seed: int = 0):
     return q, k, v, grad_out
 
 
-def _ring_run(length: int, causal: bool, layout: str, lengths: list[int] | None, kv_heads: int):
+def _alibi(score, b, h, q_idx, kv_idx):
+    return score - 0.5 * (h + 1) * (q_idx - kv_idx)
+
+
+def _alibi_bias(length: int, heads: int) -> torch.Tensor:
+    """The float mask that adds what :func:`_alibi` subtracts, ``(H, L, L)``."""
+    distance = torch.arange(length).unsqueeze(-1) - torch.arange(length)
+    return -0.5 * torch.arange(1, heads + 1).view(-1, 1, 1) * distance
+
+
+EXTRAS = {  # name -> (ring_attention keywords, attention keywords of the single-process reference)
+    "none": lambda length: ({}, {}),
+    "window": lambda length: ({"mask": masks.sliding_window(3)}, {"mask": masks.sliding_window(3)}),
+    "documents": lambda length: (
+        {"mask": masks.documents([[i * 3 // length for i in range(length)]] * 2)},
+        {"mask": masks.documents([[i * 3 // length for i in range(length)]] * 2)},
+    ),
+    "alibi": lambda length: ({"score_mod": _alibi}, {"mask": _alibi_bias(length, 2)}),
+}
+
+
+def _ring_run(length, causal, layout, lengths, kv_heads, extra="none"):
     """On every rank: cut the same seeded inputs, run the ring forward and backward, gather the results."""
     q, k, v, grad_out = _inputs(length, kv_heads=kv_heads)
     if lengths is None:
@@ -37,31 +58,36 @@ def _ring_run(length: int, causal: bool, layout: str, lengths: list[int] | None,
         start = sum(lengths[: dist.get_rank()])
         pieces = [t[..., start : start + lengths[dist.get_rank()], :] for t in (q, k, v, grad_out)]
     q_local, k_local, v_local = (p.clone().requires_grad_() for p in pieces[:3])
-    out = ring_attention(q_local, k_local, v_local, causal=causal, layout=layout)  # type: ignore[arg-type]
+    options = EXTRAS[extra](length)[0]
+    out = ring_attention(q_local, k_local, v_local, causal=causal, layout=layout, **options)
     out.backward(pieces[3])
     return [gather_sequence(t, layout=layout) for t in (out, q_local.grad, k_local.grad, v_local.grad)]  # type: ignore[arg-type]
 
 
 CASES = [
-    # world size, total length, causal, layout, explicit slice lengths, key/value heads
-    pytest.param(2, 16, False, "contiguous", None, 2, id="2ranks-even"),
-    pytest.param(2, 13, True, "contiguous", None, 2, id="2ranks-causal-uneven"),
-    pytest.param(2, 16, True, "zigzag", None, 2, id="2ranks-causal-zigzag"),
-    pytest.param(4, 10, False, "contiguous", None, 2, id="4ranks-uneven"),
-    pytest.param(4, 16, True, "contiguous", [5, 1, 3, 7], 2, id="4ranks-causal-any-lengths"),
-    pytest.param(4, 19, True, "zigzag", None, 2, id="4ranks-causal-zigzag-uneven"),
-    pytest.param(4, 12, False, "zigzag", None, 1, id="4ranks-zigzag-grouped-heads"),
+    # world size, total length, causal, layout, explicit slice lengths, key/value heads, mask or score_mod
+    pytest.param(2, 16, False, "contiguous", None, 2, "none", id="2ranks-even"),
+    pytest.param(2, 13, True, "contiguous", None, 2, "none", id="2ranks-causal-uneven"),
+    pytest.param(2, 16, True, "zigzag", None, 2, "none", id="2ranks-causal-zigzag"),
+    pytest.param(4, 10, False, "contiguous", None, 2, "none", id="4ranks-uneven"),
+    pytest.param(4, 16, True, "contiguous", [5, 1, 3, 7], 2, "none", id="4ranks-causal-any-lengths"),
+    pytest.param(4, 19, True, "zigzag", None, 2, "none", id="4ranks-causal-zigzag-uneven"),
+    pytest.param(4, 12, False, "zigzag", None, 1, "none", id="4ranks-zigzag-grouped-heads"),
+    pytest.param(4, 17, True, "zigzag", None, 2, "window", id="4ranks-causal-sliding-window"),
+    pytest.param(2, 15, False, "zigzag", None, 2, "documents", id="2ranks-documents"),
+    pytest.param(2, 14, True, "zigzag", None, 2, "alibi", id="2ranks-causal-alibi-score-mod"),
 ]
 
 
-@pytest.mark.parametrize(("world_size", "length", "causal", "layout", "lengths", "kv_heads"), CASES)
-def test_ring_attention_matches_single_process(world_size, length, causal, layout, lengths, kv_heads):
+@pytest.mark.parametrize(("world_size", "length", "causal", "layout", "lengths", "kv_heads", "extra"), CASES)
+def test_ring_attention_matches_single_process(world_size, length, causal, layout, lengths, kv_heads, extra):
     q, k, v, grad_out = _inputs(length, kv_heads=kv_heads)
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    expected = attention(q, k, v, causal=causal, backend="math")
+    expected = attention(q, k, v, causal=causal, backend="math", **EXTRAS[extra](length)[1])
     expected.backward(grad_out)
 
-    results = run_local(_ring_run, world_size, length, causal, layout, lengths, kv_heads, timeout=60)
+    args = (length, causal, layout, lengths, kv_heads, extra)
+    results = run_local(_ring_run, world_size, *args, timeout=60)
 
     out, dq, dk, dv = results[0]
     torch.testing.assert_close(out, expected.detach(), **OUT_TOL)
@@ -90,9 +116,7 @@ def _one_rank(q, k, v):
 @pytest.mark.parametrize(("length", "world_size"), [(8, 2), (11, 4), (9, 1), (16, 4)])
 def test_shards_cover_the_sequence_once_in_their_segments(layout, length, world_size):
     x = torch.arange(length).view(1, length, 1)
-    shards = [
-        shard_sequence(x, layout=layout, rank=r, world_size=world_size).flatten() for r in range(world_size)
-    ]
+    shards = [shard_sequence(x, layout=layout, rank=r, world_size=world_size).flatten() for r in range(world_size)]
     segments = sequence_segments([len(s) for s in shards], layout)
     for shard, segs in zip(shards, segments, strict=True):
         assert shard.tolist() == [i for start, stop in segs for i in range(start, stop)]
@@ -121,6 +145,17 @@ def test_zigzag_pairs_early_and_late_chunks():
 def test_bad_slices_are_named(lengths, layout, message):
     with pytest.raises(ValueError, match=message):
         sequence_segments(lengths, layout)
+
+
+def test_mask_tensors_are_refused_before_any_communication():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(TypeError, match=r"takes a mask description from selfattention\.masks, got Tensor"):
+        ring_attention(q, q, q, mask=torch.ones(4, 4, dtype=torch.bool))  # type: ignore[arg-type]
+
+
+def test_queries_and_keys_must_be_the_same_tokens():
+    with pytest.raises(ValueError, match="got 4 queries and 5 keys on this rank"):
+        ring_attention(torch.randn(2, 4, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8))
 
 
 def test_too_short_to_shard():

@@ -18,9 +18,11 @@ Layouts (how a sequence of ``L`` tokens is cut into slices; see :func:`sequence_
   ``2N - 1 - r``. With ``causal=True`` every rank then does the same amount of work (in ``"contiguous"``
   the last rank does ``2N - 1`` times as much as the first).
 
-The math is the same as single-process :func:`selfattention.attention` with the same ``causal`` and
-``scale`` (the tests check this to 1e-5 for outputs and 1e-4 for gradients in float32). Arbitrary masks
-and dropout are not supported here.
+The math is the same as single-process :func:`selfattention.attention` with the same ``causal``, ``scale``
+and mask (the tests check this to 1e-5 for outputs and 1e-4 for gradients in float32), and every block is
+computed by the ``"tiled"`` backend's :func:`~selfattention.backends.tiled.tiled_forward` and
+:func:`~selfattention.backends.tiled.tiled_backward`. Masks are mask descriptions
+(:mod:`selfattention.masks`) evaluated at positions in the whole sequence; dropout is not supported.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from selfattention import checks
-from selfattention.functional import causal_mask, expand_kv_heads
+from selfattention import checks, masks
+from selfattention.backends.tiled import merge_partials, tiled_backward, tiled_forward
+from selfattention.backends.tiles import batch_and_heads
+from selfattention.functional import ScoreMod, expand_kv_heads
+from selfattention.masks import EMPTY, MaskDescription
 
 Layout = Literal["contiguous", "zigzag"]
 LAYOUTS = ("contiguous", "zigzag")
@@ -165,6 +170,8 @@ def ring_attention(
     v_local: Tensor,
     *,
     causal: bool = False,
+    mask: MaskDescription | None = None,
+    score_mod: ScoreMod | None = None,
     scale: float | None = None,
     layout: Layout = "contiguous",
     group: dist.ProcessGroup | None = None,
@@ -173,9 +180,9 @@ def ring_attention(
 
     Every rank calls this with its own slice (cut with :func:`shard_sequence` and the same ``layout``) and
     gets back the context vectors of its own queries, equal to the matching rows of
-    ``selfattention.attention(q, k, v, causal=causal, scale=scale)`` on the whole sequence. Differentiable:
-    the backward pass is a second trip around the ring. Works with any ``torch.distributed`` backend that
-    has point-to-point operations (gloo on CPU, NCCL on GPU).
+    ``selfattention.attention(q, k, v, causal=causal, mask=mask, scale=scale)`` on the whole sequence.
+    Differentiable: the backward pass is a second trip around the ring. Works with any ``torch.distributed``
+    backend that has point-to-point operations (gloo on CPU, NCCL on GPU).
 
     Args:
         q_local: ``(..., H, T_local, D)``, this rank's queries.
@@ -183,6 +190,12 @@ def ring_attention(
             repeated before they travel).
         v_local: ``(..., G, T_local, E)``, their values.
         causal: each token attends to itself and earlier tokens of the whole sequence.
+        mask: a mask description (:mod:`selfattention.masks`), evaluated at positions in the whole
+            sequence; combined with ``causal``. Blocks it leaves empty are not computed. Mask tensors are
+            not taken: no rank holds the whole ``(L, L)`` mask. A description that holds per-token data
+            (``documents(ids)``) must hold the whole sequence's on every rank.
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` on the scaled scores, with positions
+            in the whole sequence (as in the ``"tiled"`` backend).
         scale: multiplies the scores; ``None`` means ``1/sqrt(D)``.
         layout: how the sequence was cut: ``"contiguous"`` (uneven slices allowed) or ``"zigzag"``
             (balances the work when ``causal``).
@@ -192,9 +205,9 @@ def ring_attention(
         Context vectors ``(..., H, T_local, E)`` for this rank's queries, in the dtype of ``q_local``.
 
     Raises:
-        ValueError / TypeError: for local inputs that :func:`selfattention.attention` would reject, for
-            slices whose shapes disagree across ranks (every rank raises the same error), and for slice
-            lengths that do not fit ``layout``.
+        ValueError / TypeError: for local inputs that :func:`selfattention.attention` would reject, a mask
+            that is not a description, slices whose shapes disagree across ranks (every rank raises the
+            same error), and slice lengths that do not fit ``layout``.
     """
     checks.qkv(q_local, k_local, v_local)
     if q_local.shape[-2] != k_local.shape[-2]:
@@ -202,10 +215,26 @@ def ring_attention(
             f"ring attention is self-attention: queries and keys must be the same tokens, got "
             f"{q_local.shape[-2]} queries and {k_local.shape[-2]} keys on this rank"
         )
+    if mask is not None and not isinstance(mask, MaskDescription):
+        raise TypeError(
+            f"ring attention takes a mask description from selfattention.masks, got {type(mask).__name__}; "
+            f"a mask tensor would need the whole (L, L) sequence on every rank"
+        )
     k_local, v_local = expand_kv_heads(q_local, k_local, v_local)
     ring = _Ring.build(q_local, k_local, v_local, layout, group)
-    scale = 1.0 / math.sqrt(q_local.shape[-1]) if scale is None else float(scale)
-    out: Tensor = _RingAttention.apply(q_local, k_local, v_local, ring, scale, causal)
+    if causal:
+        mask = masks.causal() if mask is None else masks.causal() & mask
+    batch, heads = batch_and_heads(q_local)
+    if mask is not None:
+        mask.check(batch, heads, ring.total, ring.total)
+    attend = _Attend(
+        scale=1.0 / math.sqrt(q_local.shape[-1]) if scale is None else float(scale),
+        mask=mask,
+        score_mod=score_mod,
+        batch=batch,
+        heads=heads,
+    )
+    out: Tensor = _RingAttention.apply(q_local, k_local, v_local, ring, attend)
     return out
 
 
@@ -234,6 +263,11 @@ class _Ring:
         lengths = [theirs[0][-2] for theirs in shapes]
         return _Ring(rank, size, tuple(sequence_segments(lengths, layout)), group)
 
+    @property
+    def total(self) -> int:
+        """The length ``L`` of the whole sequence."""
+        return sum(self.length(rank) for rank in range(self.size))
+
     def owner(self, step: int) -> int:
         """The rank whose key/value block this rank holds at ``step`` (blocks move one rank per step)."""
         return (self.rank - step) % self.size
@@ -253,45 +287,58 @@ class _Ring:
         ]
         return list(dist.batch_isend_irecv(ops))
 
-    def pairs(self, owner: int, causal: bool) -> list[tuple[slice, slice, bool]]:
-        """The (query rows, key rows, diagonal?) blocks to compute when holding ``owner``'s keys.
 
-        Without ``causal`` that is everything at once. With it, each pair of segments is fully visible
-        (keys before queries), fully hidden (keys after queries: skipped) or the same tokens (the diagonal,
-        computed with the causal mask).
+@dataclass(frozen=True)
+class _Attend:
+    """What each block computes: the tiled backend's options, and which blocks the mask leaves empty."""
+
+    scale: float
+    mask: MaskDescription | None
+    score_mod: ScoreMod | None
+    batch: int
+    heads: int
+
+    def blocks(self, ring: _Ring, owner: int) -> list[tuple[slice, slice, dict[str, Any]]]:
+        """``(query rows, key rows, tiled options)`` of each piece of work when holding ``owner``'s keys.
+
+        Without a mask or score_mod positions do not matter: one call does the whole block. Otherwise each
+        pair of segments is one call at its global offsets, and pairs the mask empties are skipped (with
+        ``causal`` that is every pair whose keys all come after its queries).
         """
-        if not causal:
-            return [(slice(None), slice(None), False)]
-        blocks = []
-        for q_rows, (q0, q1) in _local_rows(self.segments[self.rank]):
-            for k_rows, (k0, k1) in _local_rows(self.segments[owner]):
-                if (k0, k1) == (q0, q1):
-                    blocks.append((q_rows, k_rows, True))
-                elif k1 <= q0:
-                    blocks.append((q_rows, k_rows, False))
-                else:
-                    assert k0 >= q1, f"segments overlap: queries {(q0, q1)}, keys {(k0, k1)}"
-        return blocks
+        options: dict[str, Any] = {"scale": self.scale, "mask": self.mask, "score_mod": self.score_mod}
+        if self.mask is None and self.score_mod is None:
+            return [(slice(None), slice(None), options)]
+        total = ring.total
+        work = []
+        for q_rows, (q0, q1) in _local_rows(ring.segments[ring.rank]):
+            for k_rows, (k0, k1) in _local_rows(ring.segments[owner]):
+                if self.mask is not None:
+                    kind = self.mask.block_map(
+                        self.batch, self.heads, total, total, q1 - q0, k1 - k0, q_range=(q0, q1), kv_range=(k0, k1)
+                    )
+                    if int(kind[0, 0]) == EMPTY:
+                        continue
+                placed = {"q_offset": q0, "kv_offset": k0, "total": (total, total)}
+                work.append((q_rows, k_rows, options | placed))
+        return work
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, ring: _Ring, scale: float, causal: bool) -> Tensor:
-        out, lse = _ring_forward(q, k, v, ring, scale, causal)
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, ring: _Ring, attend: _Attend) -> Tensor:
+        out, lse = _ring_forward(q, k, v, ring, attend)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring, ctx.scale, ctx.causal = ring, scale, causal
-        return out.to(q.dtype)
+        ctx.ring, ctx.attend = ring, attend
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(q, k, v, out, lse, grad_out, ctx.ring, ctx.scale, ctx.causal)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _ring_backward(q, k, v, out, lse, grad_out, ctx.ring, ctx.attend)
+        return dq, dk, dv, None, None
 
 
-def _ring_forward(
-    q: Tensor, k: Tensor, v: Tensor, ring: _Ring, scale: float, causal: bool
-) -> tuple[Tensor, Tensor]:
+def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring, attend: _Attend) -> tuple[Tensor, Tensor]:
     """Every rank's key/value block visits, one per step; partial results merge by log-sum-exp."""
     acc = _accumulation_dtype(q.dtype)
     out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=acc)  # (..., T_local, E)
@@ -304,38 +351,25 @@ def _ring_forward(
             incoming = block.new_empty(_packed_numel(k, v, ring.length(ring.owner(step + 1))))
             pending = ring.shift(block, incoming, tag=0)
         k_block, v_block = _unpack(block, k, v, ring.length(owner))
-        for q_rows, k_rows, diagonal in ring.pairs(owner, causal):
-            out_part, lse_part = _block_forward(
-                q[..., q_rows, :],
-                k_block[..., k_rows, :],
-                v_block[..., k_rows, :],
-                scale=scale,
-                causal=diagonal,
+        for q_rows, k_rows, options in attend.blocks(ring, owner):
+            out_part, lse_part = tiled_forward(
+                q[..., q_rows, :], k_block[..., k_rows, :], v_block[..., k_rows, :], **options
             )
-            out[..., q_rows, :], lse[..., q_rows] = _merge(
-                out[..., q_rows, :], lse[..., q_rows], out_part.to(acc), lse_part.to(acc)
+            out[..., q_rows, :], lse[..., q_rows] = merge_partials(
+                out[..., q_rows, :], lse[..., q_rows], out_part, lse_part
             )
         for work in pending:
             work.wait()
         if incoming is not None:
             block = incoming
-    return out, lse
+    return out.to(q.dtype), lse
 
 
 def _ring_backward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    grad_out: Tensor,
-    ring: _Ring,
-    scale: float,
-    causal: bool,
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, ring: _Ring, attend: _Attend
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Key/value blocks go round again, each followed by the gradient of its keys and values so far."""
     acc = _accumulation_dtype(q.dtype)
-    out, grad_out = out.to(q.dtype), grad_out.to(q.dtype)
     dq = torch.zeros_like(q, dtype=acc)
     block = _pack(k, v)
     grads_in: Tensor | None = None  # the gradient of the held block from the ranks it visited before
@@ -349,16 +383,15 @@ def _ring_backward(
         k_block, v_block = _unpack(block, k, v, ring.length(owner))
         dk_block = torch.zeros_like(k_block, dtype=acc)
         dv_block = torch.zeros_like(v_block, dtype=acc)
-        for q_rows, k_rows, diagonal in ring.pairs(owner, causal):
-            dq_part, dk_part, dv_part = _block_backward(
+        for q_rows, k_rows, options in attend.blocks(ring, owner):
+            dq_part, dk_part, dv_part = tiled_backward(
                 q[..., q_rows, :],
                 k_block[..., k_rows, :],
                 v_block[..., k_rows, :],
                 out[..., q_rows, :],
                 lse[..., q_rows],
                 grad_out[..., q_rows, :],
-                scale=scale,
-                causal=diagonal,
+                **options,
             )
             dq[..., q_rows, :] += dq_part
             dk_block[..., k_rows, :] += dk_part
@@ -380,37 +413,6 @@ def _ring_backward(
     assert grads_in is not None
     dk, dv = _unpack(grads_in, k, v, k.shape[-2])
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-# --- per-block attention (to be replaced by the tiled backend's functions) ---
-
-
-def _block_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
-    scores = (q @ k.transpose(-2, -1)) * scale
-    if causal:
-        scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], device=q.device), -math.inf)
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.exp(scores - lse.unsqueeze(-1)) @ v, lse
-
-
-def _merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
-    lse = torch.logaddexp(lse_a, lse_b)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    out = out_a * torch.exp(lse_a - safe).unsqueeze(-1) + out_b * torch.exp(lse_b - safe).unsqueeze(-1)
-    return out, lse
-
-
-def _block_backward(
-    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, *, scale: float, causal: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    scores = (q @ k.transpose(-2, -1)) * scale
-    if causal:
-        scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], device=q.device), -math.inf)
-    p = torch.exp(scores - lse.unsqueeze(-1))
-    dv = p.transpose(-2, -1) @ grad_out
-    dp = grad_out @ v.transpose(-2, -1)
-    ds = p * (dp - (grad_out * out).sum(-1, keepdim=True))
-    return ds @ k * scale, ds.transpose(-2, -1) @ q * scale, dv
 
 
 # --- small helpers ---
