@@ -381,8 +381,8 @@ def _ring_backward(
             incoming = block.new_empty(_packed_numel(k, v, ring.length(ring.owner(step + 1))))
             pending = ring.shift(block, incoming, tag=1)
         k_block, v_block = _unpack(block, k, v, ring.length(owner))
-        dk_block = torch.zeros_like(k_block, dtype=acc)
-        dv_block = torch.zeros_like(v_block, dtype=acc)
+        grads = block.new_zeros(block.numel(), dtype=acc)  # this rank's share of the block's dK and dV
+        dk_block, dv_block = _unpack(grads, k, v, ring.length(owner))  # views into it
         for q_rows, k_rows, options in attend.blocks(ring, owner):
             dq_part, dk_part, dv_part = tiled_backward(
                 q[..., q_rows, :],
@@ -396,7 +396,6 @@ def _ring_backward(
             dq[..., q_rows, :] += dq_part
             dk_block[..., k_rows, :] += dk_part
             dv_block[..., k_rows, :] += dv_part
-        grads = _pack(dk_block, dv_block)
         for work in grads_pending:  # the previous rank's share arrived while this step computed
             work.wait()
         if grads_in is not None:

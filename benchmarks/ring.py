@@ -1,0 +1,120 @@
+"""Ring attention in N = 1, 2, 4 local processes at one total sequence length: time and memory per process.
+
+    python benchmarks/ring.py [--length 8192] [--heads 4] [--dim 64] [--layout zigzag] [--no-causal]
+                              [--repeat 2] [--markdown FILE]
+
+Each rank holds ``length / N`` tokens, runs ``ring_attention`` forward and backward (gloo on the loopback,
+one thread per process), and reports
+
+* the median milliseconds of one forward + backward (the slowest rank's, after a barrier), wall-clock and
+  CPU time of the process (on a shared machine the CPU time shows how the work divides, whatever else
+  runs), and
+* its peak resident memory *above* what the process held before it made its slice (Linux ``VmHWM``
+  after resetting it through ``/proc/self/clear_refs``): the memory the sequence costs one process.
+  The fixed cost of a process with torch loaded (a few hundred MiB) is printed apart.
+
+With ``N`` processes on fewer than ``N`` cores the processes share cores, so times stop improving there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from selfattention.distributed import ring_attention, shard_sequence
+from selfattention.launch import run_local
+
+PROCESSES = (1, 2, 4)
+
+
+def _memory_mib() -> dict[str, float]:
+    """This process's resident memory now (VmRSS) and its high-water mark (VmHWM), in MiB."""
+    status = Path("/proc/self/status").read_text()
+    return {key: int(re.search(rf"{key}:\s+(\d+) kB", status).group(1)) / 1024 for key in ("VmRSS", "VmHWM")}  # type: ignore[union-attr]
+
+
+def _reset_peak() -> None:
+    """Make VmHWM start again from the current resident memory (Linux 4.0+)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _measure(length: int, heads: int, dim: int, causal: bool, layout: str, repeat: int) -> dict[str, float]:
+    """On each rank: warm up, then time forward + backward on this rank's slice and record peak memory."""
+    rank = dist.get_rank()
+    options = {"causal": causal, "layout": layout}
+    warm = torch.randn(1, heads, 8 * dist.get_world_size(), dim)
+    warm = shard_sequence(warm, layout=layout).requires_grad_()  # type: ignore[arg-type]
+    ring_attention(warm, warm, warm, **options).sum().backward()  # type: ignore[arg-type]
+    local = shard_sequence(torch.arange(length).view(length, 1), layout=layout).shape[0]  # type: ignore[arg-type]
+    del warm
+    gc.collect()
+    _reset_peak()
+    before = _memory_mib()["VmRSS"]
+    generator = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(1, heads, local, dim, generator=generator).requires_grad_() for _ in range(3))
+    grad_out = torch.randn(1, heads, local, dim, generator=generator)
+    wall, cpu = [], []
+    for _ in range(repeat):
+        q.grad = k.grad = v.grad = None
+        dist.barrier()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        ring_attention(q, k, v, **options).backward(grad_out)  # type: ignore[arg-type]
+        wall.append((time.perf_counter() - start) * 1e3)
+        cpu.append((time.process_time() - start_cpu) * 1e3)
+    memory = _memory_mib()
+    return {
+        "ms": statistics.median(wall),
+        "cpu": statistics.median(cpu),
+        "peak": memory["VmHWM"] - before,
+        "fixed": before,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=8192, help="total sequence length L")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=64, help="head width D (= E)")
+    parser.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
+    parser.add_argument("--no-causal", dest="causal", action="store_false")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--markdown", help="also write the table to this Markdown file")
+    args = parser.parse_args()
+    rows = [
+        "| processes N | tokens per process | fwd+bwd wall ms | speed-up | CPU ms per process "
+        "| peak MiB per process | vs N=1 | 1/N |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    first: dict[str, float] = {}
+    fixed = []
+    for n in PROCESSES:
+        ranks = run_local(
+            _measure, n, args.length, args.heads, args.dim, args.causal, args.layout, args.repeat, timeout=1800
+        )
+        worst = {key: max(r[key] for r in ranks) for key in ("ms", "cpu", "peak")}
+        fixed.append(max(r["fixed"] for r in ranks))
+        first = first or worst
+        rows.append(
+            f"| {n} | {args.length // n} | {worst['ms']:.0f} | {first['ms'] / worst['ms']:.2f}x "
+            f"| {worst['cpu']:.0f} | {worst['peak']:.1f} | {worst['peak'] / first['peak']:.2f} | {1 / n:.2f} |"
+        )
+    table = "\n".join(rows)
+    shape = f"B=1, H={args.heads}, L={args.length}, D={args.dim}, causal={args.causal}, layout={args.layout}"
+    print(f"torch {torch.__version__}, float32, {shape}, 1 thread per process, gloo on the loopback")
+    print(table)
+    print(f"fixed memory of one process before its slice (torch loaded): {max(fixed):.0f} MiB")
+    if args.markdown:
+        from selfattention.files import write_text
+
+        write_text(args.markdown, table + "\n")
+
+
+if __name__ == "__main__":
+    main()
