@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +206,15 @@ def test_a_hanging_rank_times_out():
     with pytest.raises(LaunchError):
         run_local(_rank_one_hangs, 2, timeout=60, op_timeout=2)
     assert time.monotonic() - start < 30  # rank 0's wait timed out after 2 s and ended the run
+
+
+@pytest.mark.slow
+def test_example_script_matches_single_process():
+    root = Path(__file__).resolve().parents[1]
+    script = root / "examples" / "ring_attention.py"
+    command = [sys.executable, str(script), "--processes", "2", "--length", "37", "--causal", "--layout", "zigzag"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "2 processes, 37 tokens, causal=True, layout=zigzag" in result.stdout
+    differences = [float(line.rsplit(":", 1)[1]) for line in result.stdout.splitlines() if "single process" in line]
+    assert len(differences) == 4 and max(differences) < 1e-5, result.stdout
