@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -61,7 +62,8 @@ def main() -> None:
     if "RANK" in os.environ:  # started by torchrun: this process is one rank
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # A finite timeout: if another rank dies, this one raises instead of waiting forever.
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=2))
         report, size = compare(*options), dist.get_world_size()
         dist.destroy_process_group()
         if int(os.environ["RANK"]) != 0:
