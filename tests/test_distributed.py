@@ -102,6 +102,43 @@ def test_ring_attention_matches_single_process(world_size, length, causal, layou
             torch.testing.assert_close(theirs, mine, atol=0, rtol=0, msg=f"rank {rank} disagrees")
 
 
+def _two_rings_of_two():
+    """Ranks {0, 1} and {2, 3} run separate rings on different sequences (e.g. beside data parallelism)."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+    pair = dist.get_rank() // 2
+    q, k, v, _ = _inputs(11, seed=pair)
+    pieces = [shard_sequence(t, layout="zigzag", group=groups[pair]) for t in (q, k, v)]
+    out = ring_attention(*pieces, causal=True, layout="zigzag", group=groups[pair])
+    return pair, gather_sequence(out, layout="zigzag", group=groups[pair])
+
+
+def test_rings_on_subgroups():
+    for pair, out in run_local(_two_rings_of_two, 4):
+        q, k, v, _ = _inputs(11, seed=pair)
+        torch.testing.assert_close(out, attention(q, k, v, causal=True, backend="math"), **OUT_TOL)
+
+
+def _bfloat16_ring():
+    q, k, v, grad_out = (t.to(torch.bfloat16) for t in _inputs(12))
+    pieces = [shard_sequence(t, layout="zigzag").requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*pieces, causal=True, layout="zigzag")
+    out.backward(shard_sequence(grad_out, layout="zigzag"))
+    return [gather_sequence(t, layout="zigzag") for t in (out, *(p.grad for p in pieces))]
+
+
+def test_bfloat16_keeps_its_dtype_and_matches_float32_to_bfloat16_precision():
+    q, k, v, grad_out = (t.to(torch.bfloat16).float() for t in _inputs(12))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    expected = attention(q, k, v, causal=True, backend="math")
+    expected.backward(grad_out)
+    results = run_local(_bfloat16_ring, 2)[0]
+    assert [t.dtype for t in results] == [torch.bfloat16] * 4
+    # Blocks are computed and merged in float32; only the inputs, the output and the gradients are rounded
+    # to bfloat16 (8 significant bits: relative error up to 2**-8 per rounding), hence 2e-2.
+    for got, want in zip(results, (expected, q.grad, k.grad, v.grad), strict=True):
+        torch.testing.assert_close(got.float(), want.detach(), atol=2e-2, rtol=2e-2)
+
+
 def test_one_process_is_plain_attention():
     q, k, v, _ = _inputs(7)
     (out,) = run_local(_one_rank, 1, q, k, v)
