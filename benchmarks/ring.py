@@ -85,35 +85,50 @@ def main() -> None:
     parser.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
     parser.add_argument("--no-causal", dest="causal", action="store_false")
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--markdown", help="also write the table to this Markdown file")
+    parser.add_argument("--markdown", help="also write the tables to this Markdown file")
     args = parser.parse_args()
+
+    def run(n: int, layout: str) -> list[dict[str, float]]:
+        shape = (args.length, args.heads, args.dim, args.causal, layout, args.repeat)
+        return run_local(_measure, n, *shape, timeout=1800)
+
     rows = [
         "| processes N | tokens per process | fwd+bwd wall ms | speed-up | CPU ms per process "
         "| peak MiB per process | vs N=1 | 1/N |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    first: dict[str, float] = {}
-    fixed = []
+    by_n, fixed = {}, []
     for n in PROCESSES:
-        ranks = run_local(
-            _measure, n, args.length, args.heads, args.dim, args.causal, args.layout, args.repeat, timeout=1800
-        )
+        by_n[n] = ranks = run(n, args.layout)
         worst = {key: max(r[key] for r in ranks) for key in ("ms", "cpu", "peak")}
+        first = {key: max(r[key] for r in by_n[1]) for key in ("ms", "cpu", "peak")}
         fixed.append(max(r["fixed"] for r in ranks))
-        first = first or worst
         rows.append(
             f"| {n} | {args.length // n} | {worst['ms']:.0f} | {first['ms'] / worst['ms']:.2f}x "
             f"| {worst['cpu']:.0f} | {worst['peak']:.1f} | {worst['peak'] / first['peak']:.2f} | {1 / n:.2f} |"
         )
-    table = "\n".join(rows)
+    tables = ["\n".join(rows)]
+    if args.causal:  # how evenly the causal work divides, in both layouts
+        n = PROCESSES[-1]
+        other = "contiguous" if args.layout == "zigzag" else "zigzag"
+        balance = {args.layout: by_n[n], other: run(n, other)}
+        rows = [
+            f"| layout (N={n}, causal) | CPU ms of each rank | slowest / fastest | fwd+bwd wall ms |",
+            "|---|---|---|---|",
+        ]
+        for layout in ("contiguous", "zigzag"):
+            cpu = [r["cpu"] for r in balance[layout]]
+            wall = max(r["ms"] for r in balance[layout])
+            rows.append(f"| {layout} | {', '.join(f'{c:.0f}' for c in cpu)} | {max(cpu) / min(cpu):.2f} | {wall:.0f} |")
+        tables.append("\n".join(rows))
     shape = f"B=1, H={args.heads}, L={args.length}, D={args.dim}, causal={args.causal}, layout={args.layout}"
     print(f"torch {torch.__version__}, float32, {shape}, 1 thread per process, gloo on the loopback")
-    print(table)
+    print("\n\n".join(tables))
     print(f"fixed memory of one process before its slice (torch loaded): {max(fixed):.0f} MiB")
     if args.markdown:
         from selfattention.files import write_text
 
-        write_text(args.markdown, table + "\n")
+        write_text(args.markdown, "\n\n".join(tables) + "\n")
 
 
 if __name__ == "__main__":
