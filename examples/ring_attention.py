@@ -24,7 +24,7 @@ from selfattention.distributed import gather_sequence, ring_attention, shard_seq
 from selfattention.launch import run_local
 
 
-def compare(length: int, heads: int, dim: int, causal: bool, layout: str) -> dict[str, float]:
+def compare(length: int, heads: int, dim: int, causal: bool, layout: str) -> dict[str, float | int]:
     """Run on every rank of an initialised process group; return the largest differences (rank 0's view)."""
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     generator = torch.Generator().manual_seed(0)  # the same whole sequence on every rank
@@ -45,7 +45,7 @@ def compare(length: int, heads: int, dim: int, causal: bool, layout: str) -> dic
     expected.backward(grad_out)
     single = {"out": expected, "dq": q.grad, "dk": k.grad, "dv": v.grad}
     report = {f"max |{name} - single process|": (ring[name] - single[name]).abs().max().item() for name in ring}
-    return {**report, "ring forward + backward, s": seconds, "local tokens": q_local.shape[-2]}
+    return {**report, "ring forward + backward on rank 0, s": seconds, "tokens on rank 0": q_local.shape[-2]}
 
 
 def main() -> None:
@@ -73,7 +73,7 @@ def main() -> None:
         report = run_local(compare, size, *options, threads=max(1, (os.cpu_count() or 1) // size))[0]
     print(f"{size} processes, {args.length} tokens, causal={args.causal}, layout={args.layout}")
     for name, value in report.items():
-        print(f"  {name}: {value:.3g}")
+        print(f"  {name}: {value if isinstance(value, int) else format(value, '.3g')}")
 
 
 if __name__ == "__main__":
