@@ -198,6 +198,11 @@ def test_queries_and_keys_must_be_the_same_tokens():
         ring_attention(torch.randn(2, 4, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8))
 
 
+def test_rank_outside_the_world():
+    with pytest.raises(ValueError, match=r"rank \(2\) must be in \[0, world_size\) = \[0, 2\)"):
+        shard_sequence(torch.zeros(1, 8, 2), rank=2, world_size=2)
+
+
 def test_too_short_to_shard():
     with pytest.raises(ValueError, match="3 tokens cannot be cut into 4 non-empty zigzag pieces for 2 ranks"):
         shard_sequence(torch.zeros(1, 3, 2), layout="zigzag", rank=0, world_size=2)
@@ -255,3 +260,12 @@ def test_example_script_matches_single_process():
     assert "2 processes, 37 tokens, causal=True, layout=zigzag" in result.stdout
     differences = [float(line.rsplit(":", 1)[1]) for line in result.stdout.splitlines() if "single process" in line]
     assert len(differences) == 4 and max(differences) < 1e-5, result.stdout
+
+
+def test_docstring_examples():
+    import doctest
+
+    from selfattention import distributed
+
+    result = doctest.testmod(distributed)
+    assert result.attempted >= 3 and result.failed == 0

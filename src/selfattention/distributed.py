@@ -64,7 +64,7 @@ def sequence_segments(lengths: list[int], layout: Layout) -> list[Segments]:
     >>> sequence_segments([3, 2], "contiguous")
     [((0, 3),), ((3, 5),)]
     >>> sequence_segments([3, 3], "zigzag")
-    [((0, 2), (4, 6)), ((2, 3), (3, 4))]
+    [((0, 2), (5, 6)), ((2, 4), (4, 5))]
     """
     _check_layout(layout)
     if any(n < 1 for n in lengths):
@@ -109,7 +109,7 @@ def shard_sequence(
         The slice, e.g. ``(B, H, L_local, D)``; a copy for ``"zigzag"``, a view for ``"contiguous"``.
 
     Raises:
-        ValueError: an unknown layout, or fewer tokens than slices.
+        ValueError: an unknown layout, a rank outside the world, or fewer tokens than slices.
 
     >>> x = torch.arange(6).view(1, 6, 1)
     >>> shard_sequence(x, layout="zigzag", rank=0, world_size=2).flatten().tolist()
@@ -118,6 +118,8 @@ def shard_sequence(
     _check_layout(layout)
     rank = dist.get_rank(group) if rank is None else rank
     world_size = dist.get_world_size(group) if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank ({rank}) must be in [0, world_size) = [0, {world_size})")
     pieces = world_size * (2 if layout == "zigzag" else 1)
     if x.shape[dim] < pieces:
         raise ValueError(
