@@ -222,6 +222,19 @@ def test_shapes_that_disagree_across_ranks_fail_on_every_rank():
         run_local(_mismatched_heads, 2, timeout=60)
 
 
+def _uneven_zigzag():
+    q = torch.randn(1, 2, 5 if dist.get_rank() == 0 else 3, 8)  # not the zigzag cut of 8 tokens
+    return ring_attention(q, q, q, causal=True, layout="zigzag")
+
+
+def test_slices_that_do_not_fit_the_layout_fail_on_every_rank():
+    with pytest.raises(LaunchError) as error:
+        run_local(_uneven_zigzag, 2, timeout=60)
+    expected = "ValueError: zigzag layout of 8 tokens over 2 ranks needs slice lengths [4, 4], got [5, 3]"
+    for rank in (0, 1):
+        assert f"rank {rank} failed: {expected}" in str(error.value)
+
+
 def _rank_one_fails():
     if dist.get_rank() == 1:
         raise RuntimeError("rank 1 gives up")
