@@ -196,8 +196,10 @@ def attention(
     * A query whose keys are all masked gets a zero context vector, never NaN.
 
     Backends (see :data:`selfattention.backends.BACKENDS`): ``"loop"`` (plain per-query loops, for
-    reading), ``"math"`` (matrix form, the reference), ``"sdpa"`` (PyTorch's fused kernel) and ``"auto"``,
-    which picks ``"sdpa"`` unless the call needs the weights, and then ``"math"``.
+    reading), ``"math"`` (matrix form, the reference), ``"sdpa"`` (PyTorch's fused kernel), ``"tiled"``
+    (flash-style online softmax in plain PyTorch, takes ``score_mod``), ``"blocksparse"`` (the fused
+    kernel on the tiles a mask leaves non-empty) and ``"auto"``, which picks by the rules of
+    :data:`selfattention.backends.AUTO`.
 
     Args:
         query: ``(..., H, T, D)`` or ``(T, D)``.

@@ -79,7 +79,8 @@ class MaskDescription:
         """The boolean mask of one tile: queries ``q_range``, keys ``kv_range`` (global positions).
 
         Returns:
-            Boolean, broadcastable to ``(batch, heads, q_end - q_start, kv_end - kv_start)``, 4-D.
+            Boolean ``(batch|1, heads|1, q_end - q_start, kv_end - kv_start)``: size 1 where the rule does not
+            depend on the batch row or the head.
         """
         b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
         h = torch.arange(heads, device=device).view(1, -1, 1, 1)
@@ -96,7 +97,7 @@ class MaskDescription:
             torch.broadcast_shapes(out.shape, shape)
         except RuntimeError as err:
             raise ValueError(f"a mask rule returned shape {tuple(out.shape)}, not broadcastable to {shape}") from err
-        return out
+        return out.expand(*out.shape[:2], *shape[2:])
 
     def materialize(
         self,

@@ -7,7 +7,10 @@ Every backend is a function::
 with query ``(..., H, T, D)``, key ``(..., H, S, D)`` and value ``(..., H, S, E)`` already checked and with
 grouped key/value heads already expanded (see :func:`selfattention.functional.attention`). ``mask`` is
 boolean (``True`` = may attend) or float (added), ``causal`` means the bottom-right causal mask, and
-``scale`` is a number. Each backend is tested against ``"math"``, which is the reference.
+``scale`` is a number. A backend with ``takes_mask_descriptions`` also gets a
+:class:`~selfattention.masks.MaskDescription` as it is (the others get it materialised), and one with
+``supports_score_mod`` takes a ``score_mod`` keyword. Each backend is tested against ``"math"``, which is
+the reference.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from selfattention.backends import loop, matrix, sdpa, tiled
+from selfattention.backends import blocksparse, loop, matrix, sdpa, tiled
+from selfattention.masks import MaskDescription
 
 BackendFn = Callable[..., tuple[Tensor, Tensor | None]]
 
@@ -49,7 +53,43 @@ BACKENDS: dict[str, Backend] = {
         takes_mask_descriptions=True,
         supports_score_mod=True,
     ),
+    "blocksparse": Backend(
+        "blocksparse",
+        blocksparse.attention,
+        False,
+        False,
+        "the fused kernel on the non-empty tiles only, O(T + S) memory",
+        takes_mask_descriptions=True,
+    ),
 }
+
+
+@dataclass(frozen=True)
+class Call:
+    """What an attention call needs, as ``"auto"`` sees it."""
+
+    return_weights: bool
+    dropout_p: float
+    described_mask: bool
+    tensor_mask: bool
+    causal: bool
+    score_mod: bool
+    shape: tuple[int, int]
+
+
+SMALL = 256 * 256
+"""``T * S`` up to which a mask description is materialised for the fused kernel: one tile, nothing to skip."""
+
+AUTO: list[tuple[str, Callable[[Call], bool], str]] = [
+    ("the weights are returned", lambda c: c.return_weights, "math"),
+    ("dropout", lambda c: c.dropout_p > 0, "sdpa"),
+    ("a score_mod", lambda c: c.score_mod, "tiled"),
+    ("a mask description, T·S > 256²", lambda c: c.described_mask and c.shape[0] * c.shape[1] > SMALL, "blocksparse"),
+    ("causal, T ≠ S, no tensor mask", lambda c: c.causal and not c.tensor_mask and c.shape[0] != c.shape[1],
+     "blocksparse"),
+    ("anything else (no mask, causal with T = S, a tensor mask, a small description)", lambda c: True, "sdpa"),
+]  # fmt: skip
+"""The ``"auto"`` rules, first match wins (the README's table is this list)."""
 
 
 def choose_backend(
@@ -60,20 +100,30 @@ def choose_backend(
     mask: object,
     causal: bool,
     score_mod: object = None,
-    shape: tuple[int, int] | None = None,
+    shape: tuple[int, int] = (0, 0),
 ) -> Backend:
-    """Look up ``name`` in :data:`BACKENDS`, or pick one for ``"auto"``.
+    """Look up ``name`` in :data:`BACKENDS`, or pick one for ``"auto"`` by the first rule of :data:`AUTO`.
 
-    ``"auto"`` takes the fused kernel (``"sdpa"``), the fastest on every shape we measured, unless the
-    caller wants the weights back, which only an eager backend can give (then ``"math"``).
+    Why these rules (measured by ``benchmarks/attention.py``): the fused kernel (``"sdpa"``) is the
+    fastest dense attention and already skips most masked work for ``is_causal`` with ``T == S``, but it
+    computes every score a tensor mask covers; ``"blocksparse"`` runs the same kernel only on the tiles a
+    mask description leaves non-empty, and never builds a ``(T, S)`` mask. Only ``"math"`` returns the
+    weights, only ``"tiled"`` takes a ``score_mod``, and only the eager and fused kernels do dropout.
 
     Raises:
         ValueError: for an unknown name, or a backend that cannot do what the call asks.
     """
     if name == "auto":
-        if score_mod is not None and not return_weights and dropout_p == 0:
-            return BACKENDS["tiled"]
-        return BACKENDS["math" if return_weights else "sdpa"]
+        call = Call(
+            return_weights=return_weights,
+            dropout_p=dropout_p,
+            described_mask=isinstance(mask, MaskDescription),
+            tensor_mask=isinstance(mask, Tensor),
+            causal=causal,
+            score_mod=score_mod is not None,
+            shape=shape,
+        )
+        name = next(backend for _, applies, backend in AUTO if applies(call))
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {['auto', *BACKENDS]}")
     backend = BACKENDS[name]
@@ -82,5 +132,5 @@ def choose_backend(
     if dropout_p > 0 and not backend.supports_dropout:
         raise ValueError(f"backend {name!r} does not support dropout (dropout_p={dropout_p})")
     if score_mod is not None and not backend.supports_score_mod:
-        raise ValueError(f"backend {name!r} does not take a score_mod; use 'tiled' or 'auto'")
+        raise ValueError(f"backend {name!r} does not take a score_mod (only 'tiled' does, without weights or dropout)")
     return backend

@@ -51,7 +51,7 @@ BLOCK_K = 512
 """Default number of keys per tile."""
 
 
-def _work_dtype(tensor: Tensor) -> torch.dtype:
+def work_dtype(tensor: Tensor) -> torch.dtype:
     return torch.float32 if tensor.dtype in LOW_PRECISION else tensor.dtype
 
 
@@ -117,7 +117,7 @@ def tiled_forward(
     """
     tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block_q, block_k=block_k,
                   q_offset=q_offset, kv_offset=kv_offset, total=total)  # fmt: skip
-    work = _work_dtype(q)
+    work = work_dtype(q)
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
     out = torch.zeros(*lead, q.shape[-2], v.shape[-1], dtype=work, device=q.device)
     lse = torch.full((*lead, q.shape[-2]), -math.inf, dtype=work, device=q.device)
@@ -179,7 +179,7 @@ def tiled_backward(
     """
     tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block_q, block_k=block_k,
                   q_offset=q_offset, kv_offset=kv_offset, total=total)  # fmt: skip
-    work = _work_dtype(q)
+    work = work_dtype(q)
     grad_out, out = grad_out.to(work), out.to(work)
     delta = (grad_out * out).sum(dim=-1)  # D_i = rowsum(dO ∘ O), (..., T)
     lse = torch.where(torch.isfinite(lse), lse, math.inf).to(work)  # no key allowed: P = exp(-inf) = 0
@@ -262,5 +262,6 @@ def attention(
 ) -> tuple[Tensor, None]:
     """The backend function: :func:`tiled_forward` with a recomputing backward (no dropout, no weights)."""
     assert dropout_p == 0 and not return_weights, "checked by choose_backend"
-    options = {"scale": scale, "mask": mask, "causal": causal, "score_mod": score_mod}
+    options = {"scale": scale, "mask": mask, "causal": causal, "score_mod": score_mod,
+               "block_q": BLOCK_Q, "block_k": BLOCK_K}  # fmt: skip
     return _TiledAttention.apply(query, key, value, options), None

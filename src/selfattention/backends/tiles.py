@@ -71,6 +71,7 @@ class Tiles:
             lead = mask.shape[:-2]
             self.mask = mask.expand(*lead, self.num_queries, self.num_keys)
         self.kinds = self._classify()
+        self._rows = self.kinds.tolist()  # plain lists: the loops below index them once per tile
 
     def _classify(self) -> Tensor:
         nq = -(-self.num_queries // self.block_q)
@@ -100,9 +101,10 @@ class Tiles:
 
     def key_blocks(self, i: int) -> Iterator[tuple[int, int, int, bool]]:
         """``(j, k_start, k_end, partial)`` for every non-empty key block of query block ``i``."""
-        for j in torch.nonzero(self.kinds[i] != EMPTY).flatten().tolist():
-            start = j * self.block_k
-            yield j, start, min(start + self.block_k, self.num_keys), bool(self.kinds[i, j] == PARTIAL)
+        for j, kind in enumerate(self._rows[i]):
+            if kind != EMPTY:
+                start = j * self.block_k
+                yield j, start, min(start + self.block_k, self.num_keys), kind == PARTIAL
 
     def tile_mask(self, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor | None:
         """The mask of local queries ``rows`` by keys ``cols``: boolean, float (added) or None (no mask).

@@ -1,0 +1,190 @@
+"""The ``"blocksparse"`` backend: the fused kernel run only on the tiles a mask leaves non-empty.
+
+PyTorch's fused CPU kernel computes every score it is given, masked or not. This backend cuts the
+attention into the same tiles as ``"tiled"`` (see :class:`~selfattention.backends.tiles.Tiles`) and, for
+each block of queries, calls the fused kernel once per run of neighbouring non-empty key blocks of the
+same kind: FULL runs without a mask, PARTIAL runs with that run's slice of the mask (a diagonal tile of a
+plain causal call uses the kernel's own causal mode). The runs' results are put together with
+:func:`~selfattention.backends.tiled.merge_partials` from their log-sum-exps, which the fused kernel
+returns beside its output.
+
+The backward pass is the FlashAttention-2 one of :func:`~selfattention.backends.tiled.tiled_backward`,
+with each run's tile work done by the fused kernel's backward, given the *merged* output and
+log-sum-exp. Memory stays ``O(T + S)`` plus one run's mask: no ``(T, S)`` tensor is ever built.
+
+It uses ``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, the CPU kernel
+behind :func:`torch.nn.functional.scaled_dot_product_attention`: a private operator, tested here for the
+pinned torch version, which is why the plain-PyTorch ``"tiled"`` backend stays the readable account.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import groupby
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from selfattention.backends.tiled import merge_partials, work_dtype
+from selfattention.backends.tiles import AnyMask, Tiles
+
+BLOCK = 256
+"""Default tile size for queries and keys."""
+MASK_LIMIT = 1 << 18
+"""Largest mask (in elements) built for one fused call spanning FULL and PARTIAL blocks (1 MiB in float32)."""
+
+
+def _fused() -> tuple[Any, Any]:
+    ops = torch.ops.aten
+    return ops._scaled_dot_product_flash_attention_for_cpu, ops._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _as_4d(tensor: Tensor) -> Tensor:
+    """``(..., H, L, W)`` -> ``(B, H, L, W)`` with B the leading dims flattened (1 when absent)."""
+    if tensor.dim() == 4:
+        return tensor
+    if tensor.dim() < 4:
+        return tensor.reshape((1,) * (4 - tensor.dim()) + tuple(tensor.shape))
+    return tensor.reshape(-1, *tensor.shape[-3:])
+
+
+def _mask_as_4d(mask: AnyMask, query: Tensor) -> AnyMask:
+    if not isinstance(mask, Tensor):
+        return mask
+    mask = mask.reshape((1,) * (query.dim() - mask.dim()) + tuple(mask.shape))
+    if mask.dim() > 4:
+        mask = mask.expand(*query.shape[:-3], *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
+    return _as_4d(mask)
+
+
+class _Run:
+    """Keys ``[k0, k1)`` of one query block, done in one fused call (mask: None, "causal" or a tensor)."""
+
+    def __init__(self, tiles: Tiles, rows: tuple[int, int], k0: int, k1: int, partial: bool, dtype: torch.dtype):
+        self.k0, self.k1, self.is_causal = k0, k1, False
+        self.mask: Tensor | None = None
+        self.row_ok: Tensor | None = None
+        if not partial:
+            return
+        diagonal = k0 - rows[0] == tiles.num_keys - tiles.num_queries and k1 - k0 == rows[1] - rows[0]
+        if tiles.causal and tiles.mask is None and diagonal:
+            self.is_causal = True  # the kernel's top-left causal mode equals bottom-right on a square tile
+            return
+        tile = tiles.tile_mask(rows, (k0, k1))
+        assert tile is not None, "a partial tile has a mask"
+        every_row_has_a_key = tiles.mask is None and k0 == 0 and tiles.num_keys >= tiles.num_queries
+        if tile.dtype == torch.bool:
+            if not every_row_has_a_key:
+                self.row_ok = tile.any(dim=-1)  # rows with at least one allowed key in the run
+            tile = torch.where(tile, 0.0, -math.inf)
+        elif not every_row_has_a_key:
+            self.row_ok = (tile > -math.inf).any(dim=-1)
+        self.mask = tile.to(dtype)
+
+
+def _runs(tiles: Tiles, i: int, rows: tuple[int, int], dtype: torch.dtype) -> list[_Run]:
+    """Neighbouring non-empty key blocks of query block ``i``, merged into as few fused calls as is cheap.
+
+    A span of neighbouring blocks is one call when its mask would be small (the kernel then skips nothing
+    but also merges nothing); a long span is split where FULL and PARTIAL blocks alternate, so that no
+    large mask is built for blocks that need none.
+    """
+    runs = []
+    blocks = list(tiles.key_blocks(i))
+    for _, span_items in groupby(enumerate(blocks), key=lambda item: item[1][0] - item[0]):
+        span = [block for _, block in span_items]
+        partial = [block[3] for block in span]
+        if not any(partial) or (rows[1] - rows[0]) * (span[-1][2] - span[0][1]) <= MASK_LIMIT:
+            runs.append(_Run(tiles, rows, span[0][1], span[-1][2], any(partial), dtype))
+            continue
+        for kind, group in groupby(span, key=lambda block: block[3]):
+            members = list(group)
+            runs.append(_Run(tiles, rows, members[0][1], members[-1][2], kind, dtype))
+    return runs
+
+
+def blocksparse_forward(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: AnyMask, causal: bool, block: int = BLOCK
+) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of attention over the non-empty tiles only, for 4-D ``(B, H, T|S, D)`` inputs."""
+    forward, _ = _fused()
+    tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block, block_k=block)
+    out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    work = work_dtype(q)
+    lse = torch.full(q.shape[:-1], -math.inf, dtype=work, device=q.device)
+    for i, q0, q1 in tiles.query_blocks():
+        q_i = q[..., q0:q1, :]
+        merged: tuple[Tensor, Tensor] | None = None
+        for run in _runs(tiles, i, (q0, q1), q.dtype):
+            part_out, part_lse = forward(q_i, k[..., run.k0 : run.k1, :], v[..., run.k0 : run.k1, :], 0.0,
+                                         run.is_causal, attn_mask=run.mask, scale=scale)  # fmt: skip
+            if run.row_ok is not None:  # the kernel reports lse 0 for a row with no allowed key
+                part_lse = torch.where(run.row_ok, part_lse, -math.inf)
+            part = (part_out.to(work), part_lse.to(work))
+            merged = part if merged is None else merge_partials(*merged, *part)
+        if merged is not None:
+            out[..., q0:q1, :], lse[..., q0:q1] = merged[0].to(q.dtype), merged[1]
+    return out, lse
+
+
+def blocksparse_backward(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, *, scale: float,
+    mask: AnyMask, causal: bool, block: int = BLOCK,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(dq, dk, dv)``: the fused backward of every run, given the merged ``out`` and ``lse``."""
+    _, backward = _fused()
+    tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block, block_k=block)
+    # a row with no key: weights exp(-inf) = 0; the kernel takes lse in float32 (float64 for float64)
+    lse = torch.where(torch.isfinite(lse), lse, math.inf).to(
+        torch.float64 if q.dtype == torch.float64 else torch.float32
+    )
+    work = work_dtype(q)
+    grad_out = grad_out.to(q.dtype).contiguous()
+    dq = torch.zeros(q.shape, dtype=work, device=q.device)
+    dk = torch.zeros(k.shape, dtype=work, device=q.device)
+    dv = torch.zeros(v.shape, dtype=work, device=q.device)
+    for i, q0, q1 in tiles.query_blocks():
+        q_i, out_i, do_i, lse_i = q[..., q0:q1, :], out[..., q0:q1, :], grad_out[..., q0:q1, :], lse[..., q0:q1]
+        for run in _runs(tiles, i, (q0, q1), q.dtype):
+            k0, k1 = run.k0, run.k1
+            dq_r, dk_r, dv_r = backward(do_i, q_i, k[..., k0:k1, :], v[..., k0:k1, :], out_i, lse_i, 0.0,
+                                        run.is_causal, attn_mask=run.mask, scale=scale)  # fmt: skip
+            dq[..., q0:q1, :] += dq_r
+            dk[..., k0:k1, :] += dk_r
+            dv[..., k0:k1, :] += dv_r
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, options: dict) -> Tensor:
+        out, lse = blocksparse_forward(q, k, v, **options)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.options = options
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*blocksparse_backward(q, k, v, out, lse, grad_out, **ctx.options), None)
+
+
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    mask: AnyMask,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    return_weights: bool,
+    block: int | None = None,
+) -> tuple[Tensor, None]:
+    """The backend function: fused-kernel tiles with a recomputing backward (no dropout, no weights)."""
+    assert dropout_p == 0 and not return_weights, "checked by choose_backend"
+    q, k, v = _as_4d(query), _as_4d(key), _as_4d(value)
+    options = {"scale": scale, "mask": _mask_as_4d(mask, query), "causal": causal, "block": block or BLOCK}
+    context = _BlockSparseAttention.apply(q, k, v, options)
+    return context.reshape(*query.shape[:-1], value.shape[-1]), None
