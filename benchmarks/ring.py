@@ -1,7 +1,7 @@
 """Ring attention in N = 1, 2, 4 local processes at one total sequence length: time and memory per process.
 
-    python benchmarks/ring.py [--length 8192] [--heads 4] [--dim 64] [--layout zigzag] [--no-causal]
-                              [--repeat 2] [--markdown FILE]
+    python benchmarks/ring.py [--length 8192] [--heads 8] [--dim 128] [--layout zigzag] [--no-causal]
+                              [--repeat 1] [--markdown FILE]
 
 Each rank holds ``length / N`` tokens, runs ``ring_attention`` forward and backward (gloo on the loopback,
 one thread per process), and reports
@@ -10,8 +10,10 @@ one thread per process), and reports
   CPU time of the process (on a shared machine the CPU time shows how the work divides, whatever else
   runs), and
 * its peak resident memory *above* what the process held before it made its slice (Linux ``VmHWM``
-  after resetting it through ``/proc/self/clear_refs``): the memory the sequence costs one process.
-  The fixed cost of a process with torch loaded (a few hundred MiB) is printed apart.
+  after resetting it through ``/proc/self/clear_refs``), in a run of its own: the memory the sequence
+  costs one process. For that run glibc's allocator is told to give large blocks back when they are freed
+  (see ``_pin_allocator``), so that resident memory follows the live tensors. The fixed cost of a process
+  with torch loaded (a few hundred MiB) is printed apart.
 
 With ``N`` processes on fewer than ``N`` cores the processes share cores, so times stop improving there.
 """
@@ -19,6 +21,8 @@ With ``N`` processes on fewer than ``N`` cores the processes share cores, so tim
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import gc
 import re
 import statistics
@@ -45,21 +49,31 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def _pin_allocator() -> None:
+    """Make resident memory follow the live tensors: glibc then maps every block of 1 MiB or more on its own
+    and unmaps it when freed (a fixed M_MMAP_THRESHOLD; by default the threshold grows as large blocks are
+    freed, and freed memory stays resident for reuse), and returns what it holds free now (malloc_trim)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 20)
+    libc.malloc_trim(0)
+
+
 def _measure(length: int, heads: int, dim: int, causal: bool, layout: str, repeat: int) -> dict[str, float]:
-    """On each rank: warm up, then time forward + backward on this rank's slice and record peak memory."""
-    rank = dist.get_rank()
+    """On each rank: warm up, time forward + backward on this rank's slice, then measure its peak memory."""
     options = {"causal": causal, "layout": layout}
     warm = torch.randn(1, heads, 8 * dist.get_world_size(), dim)
     warm = shard_sequence(warm, layout=layout).requires_grad_()  # type: ignore[arg-type]
     ring_attention(warm, warm, warm, **options).sum().backward()  # type: ignore[arg-type]
     local = shard_sequence(torch.arange(length).view(length, 1), layout=layout).shape[0]  # type: ignore[arg-type]
-    del warm
-    gc.collect()
-    _reset_peak()
-    before = _memory_mib()["VmRSS"]
-    generator = torch.Generator().manual_seed(rank)
-    q, k, v = (torch.randn(1, heads, local, dim, generator=generator).requires_grad_() for _ in range(3))
-    grad_out = torch.randn(1, heads, local, dim, generator=generator)
+
+    def slice_of_inputs() -> list[torch.Tensor]:
+        generator = torch.Generator().manual_seed(dist.get_rank())
+        return [torch.randn(1, heads, local, dim, generator=generator) for _ in range(4)]
+
+    q, k, v, grad_out = slice_of_inputs()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     wall, cpu = [], []
     for _ in range(repeat):
         q.grad = k.grad = v.grad = None
@@ -68,11 +82,20 @@ def _measure(length: int, heads: int, dim: int, causal: bool, layout: str, repea
         ring_attention(q, k, v, **options).backward(grad_out)  # type: ignore[arg-type]
         wall.append((time.perf_counter() - start) * 1e3)
         cpu.append((time.process_time() - start_cpu) * 1e3)
-    memory = _memory_mib()
+
+    # Memory in a run of its own, from before the slice exists to the end of the backward pass.
+    del q, k, v, grad_out, warm
+    gc.collect()
+    _pin_allocator()
+    _reset_peak()
+    before = _memory_mib()["VmRSS"]
+    q, k, v, grad_out = slice_of_inputs()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    ring_attention(q, k, v, **options).backward(grad_out)  # type: ignore[arg-type]
     return {
         "ms": statistics.median(wall),
         "cpu": statistics.median(cpu),
-        "peak": memory["VmHWM"] - before,
+        "peak": _memory_mib()["VmHWM"] - before,
         "fixed": before,
     }
 
@@ -90,11 +113,11 @@ def _fit_inverse(peaks: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=8192, help="total sequence length L")
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=64, help="head width D (= E)")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=128, help="head width D (= E)")
     parser.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
     parser.add_argument("--no-causal", dest="causal", action="store_false")
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (median)")
     parser.add_argument("--markdown", help="also write the tables to this Markdown file")
     args = parser.parse_args()
 
