@@ -277,16 +277,17 @@ class _Ring:
     def length(self, rank: int) -> int:
         return sum(stop - start for start, stop in self.segments[rank])
 
-    def shift(self, send: Tensor, recv: Tensor, tag: int) -> list[Any]:
+    def shift(self, send: tuple[Tensor, ...], recv: tuple[Tensor, ...], tag: int) -> list[Any]:
         """Start sending ``send`` to the next rank and receiving ``recv`` from the previous one."""
         if self.size == 1:
-            recv.copy_(send)
+            for sent, received in zip(send, recv, strict=True):
+                received.copy_(sent)
             return []
         next_rank, prev_rank = (self.rank + 1) % self.size, (self.rank - 1) % self.size
-        ops = [
-            dist.P2POp(dist.isend, send, group=self.group, tag=tag, group_peer=next_rank),
-            dist.P2POp(dist.irecv, recv, group=self.group, tag=tag, group_peer=prev_rank),
-        ]
+        ops = []
+        for i, (sent, received) in enumerate(zip(send, recv, strict=True)):
+            ops.append(dist.P2POp(dist.isend, sent, group=self.group, tag=tag + i, group_peer=next_rank))
+            ops.append(dist.P2POp(dist.irecv, received, group=self.group, tag=tag + i, group_peer=prev_rank))
         return list(dist.batch_isend_irecv(ops))
 
 
@@ -345,14 +346,14 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring, attend: _Attend)
     acc = _accumulation_dtype(q.dtype)
     out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=acc)  # (..., T_local, E)
     lse = q.new_full(q.shape[:-1], -math.inf, dtype=acc)  # (..., T_local)
-    block = _pack(k, v)
+    block = (k.contiguous(), v.contiguous())  # the keys and values held at this step
     for step in range(ring.size):
         owner = ring.owner(step)
         incoming, pending = None, []
         if step + 1 < ring.size:  # start the next transfer before computing on the current block
-            incoming = block.new_empty(_packed_numel(k, v, ring.length(ring.owner(step + 1))))
+            incoming = _empty_block(k, v, ring.length(ring.owner(step + 1)))
             pending = ring.shift(block, incoming, tag=0)
-        k_block, v_block = _unpack(block, k, v, ring.length(owner))
+        k_block, v_block = block
         for q_rows, k_rows, options in attend.blocks(ring, owner):
             out_part, lse_part = tiled_forward(
                 q[..., q_rows, :], k_block[..., k_rows, :], v_block[..., k_rows, :], **options
@@ -373,18 +374,18 @@ def _ring_backward(
     """Key/value blocks go round again, each followed by the gradient of its keys and values so far."""
     acc = _accumulation_dtype(q.dtype)
     dq = torch.zeros_like(q, dtype=acc)
-    block = _pack(k, v)
-    grads_in: Tensor | None = None  # the gradient of the held block from the ranks it visited before
+    block = (k.contiguous(), v.contiguous())
+    grads_in: tuple[Tensor, ...] = ()  # dK, dV of the held block from the ranks it visited before
     grads_pending: list[Any] = []
     for step in range(ring.size):
         owner = ring.owner(step)
         incoming, pending = None, []
         if step + 1 < ring.size:
-            incoming = block.new_empty(_packed_numel(k, v, ring.length(ring.owner(step + 1))))
-            pending = ring.shift(block, incoming, tag=1)
-        k_block, v_block = _unpack(block, k, v, ring.length(owner))
-        grads = block.new_zeros(block.numel(), dtype=acc)  # this rank's share of the block's dK and dV
-        dk_block, dv_block = _unpack(grads, k, v, ring.length(owner))  # views into it
+            incoming = _empty_block(k, v, ring.length(ring.owner(step + 1)))
+            pending = ring.shift(block, incoming, tag=2)
+        k_block, v_block = block
+        dk_block = torch.zeros_like(k_block, dtype=acc)  # this rank's share of the block's dK and dV
+        dv_block = torch.zeros_like(v_block, dtype=acc)
         for q_rows, k_rows, options in attend.blocks(ring, owner):
             dq_part, dk_part, dv_part = tiled_backward(
                 q[..., q_rows, :],
@@ -400,19 +401,19 @@ def _ring_backward(
             dv_block[..., k_rows, :] += dv_part
         for work in grads_pending:  # the previous rank's share arrived while this step computed
             work.wait()
-        if grads_in is not None:
-            grads += grads_in
+        if grads_in:
+            dk_block += grads_in[0]
+            dv_block += grads_in[1]
         # After the last step the block's owner is the next rank, so this hop returns every gradient home.
-        grads_in = grads.new_empty(_packed_numel(k, v, ring.length(ring.owner(step + 1))))
-        grads_pending = ring.shift(grads, grads_in, tag=2)
+        grads_in = _empty_block(k, v, ring.length(ring.owner(step + 1)), dtype=acc)
+        grads_pending = ring.shift((dk_block, dv_block), grads_in, tag=4)
         for work in pending:
             work.wait()
         if incoming is not None:
             block = incoming
     for work in grads_pending:
         work.wait()
-    assert grads_in is not None
-    dk, dv = _unpack(grads_in, k, v, k.shape[-2])
+    dk, dv = grads_in
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -457,18 +458,9 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _pack(k: Tensor, v: Tensor) -> Tensor:
-    """Keys and values in one flat buffer, so that each hop is a single message."""
-    return torch.cat([k.reshape(-1), v.reshape(-1)])
-
-
-def _packed_numel(k: Tensor, v: Tensor, length: int) -> int:
-    return (k[..., :1, :].numel() + v[..., :1, :].numel()) * length
-
-
-def _unpack(block: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    """Split a :func:`_pack` buffer back into keys ``(..., length, D)`` and values ``(..., length, E)``."""
-    k_shape = (*k.shape[:-2], length, k.shape[-1])
-    v_shape = (*v.shape[:-2], length, v.shape[-1])
-    k_numel = math.prod(k_shape)
-    return block[:k_numel].view(k_shape), block[k_numel:].view(v_shape)
+def _empty_block(k: Tensor, v: Tensor, length: int, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Buffers for another rank's keys ``(..., length, D)`` and values ``(..., length, E)``."""
+    return (
+        k.new_empty((*k.shape[:-2], length, k.shape[-1]), dtype=dtype),
+        v.new_empty((*v.shape[:-2], length, v.shape[-1]), dtype=dtype),
+    )
