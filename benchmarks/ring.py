@@ -100,16 +100,6 @@ def _measure(length: int, heads: int, dim: int, causal: bool, layout: str, repea
     }
 
 
-def _fit_inverse(peaks: list[float]) -> str:
-    """Least-squares ``peak = c + a/N`` over :data:`PROCESSES`: ``a`` is what the slice costs, ``c`` what does not
-    shrink with it (the tiled backend's tiles, allocator slack)."""
-    design = torch.tensor([[1.0, 1.0 / n] for n in PROCESSES], dtype=torch.float64)
-    target = torch.tensor(peaks, dtype=torch.float64).unsqueeze(-1)
-    c, a = torch.linalg.lstsq(design, target).solution.flatten().tolist()
-    worst = (design @ torch.tensor([[c], [a]], dtype=torch.float64) - target).abs().max().item()
-    return f"c = {c:.1f} MiB, a = {a:.1f} MiB (largest residual {worst:.1f} MiB)"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=8192, help="total sequence length L")
@@ -127,8 +117,8 @@ def main() -> None:
 
     rows = [
         "| processes N | tokens per process | fwd+bwd wall ms | speed-up | CPU ms per process "
-        "| peak MiB per process | vs N=1 | 1/N |",
-        "|---|---|---|---|---|---|---|---|",
+        "| peak MiB per process | vs N=1 | 1/N | MiB of one (B, H, L/N, D) tensor |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     by_n, fixed = {}, []
     for n in PROCESSES:
@@ -138,10 +128,10 @@ def main() -> None:
         fixed.append(max(r["fixed"] for r in ranks))
         rows.append(
             f"| {n} | {args.length // n} | {worst['ms']:.0f} | {first['ms'] / worst['ms']:.2f}x "
-            f"| {worst['cpu']:.0f} | {worst['peak']:.1f} | {worst['peak'] / first['peak']:.2f} | {1 / n:.2f} |"
+            f"| {worst['cpu']:.0f} | {worst['peak']:.1f} | {worst['peak'] / first['peak']:.2f} | {1 / n:.2f} "
+            f"| {args.heads * (args.length // n) * args.dim * 4 / 2**20:.1f} |"
         )
     tables = ["\n".join(rows)]
-    fit = _fit_inverse([max(r["peak"] for r in by_n[n]) for n in PROCESSES])
     if args.causal:  # how evenly the causal work divides, in both layouts
         n = PROCESSES[-1]
         other = "contiguous" if args.layout == "zigzag" else "zigzag"
@@ -158,7 +148,6 @@ def main() -> None:
     shape = f"B=1, H={args.heads}, L={args.length}, D={args.dim}, causal={args.causal}, layout={args.layout}"
     print(f"torch {torch.__version__}, float32, {shape}, 1 thread per process, gloo on the loopback")
     print("\n\n".join(tables))
-    print(f"peak MiB per process fitted as c + a/N: {fit}")
     print(f"fixed memory of one process before its slice (torch loaded): {max(fixed):.0f} MiB")
     if args.markdown:
         from selfattention.files import write_text
