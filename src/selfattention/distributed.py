@@ -184,7 +184,8 @@ def ring_attention(
     gets back the context vectors of its own queries, equal to the matching rows of
     ``selfattention.attention(q, k, v, causal=causal, mask=mask, scale=scale)`` on the whole sequence.
     Differentiable: the backward pass is a second trip around the ring. Works with any ``torch.distributed``
-    backend that has point-to-point operations (gloo on CPU, NCCL on GPU).
+    backend that has point-to-point operations (gloo on CPU, NCCL on GPU). Like a collective, it must be
+    called by every rank of ``group``, in the same order, and so must its backward.
 
     Args:
         q_local: ``(..., H, T_local, D)``, this rank's queries.
@@ -327,6 +328,9 @@ class _Attend:
 
 
 class _RingAttention(torch.autograd.Function):
+    """Forward: once around the ring, saving only q, k, v, the output and its log-sum-exp. Backward: around
+    again, recomputing each block's weights from the saved log-sum-exp (as the tiled backend does)."""
+
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, ring: _Ring, attend: _Attend) -> Tensor:
         out, lse = _ring_forward(q, k, v, ring, attend)
