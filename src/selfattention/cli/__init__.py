@@ -11,14 +11,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from selfattention.cli import explain
+from selfattention.cli import context, explain, generate, train, view
+from selfattention.cli.errors import UsageError
 
+__all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 
-class UsageError(Exception):
-    """Bad input from the command line: printed as one line, exit code 2."""
-
-
-COMMANDS = [explain]
+COMMANDS = [explain, train, generate, context, view]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,8 +10,12 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from selfattention import examples
+from selfattention.cli.errors import UsageError
+from selfattention.cli.explain_checkpoint import add_checkpoint_arguments, explain_checkpoint
+from selfattention.cli.explain_model import add_model_arguments, explain_model
 from selfattention.files import write_text
 from selfattention.inputs import load_embeddings
+from selfattention.inspect import capture_projections
 from selfattention.walkthrough import Walkthrough, find_query, random_projections, walk
 
 EXAMPLE_SENTENCE = " ".join(examples.TOKENS)
@@ -36,27 +40,50 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="random trainable W^Q, W^K, W^V of width D (torch.rand, in that order) instead of the identity",
     )
     parser.add_argument("--seed", type=int, default=123, help="seed for --projections (default: 123)")
+    parser.add_argument(
+        "--heads", type=int, default=1, help="split the --projections width into this many heads (default: 1)"
+    )
+    parser.add_argument("--head", type=int, default=0, help="the head to walk through (0-based, default: 0)")
+    parser.add_argument("--layer", type=int, help="with --checkpoint or --model: the layer to show")
+    parser.add_argument("text", nargs="?", help="with --checkpoint or --model: the text whose attention to show")
     parser.add_argument("--embeddings", metavar="FILE", help="your own token vectors: .json, .csv or .npy")
     parser.add_argument("--tokens", help="the tokens of a .npy file, separated by spaces")
     parser.add_argument("--plot", metavar="FILE.png", help="also save a heatmap of the weights α")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
+    add_checkpoint_arguments(parser)
+    add_model_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Compute the walk-through and print it; optionally save a heatmap."""
+    if args.checkpoint and args.model:
+        raise UsageError("choose one of --checkpoint DIR and --model NAME")
+    if args.checkpoint:
+        return explain_checkpoint(args)
+    if args.model:
+        return explain_model(args)
+    if args.text is not None or args.layer is not None:
+        raise UsageError("TEXT and --layer are only used with --checkpoint DIR or --model NAME")
     if args.embeddings:
         tokens, inputs = load_embeddings(args.embeddings, args.tokens.split() if args.tokens else None)
     else:
         if args.tokens:
             raise ValueError("--tokens is only used with --embeddings FILE.npy")
         tokens, inputs = list(examples.TOKENS), examples.embeddings()
-    projections = None
-    if args.projections is not None:
-        projections = random_projections(inputs.shape[1], args.projections, args.seed)
-    result = walk(tokens, inputs, projections=projections, scaled=args.scaled, causal=args.causal)
+    if args.projections is None:
+        if args.heads != 1 or args.head != 0:
+            raise UsageError("--heads and --head need --projections D (the identity has one head)")
+        result = walk(tokens, inputs, scaled=args.scaled, causal=args.causal)
+        all_heads = result.weights.unsqueeze(0)  # (1, T, T)
+    else:
+        result, all_heads = _projected(tokens, inputs, args)
     indices = list(range(len(tokens))) if args.all else [find_query(tokens, args.query)]
-    if args.plot:
+    if args.plot and all_heads.shape[0] > 1:
+        from selfattention.viz.heads import plot_heads
+
+        plot_heads(all_heads, tokens, tokens, args.plot, title=_title(result) + " per head")
+    elif args.plot:
         from selfattention.viz.heatmap import plot_weights
 
         plot_weights(result.weights, tokens, tokens, args.plot, title=_title(result))
@@ -65,6 +92,36 @@ def run(args: argparse.Namespace) -> int:
     if args.plot and args.format == "text":
         print(f"\nheatmap of α written to {args.plot}")
     return 0
+
+
+def _projected(tokens: list[str], inputs: Tensor, args: argparse.Namespace) -> tuple[Walkthrough, Tensor]:
+    """The walk-through of head ``args.head`` of a module with random projections, read through capture()."""
+    if args.heads < 1 or args.projections % args.heads != 0:
+        raise UsageError(f"--projections ({args.projections}) must be divisible by --heads ({args.heads})")
+    if not 0 <= args.head < args.heads:
+        raise UsageError(f"--head {args.head} is out of range: there are {args.heads} heads (0-{args.heads - 1})")
+    record = capture_projections(
+        inputs, args.projections, seed=args.seed, num_heads=args.heads, causal=args.causal, scaled=args.scaled
+    )
+    head = record.head(args.head)
+    width = args.projections // args.heads
+    columns = slice(args.head * width, (args.head + 1) * width)  # this head's columns of each W
+    matrices = random_projections(inputs.shape[1], args.projections, args.seed)
+    projections = (matrices[0][:, columns], matrices[1][:, columns], matrices[2][:, columns])
+    result = Walkthrough(
+        tokens=tokens,
+        inputs=inputs,
+        projections=projections,
+        queries=head.query,
+        keys=head.key,
+        values=head.value,
+        scale=record.scale if args.scaled else None,
+        causal=args.causal,
+        scores=head.scores,
+        weights=head.weights,
+        context=head.context,
+    )
+    return result, record.weights
 
 
 def _title(result: Walkthrough) -> str:

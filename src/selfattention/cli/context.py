@@ -1,0 +1,141 @@
+"""``selfattention context``: one word in several sentences, followed through a pretrained encoder."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+from torch import Tensor
+
+from selfattention.cli.errors import UsageError
+from selfattention.cli.pretrained_models import MODELS, load_model
+from selfattention.contextual import (
+    DEFAULT_SENTENCES,
+    DEFAULT_WORD,
+    WordInContext,
+    nearest_tokens,
+    similarity_by_layer,
+    word_attention,
+    word_in_context,
+)
+from selfattention.pretrained import PretrainedEncoder
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``context`` command."""
+    parser = sub.add_parser(
+        "context",
+        help="how a pretrained model's layers pull one word toward its sentence's meaning",
+        description="Follow one word through the layers of a pretrained encoder (all-MiniLM-L6-v2): the cosine "
+        "similarity of its vectors across the sentences at each layer, the vocabulary tokens nearest to its "
+        "contextual vector, and the tokens it attends to in each head of one layer. With no sentences, "
+        f"compares {DEFAULT_WORD!r} in two baseball and two animal sentences.",
+    )
+    parser.add_argument("sentences", nargs="*", metavar="SENTENCE", help="two or more sentences containing WORD")
+    parser.add_argument("--word", default=DEFAULT_WORD, help=f"the word to follow (default: {DEFAULT_WORD})")
+    parser.add_argument("--model", choices=sorted(MODELS), default="minilm", help="the model (default: minilm)")
+    parser.add_argument("--layer", type=int, help="layer for nearest tokens and attention (default: the last)")
+    parser.add_argument(
+        "--top",
+        type=int,
+        default=5,
+        help="nearest tokens to list (default: 5); attention lists the top min(TOP, 3) per head",
+    )
+    parser.add_argument("--plot", metavar="DIR", help="also save a line chart and per-sentence heatmaps in DIR")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compute and print the three views; optionally save the pictures."""
+    sentences = list(args.sentences) or list(DEFAULT_SENTENCES)
+    if len(sentences) < 2:
+        raise UsageError(f"give at least two sentences to compare, got {len(sentences)}")
+    if args.top < 1:
+        raise UsageError(f"--top must be at least 1, got {args.top}")
+    model = load_model(args.model)
+    layers = model.config.num_hidden_layers
+    layer = layers if args.layer is None else args.layer
+    if not 1 <= layer <= layers:
+        raise UsageError(f"--layer {layer} is out of range: the model has layers 1-{layers}")
+    result = word_in_context(model, args.word, sentences)
+    similarity = similarity_by_layer(result.vectors)
+    attention = word_attention(model, result, layer)
+    lines = _header(model.name, result)
+    lines += _similarity_table(result, similarity)
+    lines += _nearest(model, result, layer, args.top)
+    lines += _attention(result, attention, layer, args.top)
+    if args.plot:
+        lines += _plots(result, similarity, attention, layer, Path(args.plot))
+    print("\n".join(lines))
+    return 0
+
+
+def _header(name: str, result: WordInContext) -> list[str]:
+    lines = [f'{name}: "{result.word}" in {len(result.sentences)} sentences']
+    for index, (sentence, span) in enumerate(zip(result.sentences, result.spans, strict=True), start=1):
+        note = f"  (first of {span.occurrences})" if span.occurrences > 1 else ""
+        lines.append(f"  {index}  {sentence}{note}")
+    pieces = result.spans[0].pieces
+    if len(pieces) > 1:
+        lines.append(
+            f'"{result.word}" is {len(pieces)} word pieces ({" ".join(pieces)}): its vector is their mean, '
+            "its attention row the mean of theirs."
+        )
+    return lines
+
+
+def _similarity_table(result: WordInContext, similarity: Tensor) -> list[str]:
+    pairs = list(itertools.combinations(range(len(result.sentences)), 2))
+    lines = ["", f'Cosine similarity of "{result.word}" between sentences i-j, from the static embedding up:']
+    lines.append(f"{'':<11}" + "".join(f"{f'{i + 1}-{j + 1}':>7}" for i, j in pairs))
+    for name, matrix in zip(result.layer_names, similarity, strict=True):
+        lines.append(f"{name:<11}" + "".join(f"{float(matrix[i, j]):7.3f}" for i, j in pairs))
+    return lines
+
+
+def _nearest(model: PretrainedEncoder, result: WordInContext, layer: int, top: int) -> list[str]:
+    depth = result.layer_names.index(f"layer {layer}")
+    exclude = [result.word.lower(), *result.spans[0].pieces]
+    lines = [
+        "",
+        f'Vocabulary tokens nearest to "{result.word}" in layer {layer} '
+        f'(cosine with the static embeddings; "{result.word}" itself left out):',
+    ]
+    for index in range(len(result.sentences)):
+        found = nearest_tokens(model, result.vectors[depth, index], top, exclude=exclude)
+        lines.append(f"  {index + 1}  " + ", ".join(f"{token} {cosine:.2f}" for token, cosine in found))
+    return lines
+
+
+def _attention(result: WordInContext, attention: list[Tensor], layer: int, top: int) -> list[str]:
+    shown = min(top, 3)
+    lines = ["", f'Tokens "{result.word}" attends to in layer {layer}, per head (top {shown} weights):']
+    for index, rows in enumerate(attention):
+        tokens = result.encoded.batch.tokens(index)
+        lines.append(f"  sentence {index + 1}")
+        for head, row in enumerate(rows):
+            values, positions = row.topk(min(shown, row.numel()))
+            cells = ", ".join(f"{tokens[int(p)]} {float(v):.2f}" for v, p in zip(values, positions, strict=True))
+            lines.append(f"    head {head:>2}: {cells}")
+    return lines
+
+
+def _plots(result: WordInContext, similarity: Tensor, attention: list[Tensor], layer: int, folder: Path) -> list[str]:
+    from selfattention.viz.heatmap import plot_weights
+    from selfattention.viz.lines import plot_lines
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = itertools.combinations(range(len(result.sentences)), 2)
+    series = {f"{i + 1}-{j + 1}": similarity[:, i, j].tolist() for i, j in pairs}
+    chart = folder / "context-similarity.png"
+    title = f'cosine similarity of "{result.word}" between sentences, per layer'
+    plot_lines(series, result.layer_names, chart, title=title, ylabel="cosine similarity")
+    written = [chart]
+    for index, rows in enumerate(attention):
+        path = folder / f"context-attention-{index + 1}.png"
+        heads = [f"{result.word}, head {h}" for h in range(rows.shape[0])]  # each row: the word as query
+        title = f'attention of "{result.word}" in layer {layer}, sentence {index + 1}'
+        plot_weights(rows, heads, result.encoded.batch.tokens(index), path, title=title)
+        written.append(path)
+    return ["", "Pictures written: " + ", ".join(str(p) for p in written)]

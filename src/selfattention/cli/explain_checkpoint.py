@@ -1,0 +1,101 @@
+"""``selfattention explain --checkpoint DIR "text"``: the attention weights a trained GPT gives real text.
+
+``explain`` calls :func:`add_checkpoint_arguments` on its parser and hands over to
+:func:`explain_checkpoint` when ``--checkpoint`` is given. The weights are read through
+:func:`selfattention.capture`, the same inspection path as for any module of the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from torch import Tensor
+
+VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥"}
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--checkpoint``; ``text``, ``--layer``, ``--head``, ``--plot`` and ``--format`` are ``explain``'s own.
+
+    With ``--checkpoint``, ``--layer`` is 0-based and defaults to the last layer; ``--head`` is 0-based.
+    """
+    parser.add_argument(
+        "--checkpoint", metavar="DIR", help="a trained GPT (folder written by `train`); layers 0-based, default last"
+    )
+
+
+def token_labels(pieces: Sequence[str]) -> list[str]:
+    """Printable labels: spaces, newlines and tabs made visible."""
+    return ["".join(VISIBLE.get(c, c) for c in piece) or "∅" for piece in pieces]
+
+
+def checkpoint_weights(directory: str, text: str, layer: int | None, head: int) -> tuple[list[str], Tensor, str]:
+    """The tokens of ``text``, the weights α ``(T, T)`` of one head, and a description of where they come from.
+
+    Raises:
+        ValueError: an empty text or one longer than the context, characters the tokenizer does not know,
+            or a layer or head out of range (naming the valid range).
+    """
+    import torch
+
+    from selfattention.inspect import capture
+    from selfattention.training.recipe import load_gpt
+
+    model, tokenizer = load_gpt(directory)
+    config = model.config
+    if not text:
+        raise ValueError('give the text to explain, e.g. explain --checkpoint DIR "To be, or not"')
+    layer = config.num_layers - 1 if layer is None else layer
+    if not 0 <= layer < config.num_layers:
+        raise ValueError(f"--layer {layer} out of range: the model has layers 0 to {config.num_layers - 1}")
+    if not 0 <= head < config.num_heads:
+        raise ValueError(f"--head {head} out of range: the model has heads 0 to {config.num_heads - 1}")
+    ids = tokenizer.encode(text)
+    if len(ids) > config.context_length:
+        raise ValueError(f"the text has {len(ids)} tokens, more than the context of {config.context_length}")
+    with torch.no_grad(), capture(model) as cap:
+        model(torch.tensor([ids], dtype=torch.long))
+    weights = cap[f"blocks.{layer}.attn"].head(head).weights[0]  # (1, T, T) -> (T, T)
+    where = f"layer {layer} of {config.num_layers}, head {head} of {config.num_heads}"
+    return token_labels([tokenizer.decode([i]) for i in ids]), weights, where
+
+
+def explain_checkpoint(args: argparse.Namespace) -> int:
+    """Print, for each token of ``args.text``, the earlier tokens it attends to most; optionally plot α.
+
+    Reads ``args.checkpoint``, ``args.text``, ``args.layer``, ``args.head``, and, when present,
+    ``args.plot`` (a PNG path) and ``args.format`` (``"json"``: tokens and the full α as JSON).
+    """
+    tokens, weights, where = checkpoint_weights(args.checkpoint, args.text or "", args.layer, args.head)
+    if getattr(args, "format", "text") == "json":
+        data = {"where": where, "tokens": tokens, "weights": [[round(float(w), 6) for w in row] for row in weights]}
+        sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+        _plot(args, tokens, weights, where, announce=False)
+        return 0
+    lines = [
+        f"attention weights α of {where} ({args.checkpoint})",
+        "each token, then the three earlier tokens (position:token) it attends to most",
+        "",
+    ]
+    width = max(len(t) for t in tokens)
+    for i, label in enumerate(tokens):
+        row = weights[i, : i + 1]
+        top = row.topk(min(3, i + 1))
+        parts = [f"{j}:{tokens[j]} {float(w):.2f}" for w, j in zip(top.values, top.indices.tolist(), strict=True)]
+        lines.append(f"{i:>3} {label:<{width}}  -> " + ", ".join(parts))
+    sys.stdout.write("\n".join(lines) + "\n")
+    _plot(args, tokens, weights, where, announce=True)
+    return 0
+
+
+def _plot(args: argparse.Namespace, tokens: list[str], weights: Tensor, where: str, *, announce: bool) -> None:
+    plot = getattr(args, "plot", None)
+    if plot:
+        from selfattention.viz.heatmap import plot_weights
+
+        plot_weights(weights, tokens, tokens, plot, title=f"α, {where}")
+        if announce:
+            print(f"\nheatmap of α written to {plot}")

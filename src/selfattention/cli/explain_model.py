@@ -1,0 +1,150 @@
+"""``selfattention explain --model minilm "TEXT"``: the walk-through on a real sentence with a real head.
+
+``explain`` hands over to :func:`explain_model` when ``--model`` is given; :func:`add_model_arguments` adds
+``--model`` to its parser, whose ``--layer`` (here 1-6, default 1), ``--head`` (0-11) and positional ``TEXT``
+this module reads. ``--query``, ``--all``,
+``--plot`` and ``--format`` keep their meaning from ``explain``; the options that choose the worked
+example's inputs or projections (``--embeddings``, ``--tokens``, ``--projections``, ``--causal``) do not apply,
+since the model's own tokens and learned W^Q, W^K, W^V are used, and the model always scales by 1/sqrt(D).
+``--query`` keeps ``explain``'s default, "journey", the worked example's word and so a word piece of the
+default TEXT; for a TEXT without it, the query is the first word piece after ``[CLS]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from selfattention.cli.errors import UsageError
+from selfattention.cli.pretrained_models import MODELS, load_model
+from selfattention.models.walkthrough import HeadWalkthrough, head_walkthrough
+from selfattention.walkthrough import find_query
+
+DEFAULT_TEXT = "Your journey starts with one step"
+DEFAULT_QUERY = "journey"
+SHOWN = 6  # numbers shown of each D-wide vector in the text output
+_NOT_WITH_MODEL = ("embeddings", "tokens", "projections", "causal")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--model`` to ``explain``'s parser (``TEXT``, ``--layer`` and ``--head`` are ``explain``'s own)."""
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        help="walk through one head of a real pretrained model (all-MiniLM-L6-v2) on TEXT instead; "
+        f'layers 1-6 (default 1), heads 0-11; TEXT defaults to "{DEFAULT_TEXT}"',
+    )
+
+
+def explain_model(args: argparse.Namespace) -> int:
+    """Print (and with ``--plot`` draw) the walk-through of ``args.model``'s head on ``args.text``."""
+    for name in _NOT_WITH_MODEL:
+        if getattr(args, name, None):
+            raise UsageError(f"--{name} does not apply with --model: the model's own tokens and W^Q, W^K, W^V are used")
+    text = DEFAULT_TEXT if args.text is None else args.text
+    model = load_model(args.model)
+    layer = 1 if args.layer is None else args.layer
+    result = head_walkthrough(model, text, layer=layer, head=args.head)
+    tokens = result.walk.tokens
+    query = getattr(args, "query", None) or DEFAULT_QUERY
+    if query == DEFAULT_QUERY and DEFAULT_QUERY not in tokens:
+        query = "1"  # the default query is the worked example's word; otherwise take the first word piece
+    indices = list(range(len(tokens))) if getattr(args, "all", False) else [find_query(tokens, query)]
+    plot = getattr(args, "plot", None)
+    if plot:
+        from selfattention.viz.heatmap import plot_weights
+
+        title = f"{result.model}, layer {result.layer}, head {result.head}: attention weights α"
+        plot_weights(result.walk.weights, tokens, tokens, plot, title=title)
+    if getattr(args, "format", "text") == "json":
+        sys.stdout.write(to_json(result, indices))
+        return 0
+    sys.stdout.write(to_text(result, indices))
+    if plot:
+        print(f"\nheatmap of α written to {plot}")
+    return 0
+
+
+def _vector(values: Tensor, shown: int = SHOWN) -> str:
+    cells = ", ".join(f"{float(v):.4f}" for v in values[:shown])
+    return f"[{cells}, ...] ({values.numel()} numbers)" if values.numel() > shown else f"[{cells}]"
+
+
+def to_text(result: HeadWalkthrough, indices: Sequence[int]) -> str:
+    """The walk-through as the text the command prints."""
+    walk = result.walk
+    tokens = walk.tokens
+    (length, width_in), width = walk.inputs.shape, walk.values.shape[1]
+    source = "the embedding output" if result.layer == 1 else f"the output of layer {result.layer - 1}"
+    first, last = result.head * width, (result.head + 1) * width - 1
+    assert walk.projections is not None and walk.scale is not None
+    lines = [
+        f'{result.model}, layer {result.layer}, head {result.head} of {result.num_heads}: "{" ".join(tokens)}"',
+        f"x: {length} word pieces, each a vector of width {width_in} ({source}).",
+        f"The head's learned W^Q, W^K, W^V are ({width_in}, {width}) each, with biases b^Q, b^K, b^V of width "
+        f"{width}: output features {first}-{last} of the layer's {width_in} x {width_in} projections.",
+        f"  W^Q[0] = {_vector(walk.projections[0][0])}",
+        f"  b^Q    = {_vector(result.biases[0])}",
+        f"Scores are scaled by 1/sqrt({width}) = {walk.scale:.4f}; no mask: every word piece sees every other.",
+        "",
+        "The four steps, for query token i:",
+        "  1. project  q_i = x_i W^Q + b^Q, k_j = x_j W^K + b^K, v_j = x_j W^V + b^V",
+        "  2. scores   ω_ij = q_i · k_j",
+        "  3. weights  α_ij = softmax_j(ω_ij · scale)",
+        "  4. context  z_i = Σ_j α_ij v_j",
+    ]
+    for i in indices:
+        lines += _one_query(result, i)
+    lines += ["", "Attention weights α (row: query, column: key; each row sums to 1):"]
+    label = max(8, *(len(t) + 1 for t in tokens))
+    lines.append(" " * label + "".join(f"{t[:8]:>9}" for t in tokens))
+    for token, row in zip(tokens, walk.weights, strict=True):
+        lines.append(f"{token:<{label}}" + "".join(f"{float(v):9.4f}" for v in row))
+    lines += [
+        "",
+        f"Each z_i ({width} numbers) is joined with the other {result.num_heads - 1} heads' into a vector of "
+        f"width {width_in}, which out_proj mixes into the layer's attention output.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _one_query(result: HeadWalkthrough, i: int) -> list[str]:
+    walk = result.walk
+    assert walk.scale is not None
+    lines = ["", f'Query {i} "{walk.tokens[i]}": q = {_vector(walk.queries[i])}', ""]
+    lines.append(f"  {'j':>2}  {'token':<12} {'ω_ij':>9} {'ω_ij·scale':>11} {'α_ij':>8}")
+    for j, token in enumerate(walk.tokens):
+        omega = float(walk.scores[i, j])
+        lines.append(f"  {j:>2}  {token:<12} {omega:9.4f} {omega * walk.scale:11.4f} {float(walk.weights[i, j]):8.4f}")
+    lines.append(f"  {'':>2}  {'sum':<12} {'':>9} {'':>11} {float(walk.weights[i].sum()):8.4f}")
+    lines.append(f"  z_{i} = Σ_j α_ij v_j = {_vector(walk.context[i])}")
+    return lines
+
+
+def to_json(result: HeadWalkthrough, indices: Sequence[int]) -> str:
+    """The walk-through as a JSON document (full-precision numbers, the whole W^Q, W^K, W^V of the head)."""
+    walk = result.walk
+    assert walk.projections is not None
+    document = {
+        "model": result.model,
+        "layer": result.layer,
+        "head": result.head,
+        "tokens": walk.tokens,
+        "inputs": walk.inputs.tolist(),
+        "projections": dict(zip(("W_query", "W_key", "W_value"), (w.tolist() for w in walk.projections), strict=True)),
+        "biases": dict(zip(("b_query", "b_key", "b_value"), (b.tolist() for b in result.biases), strict=True)),
+        "queries": walk.queries.tolist(),
+        "keys": walk.keys.tolist(),
+        "values": walk.values.tolist(),
+        "scale": walk.scale,
+        "causal": False,
+        "scores": walk.scores.tolist(),
+        "weights": walk.weights.tolist(),
+        "context": walk.context.tolist(),
+        "walkthrough": [{"index": i, "token": walk.tokens[i]} for i in indices],
+    }
+    return json.dumps(document, indent=2) + "\n"

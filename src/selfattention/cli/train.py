@@ -1,0 +1,106 @@
+"""``selfattention train``: train a small GPT on a text corpus (Shakespeare by default)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from selfattention.training.recipe import PRESETS
+
+# option name -> (GPTConfig or TrainConfig field, type, help)
+MODEL_OPTIONS: dict[str, tuple[str, type, str]] = {
+    "--context": ("context_length", int, "tokens the model sees at once"),
+    "--width": ("emb_dim", int, "model width C"),
+    "--layers": ("num_layers", int, "transformer blocks"),
+    "--heads": ("num_heads", int, "attention heads"),
+    "--kv-heads": ("num_kv_heads", int, "key/value heads (grouped-query attention)"),
+    "--dropout": ("dropout", float, "dropout probability in training"),
+}
+TRAIN_OPTIONS: dict[str, tuple[str, type, str]] = {
+    "--steps": ("max_steps", int, "optimisation steps"),
+    "--batch-size": ("batch_size", int, "sequences per step (per process under torchrun)"),
+    "--lr": ("learning_rate", float, "peak learning rate"),
+    "--warmup": ("warmup_steps", int, "linear warmup steps"),
+    "--eval-interval": ("eval_interval", int, "steps between validations and checkpoints"),
+    "--seed": ("seed", int, "seed of the weights and the data order"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``train`` command."""
+    parser = sub.add_parser(
+        "train",
+        help="train a small GPT by next-token prediction",
+        description="Train a small GPT on a text corpus (four Shakespeare plays when no --corpus is given). "
+        "Writes checkpoints and loss.png into --out. Under `torchrun --nproc_per_node=N -m selfattention "
+        "train` it trains data-parallel.",
+    )
+    parser.add_argument("--corpus", metavar="FILE", help="UTF-8 text file (default: the shipped Shakespeare)")
+    parser.add_argument("--out", metavar="DIR", default="gpt-out", help="checkpoint folder (default: gpt-out)")
+    parser.add_argument(
+        "--config", choices=list(PRESETS), default="small", help="model and schedule preset (default: small)"
+    )
+    parser.add_argument("--tokenizer", choices=["char", "bpe"], default="char", help="default: char")
+    parser.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size (default: 512)")
+    parser.add_argument("--rope", action="store_true", default=None, help="rotary positions instead of learned")
+    for name, (_, kind, text) in {**MODEL_OPTIONS, **TRAIN_OPTIONS}.items():
+        parser.add_argument(name, type=kind, help=f"{text} (default: from --config)")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op CPU threads per process (default: 1, fastest for models this small; see the README)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def _overrides(args: argparse.Namespace, options: dict[str, tuple[str, type, str]]) -> dict[str, Any]:
+    chosen = {}
+    for name, (field, _, _) in options.items():
+        value = getattr(args, name.lstrip("-").replace("-", "_"))
+        if value is not None:
+            chosen[field] = value
+    return chosen
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, then print where the checkpoint is and the final losses."""
+    import torch
+
+    from selfattention.training.recipe import RunOptions, train_gpt
+
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    model = _overrides(args, MODEL_OPTIONS)
+    if args.rope:
+        model["rope"] = True
+    options = RunOptions(
+        out=Path(args.out),
+        corpus=args.corpus,
+        preset=args.config,
+        tokenizer=args.tokenizer,
+        bpe_vocab_size=args.vocab_size,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        model=model,
+        train=_overrides(args, TRAIN_OPTIONS),
+    )
+    try:
+        result = train_gpt(options)
+    except KeyboardInterrupt:
+        print(f"interrupted; continue from the last checkpoint in {args.out} with --resume")
+        raise
+    if result.rank == 0:
+        val = f", val loss {result.history.val[-1][1]:.4f}" if result.history.val else ""
+        train = result.history.train[-1][1] if result.history.train else float("nan")
+        print(
+            f"step {result.step}: train loss {train:.4f}{val} ({result.parameters:,} parameters, "
+            f"{result.seconds:.0f} s); checkpoint and loss.png in {result.out}"
+        )
+    return 0

@@ -1,0 +1,72 @@
+"""``selfattention view``: write the interactive attention viewer to one self-contained HTML file, or serve it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from selfattention.files import write_text
+
+DEFAULT_OUT = "attention-view.html"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``view`` command."""
+    parser = sub.add_parser(
+        "view",
+        help="look at attention in the browser: one self-contained HTML page",
+        description="Write an interactive attention viewer (tokens, lines as thick as the weights, every head, "
+        "the numbers ω, α and z for the token under the mouse) as one HTML file that works offline, or serve "
+        "it on 127.0.0.1. With no arguments: the worked example.",
+    )
+    parser.add_argument("text", nargs="?", help="the text to look at (default: the worked example's sentence)")
+    parser.add_argument(
+        "--model",
+        default="example",
+        help="example (the worked example's embeddings, default), minilm (the pretrained encoder), "
+        "or a checkpoint folder of a trained GPT",
+    )
+    parser.add_argument("--out", metavar="FILE.html", help=f"where to write the page (default: {DEFAULT_OUT})")
+    parser.add_argument("--serve", action="store_true", help="serve the page on 127.0.0.1 until Ctrl-C")
+    parser.add_argument("--port", type=int, default=8000, help="port for --serve (default: 8000; 0 = any free)")
+    parser.add_argument("--heads", type=int, default=4, help="heads of the example's random layer (default: 4)")
+    parser.add_argument("--causal", action="store_true", help="example: mask future tokens")
+    parser.add_argument("--seed", type=int, default=123, help="example: seed of the random projections")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the page; write it, serve it, or both."""
+    from selfattention.viz.sources import model_view
+
+    try:
+        view = model_view(args.model, args.text, num_heads=args.heads, causal=args.causal, seed=args.seed)
+    except ImportError as error:  # an optional model whose packages are not installed: say what to install
+        raise ValueError(str(error)) from error
+    page = view.to_html()
+    heads = sum(len(layer) for layer in view.layers)
+    summary = f"{len(view.tokens)} tokens, {len(view.layers)} layers, {heads} heads, {len(page) / 1024:.0f} KiB"
+    if args.out or not args.serve:
+        out = args.out or DEFAULT_OUT
+        write_text(out, page)
+        print(f"wrote {out} ({summary}); open it in a browser, no network needed")
+    if args.serve:
+        serve(page, args.port, summary)
+    return 0
+
+
+def serve(page: str, port: int, summary: str) -> None:
+    """Serve ``page`` on 127.0.0.1 until interrupted."""
+    from selfattention.viz.serve import make_server
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {port}")
+    server = make_server(page, port=port)
+    host, bound = server.server_address[:2]
+    print(f"serving http://{host!s}:{bound}/ ({summary}); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()

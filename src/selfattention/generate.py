@@ -1,0 +1,158 @@
+"""Text generation from a language model, one token at a time, with or without a KV cache.
+
+Without a cache every step runs the model on the whole sequence so far. With one (``use_cache=True``), the
+prompt is run once (``prefill``, in chunks of ``prefill_chunk`` tokens if given) to fill a preallocated
+cache per layer, and each step then runs only the newest token, whose keys and values are appended. Both
+paths give the same logits (to float32 rounding) and, greedily, the same tokens.
+
+Context overflow: a prompt plus output longer than the model's ``context_length`` is an error unless
+``slide=True``. Sliding without a cache conditions each step on the last ``context_length`` tokens; with a
+cache, when it is full it is refilled from the last ``context_length // 2`` tokens and decoding continues
+(so the two paths then see different amounts of context and may differ).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from selfattention.modules import KVCache
+
+
+class CausalLM(Protocol):
+    """What :func:`generate` needs: a config with ``context_length``, caches, and ``model(idx, kv_caches=)``."""
+
+    @property
+    def config(self) -> Any:
+        """Has ``context_length``."""
+        ...
+
+    def make_kv_caches(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
+        """One cache per layer."""
+        ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``model(idx, kv_caches=...)`` returns ``(logits (B, T, V), loss or None)``."""
+        ...
+
+
+def sample_next(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Pick the next token from ``logits (B, V)``: greedy when ``temperature == 0``, else sample.
+
+    Returns:
+        ``(B, 1)`` token ids.
+
+    Raises:
+        ValueError: for a negative temperature or ``top_k < 1``.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be at least 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    model: CausalLM,
+    idx: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    prefill_chunk: int | None = None,
+    slide: bool = False,
+    on_token: Callable[[Tensor], None] | None = None,
+) -> Tensor:
+    """Continue ``idx (B, T0)`` by ``max_new_tokens`` tokens; returns ``(B, T0 + max_new_tokens)``.
+
+    Args:
+        model: a causal language model such as :class:`selfattention.GPT` (put in eval mode by the caller).
+        idx: the prompt's token ids, at least one per row.
+        temperature: 0 for greedy decoding. top_k: sample only among the ``top_k`` likeliest tokens.
+        generator: the random source of sampling.
+        use_cache: decode with a KV cache. prefill_chunk: feed the prompt to the cache this many tokens at
+            a time (default: all at once).
+        slide: allow output beyond the context (see the module docstring).
+        on_token: called with each new ``(B, 1)`` token (for streaming output).
+
+    Raises:
+        ValueError: an empty prompt, or prompt plus output beyond the context without ``slide``.
+    """
+    context = int(model.config.context_length)
+    if idx.dim() != 2 or idx.shape[1] < 1:
+        raise ValueError(f"the prompt must be (batch, tokens) with at least one token, got {tuple(idx.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
+    total = idx.shape[1] + max_new_tokens
+    if total > context and not slide:
+        raise ValueError(
+            f"prompt ({idx.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
+            f"model's context_length={context}; shorten them or allow sliding"
+        )
+    if idx.shape[1] > context and not slide:
+        raise ValueError(f"the prompt has {idx.shape[1]} tokens, more than context_length={context}")
+    step = _cached_stepper(model, idx, context, prefill_chunk) if use_cache else _full_stepper(model, context)
+    logits = step(idx, None)
+    for _ in range(max_new_tokens):
+        token = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
+        idx = torch.cat([idx, token], dim=1)
+        if on_token is not None:
+            on_token(token)
+        if _ < max_new_tokens - 1:
+            logits = step(idx, token)
+    return idx
+
+
+Stepper = Callable[[Tensor, Tensor | None], Tensor]
+
+
+def _full_stepper(model: CausalLM, context: int) -> Stepper:
+    """Each step: the whole sequence (its last ``context`` tokens) through the model."""
+
+    def step(idx: Tensor, new: Tensor | None) -> Tensor:
+        return model(idx[:, -context:])[0][:, -1, :]
+
+    return step
+
+
+def _cached_stepper(model: CausalLM, prompt: Tensor, context: int, chunk: int | None) -> Stepper:
+    """Prefill the caches with the prompt, then one token per step; refill when the cache is full."""
+    caches = model.make_kv_caches(prompt.shape[0], context)
+
+    def prefill(tokens: Tensor) -> Tensor:
+        for cache in caches:
+            cache.reset()
+        size = chunk or tokens.shape[1]
+        logits = None
+        for begin in range(0, tokens.shape[1], size):
+            logits = model(tokens[:, begin : begin + size], kv_caches=caches)[0]
+        assert logits is not None
+        return logits[:, -1, :]
+
+    def step(idx: Tensor, new: Tensor | None) -> Tensor:
+        if new is None:
+            return prefill(idx[:, -context:])
+        if caches[0].length >= context:  # full: keep the last half of the context and refill
+            return prefill(idx[:, -max(1, context // 2) :])
+        return model(new, kv_caches=caches)[0][:, -1, :]
+
+    return step

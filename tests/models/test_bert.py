@@ -1,0 +1,107 @@
+"""The BERT encoder on small random weights: name mapping, loading checks, and equality with transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfattention.models.bert import BertConfig, BertEncoder, hf_name, load_hf_state_dict, mean_pool
+
+SMALL = {
+    "vocab_size": 50,
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 32,
+    "max_position_embeddings": 12,
+}
+
+
+def test_hf_names_map_to_ours() -> None:
+    assert hf_name("encoder.layer.3.attention.self.query.weight") == "layers.3.attention.W_query.weight"
+    assert hf_name("encoder.layer.0.attention.output.dense.bias") == "layers.0.attention.out_proj.bias"
+    assert hf_name("encoder.layer.5.output.LayerNorm.weight") == "layers.5.output_norm.weight"
+    assert hf_name("bert.embeddings.word_embeddings.weight") == "embeddings.word.weight"
+    assert hf_name("pooler.dense.weight") is None
+    assert hf_name("embeddings.position_ids") is None
+    with pytest.raises(KeyError, match=r"unexpected weight 'encoder.layer.0.crossattention.weight'"):
+        hf_name("encoder.layer.0.crossattention.weight")
+
+
+def _hf_pair(seed: int = 0):  # type: ignore[no-untyped-def]
+    transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is not installed")
+    torch.manual_seed(seed)
+    reference = transformers.BertModel(transformers.BertConfig(**SMALL, hidden_act="gelu")).eval()
+    ours = BertEncoder(BertConfig(**SMALL))
+    load_hf_state_dict(ours, reference.state_dict())
+    return reference, ours.eval()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_weights_equal_transformers_bertmodel(seed: int) -> None:
+    reference, ours = _hf_pair(seed)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, SMALL["vocab_size"], (3, 7), generator=generator)
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 2 + [0] * 5])
+    types = torch.randint(0, 2, (3, 7), generator=generator)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+        got = ours(ids, mask, types)
+    assert len(got.hidden_states) == len(expected.hidden_states) == SMALL["num_hidden_layers"] + 1
+    for mine, theirs in zip(got.hidden_states, expected.hidden_states, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_does_not_change_real_tokens() -> None:
+    torch.manual_seed(0)
+    encoder = BertEncoder(BertConfig(**SMALL)).eval()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    with torch.no_grad():
+        batched = encoder(ids, torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])).last_hidden_state
+        alone = encoder(ids[1:, :2]).last_hidden_state
+    torch.testing.assert_close(batched[1, :2], alone[0])
+
+
+def test_load_names_missing_and_unexpected_weights() -> None:
+    reference, ours = _hf_pair()
+    state = dict(reference.state_dict())
+    del state["encoder.layer.1.attention.self.key.bias"]
+    state["encoder.layer.1.attention.self.rotary.weight"] = torch.zeros(1)
+    with pytest.raises(
+        ValueError,
+        match=r"missing \['layers.1.attention.W_key.bias'\], unexpected \['encoder.layer.1.attention.self.rotary",
+    ):
+        load_hf_state_dict(ours, state)
+
+
+def test_load_names_a_shape_mismatch() -> None:
+    reference, _ = _hf_pair()
+    wider = BertEncoder(BertConfig(**{**SMALL, "intermediate_size": 40}))
+    with pytest.raises(ValueError, match=r"size mismatch for layers.0.intermediate.weight"):
+        load_hf_state_dict(wider, reference.state_dict())
+
+
+def test_config_rejects_what_the_encoder_does_not_implement() -> None:
+    assert BertConfig.from_dict({**SMALL, "model_type": "bert", "hidden_act": "gelu"}).hidden_size == 16
+    with pytest.raises(ValueError, match="hidden_act is 'relu'"):
+        BertConfig.from_dict({"hidden_act": "relu"})
+    with pytest.raises(ValueError, match="position_embedding_type is 'relative_key'"):
+        BertConfig.from_dict({"position_embedding_type": "relative_key"})
+
+
+def test_encoder_rejects_bad_ids() -> None:
+    encoder = BertEncoder(BertConfig(**SMALL))
+    with pytest.raises(ValueError, match="13 word pieces exceed the 12 positions"):
+        encoder(torch.ones(1, 13, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\), got 1..50"):
+        encoder(torch.tensor([[1, 50]]))
+    with pytest.raises(ValueError, match="input_ids must be integer"):
+        encoder(torch.ones(1, 3))
+    with pytest.raises(ValueError, match="attention_mask"):
+        encoder(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 4))
+
+
+def test_mean_pool_leaves_out_padding_and_normalises() -> None:
+    hidden = torch.tensor([[[3.0, 0.0], [1.0, 0.0], [100.0, 100.0]]])
+    pooled = mean_pool(hidden, torch.tensor([[True, True, False]]))
+    torch.testing.assert_close(pooled, torch.tensor([[1.0, 0.0]]))

@@ -1,0 +1,137 @@
+"""``selfattention train`` and ``generate``: a real (tiny) run, Ctrl-C and resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from selfattention.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CORPUS = "".join(
+    f"{name}:\nTo be, or not to be, that is the question {i}.\n\n"
+    for i, name in enumerate(["HAMLET", "OPHELIA", "HORATIO"] * 60)
+)
+TINY = ["--config", "tiny", "--width", "16", "--context", "16", "--eval-interval", "10", "--no-progress"]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(CORPUS, encoding="utf-8")
+    return path
+
+
+def history(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())["trainer"]["history"]
+
+
+def test_train_lowers_the_loss_and_generates(corpus: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), *TINY, "--steps", "60"]) == 0
+    printed = capsys.readouterr().out
+    assert "step 60: train loss" in printed and "val loss" in printed
+    losses = history(out)
+    assert len(losses["train"]) == 60 and [s for s, _ in losses["val"]] == [10, 20, 30, 40, 50, 60]
+    assert losses["val"][-1][1] < 0.8 * losses["val"][0][1]  # from ~log(V) towards the repeated text
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code = main(["generate", "--checkpoint", str(out), "To be", "--max-new-tokens", "30", "--temperature", "0"])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert text.startswith("To be") and len(text.rstrip("\n")) == 35
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_equals_uninterrupted(corpus: Path, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) mid-run saves a checkpoint; --resume then reproduces the uninterrupted losses exactly."""
+    args = ["--corpus", str(corpus), *TINY, "--steps", "200", "--threads", "1"]
+    assert main(["train", "--out", str(tmp_path / "whole"), *args]) == 0
+    folder = tmp_path / "cut"
+    command = [sys.executable, "-m", "selfattention", "train", "--out", str(folder), *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (folder / "config.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    cut = history(folder)
+    step = len(cut["train"])
+    assert 10 <= step < 200, "the run finished before the interrupt: make it longer"
+    whole = history(tmp_path / "whole")
+    assert cut["train"] == whole["train"][:step]
+    assert main(["train", "--out", str(folder), "--resume", "--corpus", str(corpus), "--no-progress"]) == 0
+    resumed = history(folder)
+    assert resumed["train"] == whole["train"]  # exactly: same weights, moments, data order and RNG
+    assert resumed["val"] == whole["val"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "is empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "looks binary (it contains a NUL byte at offset 8)"),
+        (b"short", "the training split has 4 tokens, fewer than context + 1 = 17"),
+    ],
+)
+def test_bad_corpus_is_one_line_exit_2(tmp_path: Path, capsys, content: bytes, message: str) -> None:
+    path = tmp_path / "corpus.bin"
+    path.write_bytes(content)
+    assert main(["train", "--corpus", str(path), "--out", str(tmp_path / "o"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfattention train: error: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_generate_errors(corpus: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), *TINY, "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out), "Zebra ✓"]) == 2
+    err = capsys.readouterr().err
+    assert "not in the tokenizer's vocabulary of" in err and "'Z'" in err and "'✓'" in err
+    assert main(["generate", "--checkpoint", str(out), "To be", "--max-new-tokens", "40", "--no-slide"]) == 2
+    assert "exceeds the model's context_length=16" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(tmp_path / "none"), "To"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    config["model"]["emb_dim"] = 32
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["generate", "--checkpoint", str(out), "To"]) == 2
+    assert "model.safetensors: tensor tok_emb.weight has shape" in capsys.readouterr().err
+    os.truncate(out / "model.safetensors", 100)
+    assert main(["generate", "--checkpoint", str(out), "To"]) == 2
+    assert "model.safetensors is not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_resume_refuses_new_settings_and_another_corpus(corpus: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), *TINY, "--steps", "2"]) == 0
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), *TINY, "--steps", "2"]) == 2
+    assert "already holds a checkpoint; pass --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), "--resume", "--steps", "9"]) == 2
+    assert "--resume continues the saved configuration; do not also set ['max_steps']" in capsys.readouterr().err
+    other = tmp_path / "other.txt"
+    other.write_text(CORPUS.upper(), encoding="utf-8")
+    assert main(["train", "--corpus", str(other), "--out", str(out), "--resume"]) == 2
+    assert "trained on a different corpus" in capsys.readouterr().err
+
+
+def test_bpe_tokenizer_trains_saves_and_generates(corpus: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bpe"
+    argv = ["train", "--corpus", str(corpus), "--out", str(out), *TINY, "--steps", "3"]
+    assert main([*argv, "--tokenizer", "bpe", "--vocab-size", "300"]) == 0
+    tokenizer = json.loads((out / "tokenizer.json").read_text())
+    assert tokenizer["model"]["type"] == "BPE"
+    assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == 300
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out), "Zebra ✓", "--max-new-tokens", "5"]) == 0  # bytes: no unknowns
+    assert capsys.readouterr().out.startswith("Zebra ✓")

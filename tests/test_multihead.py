@@ -1,0 +1,344 @@
+"""MultiHeadAttention: a float64 reference from the math core, PyTorch interop, grouped-query heads,
+padding, dropout, the KV cache, the position hook, backend choice and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from selfattention import KVCache, MultiHeadAttention
+from selfattention.backends import BACKENDS, Backend
+from selfattention.functional import attention_scores, attention_weights, causal_mask, context_vectors
+
+
+def reference(module: MultiHeadAttention, x, key_padding_mask=None):
+    """The module's computation in float64 from the math core's steps, heads written out."""
+    p = {name: t.detach().double() for name, t in module.named_parameters()}
+    x = x.double()
+    batch, num_tokens, _ = x.shape
+    heads, kv_heads, width = module.num_heads, module.num_kv_heads, module.head_dim
+
+    def project(name, n):
+        out = F.linear(x, p[f"{name}.weight"], p.get(f"{name}.bias"))
+        return out.view(batch, num_tokens, n, width).transpose(1, 2)
+
+    q, k, v = project("W_query", heads), project("W_key", kv_heads), project("W_value", kv_heads)
+    k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+    mask = torch.ones(batch, 1, num_tokens, num_tokens, dtype=torch.bool)
+    if module.causal:
+        mask = mask & causal_mask(num_tokens, num_tokens)
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :]
+    weights = attention_weights(attention_scores(q, k), mask=mask, scale=1 / math.sqrt(width))
+    merged = context_vectors(weights, v).transpose(1, 2).reshape(batch, num_tokens, module.d_out)
+    return F.linear(merged, p["out_proj.weight"], p.get("out_proj.bias"))
+
+
+def make(seed=0, d_in=12, d_out=12, heads=4, dropout=0.0, **kwargs):
+    torch.manual_seed(seed)
+    return MultiHeadAttention(d_in, d_out, 16, dropout, heads, **kwargs).eval()
+
+
+def test_parameters_in_chapter_order_and_shapes():
+    module = make(qkv_bias=True, num_kv_heads=2)
+    names = [name for name, _ in module.named_parameters()]
+    assert names == [f"{n}.{p}" for n in ("W_query", "W_key", "W_value", "out_proj") for p in ("weight", "bias")]
+    assert module.W_key.weight.shape == (6, 12)  # 2 kv heads of width 3
+    assert "num_heads=4, num_kv_heads=2, head_dim=3, context_length=16" in repr(module)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("qkv_bias", [False, True])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("backend", ["auto", "math", "sdpa"])
+def test_equals_float64_reference(causal, qkv_bias, kv_heads, backend):
+    module = make(causal=causal, qkv_bias=qkv_bias, num_kv_heads=kv_heads, backend=backend, d_in=10)
+    x = torch.randn(3, 7, 10)
+    assert_close(module(x).double(), reference(module, x), atol=2e-6, rtol=1e-5)
+
+
+def test_unbatched_input_equals_batch_of_one():
+    module = make()
+    x = torch.randn(5, 12)
+    assert module(x).shape == (5, 12)
+    assert_close(module(x), module(x[None])[0])
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_grouped_query_equals_full_heads_with_repeated_keys(kv_heads):
+    grouped = make(num_kv_heads=kv_heads, qkv_bias=True)
+    full = make(seed=9, qkv_bias=True)
+    repeat = 4 // kv_heads
+    with torch.no_grad():
+        full.W_query.load_state_dict(grouped.W_query.state_dict())
+        full.out_proj.load_state_dict(grouped.out_proj.state_dict())
+        for name in ("W_key", "W_value"):
+            src, dst = getattr(grouped, name), getattr(full, name)
+            # (G * D, C) -> (G, D, C) -> (H, D, C) -> (H * D, C): each key/value head serves `repeat` queries
+            dst.weight.copy_(src.weight.view(kv_heads, 3, 12).repeat_interleave(repeat, 0).reshape(12, 12))
+            dst.bias.copy_(src.bias.view(kv_heads, 3).repeat_interleave(repeat, 0).reshape(12))
+    x = torch.randn(2, 6, 12)
+    assert_close(grouped(x), full(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("padding", [False, True])
+def test_from_torch_matches_torch(bias, padding):
+    torch.manual_seed(10)
+    theirs = torch.nn.MultiheadAttention(12, 4, bias=bias, batch_first=True).eval()
+    ours = MultiHeadAttention.from_torch(theirs)
+    x = torch.randn(3, 6, 12)
+    keep = torch.ones(3, 6, dtype=torch.bool)
+    if padding:
+        keep[1, 4:] = False
+        keep[2, 2:] = False
+    want, _ = theirs(x, x, x, key_padding_mask=~keep if padding else None, need_weights=False)
+    got = ours(x, key_padding_mask=keep if padding else None)
+    assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+@pytest.mark.parametrize("out_bias", [False, True])
+def test_to_torch_matches_ours(qkv_bias, out_bias):
+    ours = make(causal=True, qkv_bias=qkv_bias, out_bias=out_bias)
+    theirs = ours.to_torch()
+    assert theirs.batch_first and not theirs.training
+    x = torch.randn(2, 6, 12)
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[0, 5:] = False
+    future = ~causal_mask(6, 6)  # PyTorch: True = ignore
+    want, _ = theirs(x, x, x, attn_mask=future, key_padding_mask=~keep, need_weights=False)
+    assert_close(ours(x, key_padding_mask=keep), want, atol=1e-6, rtol=1e-5)
+    back = MultiHeadAttention.from_torch(theirs, causal=True)
+    assert_close(back(x), ours(x), atol=1e-6, rtol=1e-5)
+
+
+def test_interop_rejects_what_the_other_side_lacks():
+    with pytest.raises(ValueError, match="num_kv_heads=2"):
+        make(num_kv_heads=2).to_torch()
+    with pytest.raises(ValueError, match="d_in=10, d_out=12"):
+        make(d_in=10).to_torch()
+    with pytest.raises(ValueError, match="kdim=5"):
+        MultiHeadAttention.from_torch(torch.nn.MultiheadAttention(12, 4, kdim=5, vdim=5))
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        MultiHeadAttention.from_torch(torch.nn.MultiheadAttention(12, 4, add_bias_kv=True))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_padded_row_equals_the_sequence_alone(causal):
+    module = make(causal=causal)
+    short, long = torch.randn(4, 12), torch.randn(6, 12)
+    batch = torch.stack([torch.cat([short, torch.randn(2, 12)]), long])
+    keep = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    out = module(batch, key_padding_mask=keep)
+    assert_close(out[0, :4], module(short), atol=1e-6, rtol=1e-5)
+    assert_close(out[1], module(long), atol=1e-6, rtol=1e-5)
+
+
+def test_eval_is_deterministic_and_equals_no_dropout():
+    with_dropout = make(dropout=0.3)
+    without = make()
+    x = torch.randn(2, 6, 12)
+    assert torch.equal(with_dropout(x), with_dropout(x))
+    assert_close(with_dropout(x), without(x))
+
+
+def test_training_dropout_is_reproducible_and_keeps_about_1_minus_p():
+    torch.manual_seed(0)
+    p = 0.25
+    module = MultiHeadAttention(16, 16, 64, p, 4, causal=False).train()
+    x = torch.randn(4, 64, 16)
+    torch.manual_seed(11)
+    out1, weights1 = module(x, return_weights=True)
+    torch.manual_seed(11)
+    out2, weights2 = module(x, return_weights=True)
+    assert torch.equal(out1, out2) and torch.equal(weights1, weights2)
+    kept = float((weights1 > 0).float().mean())  # every weight is positive before dropout (no mask)
+    # 65536 Bernoulli(0.75) draws: standard deviation 0.0017, so 0.01 is about six of them
+    assert abs(kept - (1 - p)) < 0.01
+    # survivors are scaled by 1/(1-p)
+    _, plain = module.eval()(x, return_weights=True)
+    survivors = weights1 > 0
+    assert_close(weights1[survivors], plain[survivors] / (1 - p))
+
+
+def test_gradients_reach_every_weight():
+    module = make(qkv_bias=True, num_kv_heads=2).train()
+    module(torch.randn(2, 6, 12)).square().sum().backward()
+    for name, parameter in module.named_parameters():
+        assert parameter.grad is not None and bool(parameter.grad.abs().sum() > 0), name
+
+
+@pytest.mark.parametrize("kv_heads", [1, 4])
+def test_kv_cache_decoding_equals_the_full_pass(kv_heads):
+    module = make(num_kv_heads=kv_heads)
+    x = torch.randn(2, 9, 12)
+    full = module(x)
+    cache = module.make_kv_cache(2)
+    assert cache.keys.shape == (2, kv_heads, 16, 3)
+    with torch.no_grad():
+        steps = [module(x[:, :5], kv_cache=cache)]  # a prompt of 5 tokens, then one token at a time
+        steps += [module(x[:, t : t + 1], kv_cache=cache) for t in range(5, 9)]
+    assert cache.length == 9
+    assert_close(torch.cat(steps, dim=1), full, atol=1e-6, rtol=1e-5)
+    cache.reset()
+    assert cache.length == 0
+
+
+def test_kv_cache_errors():
+    cache = KVCache(1, 2, 4, 3)
+    with pytest.raises(ValueError, match=r"does not fit a cache of shape \(1, 2, 4, 3\)"):
+        cache.update(torch.ones(1, 1, 2, 3), torch.ones(1, 1, 2, 3))
+    cache.update(torch.ones(1, 2, 3, 3), torch.ones(1, 2, 3, 3))
+    with pytest.raises(ValueError, match="3 cached \\+ 2 new positions exceed max_len=4"):
+        cache.update(torch.ones(1, 2, 2, 3), torch.ones(1, 2, 2, 3))
+    module = make()
+    cache = module.make_kv_cache(1, 40)
+    with torch.no_grad():
+        module(torch.randn(1, 10, 12), kv_cache=cache)
+        with pytest.raises(ValueError, match=r"17 tokens \(10 cached \+ 7 new\) exceed context_length=16"):
+            module(torch.randn(1, 7, 12), kv_cache=cache)
+
+
+def rotate(q, k, start):
+    """A rotary embedding of the usual form, for the hook test."""
+
+    def apply(t):
+        half = t.shape[-1] // 2
+        positions = torch.arange(start, start + t.shape[-2], dtype=t.dtype)[:, None]
+        angles = positions / 100.0 ** (torch.arange(half, dtype=t.dtype) / half)
+        cos, sin = angles.cos(), angles.sin()
+        a, b = t[..., :half], t[..., half:]
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+    return apply(q), apply(k)
+
+
+def test_position_hook_sees_positions_and_agrees_with_the_cache():
+    module = make(d_out=16, heads=4)
+    x = torch.randn(1, 6, 12)
+    full = module(x, rope=rotate)
+    assert not torch.allclose(full, module(x))
+    cache = module.make_kv_cache(1)
+    with torch.no_grad():
+        steps = [module(x[:, :3], kv_cache=cache, rope=rotate)]
+        steps += [module(x[:, t : t + 1], kv_cache=cache, rope=rotate) for t in range(3, 6)]
+    assert_close(torch.cat(steps, dim=1), full, atol=1e-6, rtol=1e-5)
+
+
+def spy(monkeypatch):
+    """Count calls per backend."""
+    calls: dict[str, int] = {}
+    for name, backend in list(BACKENDS.items()):
+
+        def fn(*args, _name=name, _fn=backend.fn, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setitem(
+            BACKENDS, name, Backend(name, fn, backend.returns_weights, backend.supports_dropout, backend.doc)
+        )
+    return calls
+
+
+def test_auto_uses_the_fused_kernel_unless_it_must_not(monkeypatch):
+    calls = spy(monkeypatch)
+    module = make(dropout=0.1)
+    x = torch.randn(2, 6, 12)
+    module.eval()(x)
+    assert calls == {"sdpa": 1}
+    module.train()(x)  # dropout in training: applied to the explicit weights
+    assert calls == {"sdpa": 1, "math": 1}
+    module.eval()(x, return_weights=True)
+    assert calls == {"sdpa": 1, "math": 2}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"d_out": 10, "heads": 4}, r"d_out \(10\) must be divisible by num_heads \(4\)"),
+        ({"num_kv_heads": 3}, r"num_heads \(4\) must be divisible by num_kv_heads \(3\)"),
+        ({"backend": "fast"}, "unknown backend 'fast'"),
+    ],
+)
+def test_constructor_errors_name_the_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make(**kwargs)
+
+
+def test_forward_errors_name_the_values():
+    module = make()
+    with pytest.raises(ValueError, match=r"input width \(10\) must equal d_in \(12\)"):
+        module(torch.randn(2, 5, 10))
+    with pytest.raises(ValueError, match="17 tokens exceed context_length=16"):
+        module(torch.randn(17, 12))
+    with pytest.raises(ValueError, match=r"key_padding_mask of shape \(2, 4\) must be \(batch, keys\) = \(2, 5\)"):
+        module(torch.randn(2, 5, 12), key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="must be a boolean tensor"):
+        module(torch.randn(2, 5, 12), key_padding_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="dropout probability must be in"):
+        MultiHeadAttention(12, 12, 16, 1.0, 4)
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    vocab, width, length = 11, 32, 12
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab, width)
+            self.position = torch.nn.Parameter(torch.randn(length, width) * 0.1)
+            self.attention = MultiHeadAttention(width, width, length, 0.0, 4, num_kv_heads=2)
+            self.head = torch.nn.Linear(width, vocab)
+
+        def forward(self, tokens):
+            x = self.embed(tokens) + self.position[: tokens.shape[1]]
+            return self.head(x + self.attention(x))
+
+    model = Tiny()
+    tokens = torch.randint(0, vocab, (4, length + 1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(150):
+        loss = F.cross_entropy(model(inputs).reshape(-1, vocab), targets.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_kv_cache_with_left_padding_equals_the_full_pass_and_the_row_alone():
+    module = make()
+    x = torch.randn(2, 7, 12)
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[0, :2] = False  # row 0: two padding tokens on the left, then 5 real ones
+    full = module(x, key_padding_mask=keep)
+    cache = module.make_kv_cache(2)
+    with torch.no_grad():
+        steps = [module(x[:, :4], kv_cache=cache, key_padding_mask=keep[:, :4])]
+        steps += [module(x[:, t : t + 1], kv_cache=cache, key_padding_mask=keep[:, : t + 1]) for t in range(4, 7)]
+    assert_close(torch.cat(steps, dim=1), full, atol=1e-6, rtol=1e-5)
+    assert_close(full[0, 2:], module(x[0, 2:]), atol=1e-6, rtol=1e-5)
+
+
+def test_from_torch_sequence_first_layout():
+    torch.manual_seed(12)
+    theirs = torch.nn.MultiheadAttention(8, 2).eval()  # batch_first=False: (T, B, C)
+    x = torch.randn(3, 5, 8)
+    want, _ = theirs(*(x.transpose(0, 1),) * 3, need_weights=False)
+    assert_close(MultiHeadAttention.from_torch(theirs)(x), want.transpose(0, 1), atol=1e-6, rtol=1e-5)
+
+
+def test_from_torch_keeps_dropout_and_training_mode():
+    theirs = torch.nn.MultiheadAttention(8, 2, dropout=0.25)
+    ours = MultiHeadAttention.from_torch(theirs)
+    assert ours.dropout == 0.25 and ours.training and not ours.causal
+    assert ours.to_torch().dropout == 0.25
