@@ -201,7 +201,8 @@ def ring_attention(
             in the whole sequence (as in the ``"tiled"`` backend).
         scale: multiplies the scores; ``None`` means ``1/sqrt(D)``.
         layout: how the sequence was cut: ``"contiguous"`` (uneven slices allowed) or ``"zigzag"``
-            (balances the work when ``causal``).
+            (balances the work when ``causal``). It must be the layout the slices were cut with: when the
+            slice lengths fit both, nothing can tell the two apart.
         group: the process group (default: the whole world).
 
     Returns:
@@ -239,6 +240,44 @@ def ring_attention(
     )
     out: Tensor = _RingAttention.apply(q_local, k_local, v_local, ring, attend)
     return out
+
+
+@dataclass(frozen=True)
+class ContextParallel:
+    """The option that makes :class:`~selfattention.modules.MultiHeadAttention` run as ring attention.
+
+    ``MultiHeadAttention(..., context_parallel=ContextParallel(layout="zigzag"))``: each rank then passes
+    only its own tokens, ``x_local (B, T_local, d_in)`` cut with ``shard_sequence(x, layout="zigzag", dim=1)``,
+    and gets its own rows of the output. The projections act token by token; attention is
+    :func:`ring_attention` over the whole sequence, causal or not as the module is. The weights must be the
+    same on every rank; each rank's weight gradients cover its own tokens, so sum them over the group
+    (``all_reduce``, as data-parallel training does) to get the gradient of the whole sequence.
+    Not with a KV cache, a ``key_padding_mask``, ``rope`` (positions are per rank), ``return_weights``,
+    :func:`selfattention.capture` or dropout in training; ``context_length`` is checked per rank.
+
+    Args:
+        layout: the layout the tokens were cut with: ``"contiguous"`` (the default, as in
+            :func:`shard_sequence`) or ``"zigzag"`` (balanced work for a causal module).
+        group: the process group (default: the whole world).
+    """
+
+    layout: Layout = "contiguous"
+    group: dist.ProcessGroup | None = None
+
+    def __post_init__(self) -> None:
+        _check_layout(self.layout)
+
+    def check_call(self, *, dropout: float, unsupported: dict[str, object]) -> None:
+        """Raise ValueError for what a module call asks that ring attention does not do."""
+        given = [name for name, value in unsupported.items() if value is not None and value is not False]
+        if given:
+            raise ValueError(f"context_parallel does not support {', '.join(given)}")
+        if dropout > 0:
+            raise ValueError(f"context_parallel does not support dropout in training (dropout={dropout})")
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, *, causal: bool, scale: float | None) -> Tensor:
+        """:func:`ring_attention` with this option's layout and group."""
+        return ring_attention(query, key, value, causal=causal, scale=scale, layout=self.layout, group=self.group)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Ring attention against single-process attention, in 2 and 4 real processes (gloo on the loopback)."""
+"""Ring attention (selfattention.distributed) against single-process attention, in 2 and 4 real processes."""
 
 from __future__ import annotations
 
@@ -284,3 +284,62 @@ def test_docstring_examples():
 
     result = doctest.testmod(distributed)
     assert result.attempted >= 3 and result.failed == 0
+
+
+# --- MultiHeadAttention with context_parallel ---
+
+
+def _module(causal=True, context_parallel=None):
+    from selfattention.modules import MultiHeadAttention
+
+    torch.manual_seed(0)  # the same weights on every rank and in the reference
+    return MultiHeadAttention(8, 8, None, 0.0, 2, num_kv_heads=1, causal=causal, context_parallel=context_parallel)
+
+
+def _module_inputs(length: int):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, length, 8, generator=g), torch.randn(2, length, 8, generator=g)
+
+
+def _context_parallel_module(length: int, layout: str, causal: bool):
+    from selfattention.distributed import ContextParallel
+
+    module = _module(causal, ContextParallel(layout=layout))  # type: ignore[arg-type]
+    x, grad_out = _module_inputs(length)
+    x_local = shard_sequence(x, layout=layout, dim=1).clone().requires_grad_()  # type: ignore[arg-type]
+    out = module(x_local)
+    out.backward(shard_sequence(grad_out, layout=layout, dim=1))  # type: ignore[arg-type]
+    grads = {name: p.grad for name, p in module.named_parameters()}
+    for grad in grads.values():  # each rank's weight gradient covers its own tokens: sum them
+        dist.all_reduce(grad)
+    gathered = [gather_sequence(t, layout=layout, dim=1) for t in (out, x_local.grad)]  # type: ignore[arg-type]
+    return gathered, grads
+
+
+@pytest.mark.parametrize(("world_size", "layout", "causal"), [(2, "zigzag", True), (4, "contiguous", False)])
+def test_multi_head_attention_with_context_parallel_matches_one_process(world_size, layout, causal):
+    module = _module(causal)
+    x, grad_out = _module_inputs(13)
+    x.requires_grad_()
+    expected = module(x)
+    expected.backward(grad_out)
+
+    (out, dx), grads = run_local(_context_parallel_module, world_size, 13, layout, causal)[0]
+
+    torch.testing.assert_close(out, expected.detach(), **OUT_TOL)
+    torch.testing.assert_close(dx, x.grad, **GRAD_TOL)
+    for name, parameter in module.named_parameters():
+        torch.testing.assert_close(grads[name], parameter.grad, **GRAD_TOL, msg=f"gradient of {name}")
+
+
+def test_context_parallel_refuses_what_ring_attention_cannot_do():
+    from selfattention.distributed import ContextParallel
+
+    module = _module(context_parallel=ContextParallel())
+    x = torch.randn(1, 4, 8)
+    with pytest.raises(ValueError, match="context_parallel does not support key_padding_mask"):
+        module(x, key_padding_mask=torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="context_parallel does not support kv_cache"):
+        module(x, kv_cache=module.make_kv_cache(1, 8))
+    with pytest.raises(ValueError, match="unknown layout 'ring'"):
+        ContextParallel(layout="ring")  # type: ignore[arg-type]
