@@ -140,14 +140,14 @@ def test_error_at_most_twice_the_book_code_in_the_same_dtype(dtype, backend, mas
     def run(fn, q, k, v, g):
         q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
         out = fn(q, k, v)
-        return (out, *torch.autograd.grad(out, (q, k, v), g))
+        return (out.detach(), *torch.autograd.grad(out, (q, k, v), g))
 
     ref = run(book, *(x.double() for x in (q, k, v)), grad.double())
     naive = run(book, q, k, v, grad)
     ours = run(lambda q, k, v: attention(q, k, v, mask=rule, backend=backend), q, k, v, grad)
     for name, a, b, r in zip(("out", "dq", "dk", "dv"), ours, naive, ref, strict=True):
-        ours_err = float((a.detach().double() - r).abs().max())
-        book_err = float((b.detach().double() - r).abs().max())
+        ours_err = float((a.double() - r).abs().max())
+        book_err = float((b.double() - r).abs().max())
         assert ours_err <= 2 * book_err, f"{name}: {ours_err} > 2 * {book_err}"
 
 
@@ -208,3 +208,14 @@ def test_fast_backends_refuse_dropout_and_weights():
             attention(q, q, q, dropout_p=0.5, backend=backend)
         with pytest.raises(ValueError, match="cannot return the weights"):
             attention(q, q, q, return_weights=True, backend=backend)
+
+
+@pytest.mark.parametrize(("t", "s"), [(70, 70), (30, 70), (70, 30)])
+@pytest.mark.parametrize("align", ["bottom_right", "top_left"])
+def test_a_causal_description_equals_its_tensor_through_auto(t, s, align):
+    """``masks.causal()`` becomes the ``causal=True`` fast path only where the two are the same mask."""
+    q, k, v = make_inputs(1, 2, t, s, 8, seed=10)
+    rule = masks.causal(align=align)
+    got = attention(q, k, v, mask=rule)
+    want = attention(q, k, v, mask=rule.materialize(1, 2, t, s), backend="math")
+    torch.testing.assert_close(got, want)

@@ -1,5 +1,6 @@
 """selfattention: self-attention from first principles to fast, tested kernels."""
 
+from selfattention import masks
 from selfattention.backends import BACKENDS
 from selfattention.functional import (
     attention,
@@ -36,5 +37,6 @@ __all__ = [
     "capture_projections",
     "causal_mask",
     "context_vectors",
+    "masks",
 ]
 __version__ = "0.1.0"

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from selfattention import checks
-from selfattention.masks import MaskDescription
+from selfattention.masks import MaskDescription, is_causal
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -232,6 +232,8 @@ def attention(
     key, value = expand_kv_heads(query, key, value)
     if mask is not None:
         checks.mask(mask, (*query.shape[:-1], key.shape[-2]))
+    if is_causal(mask, query.shape[-2], key.shape[-2]):
+        mask, causal = None, True  # the same mask, and the fused kernel has a fast path for the flag
     checks.dropout(dropout_p)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])

@@ -230,6 +230,11 @@ def causal(align: Literal["bottom_right", "top_left"] = "bottom_right") -> MaskD
     return _Causal(align)
 
 
+def is_causal(mask: object, num_queries: int, num_keys: int) -> bool:
+    """True when ``mask`` is exactly the bottom-right causal mask, so that ``causal=True`` may replace it."""
+    return isinstance(mask, _Causal) and (mask.align == "bottom_right" or num_queries == num_keys)
+
+
 class _SlidingWindow(MaskDescription):
     def __init__(self, size: int):
         self.size = size
