@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,9 @@ from selfattention import checks
 from selfattention.backends import BACKENDS
 from selfattention.functional import attention, materialize_mask
 from selfattention.masks import MaskDescription
+
+if TYPE_CHECKING:
+    from selfattention.distributed import ContextParallel
 
 Rope = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
 """A position hook: ``rope(query (B, H, T, D), key (B, G, T, D), start) -> (query, key)``, where ``start``
@@ -337,6 +340,8 @@ class MultiHeadAttention(AttentionModule):
         backend: ``"auto"`` or a name from :data:`selfattention.BACKENDS` (see the module docstring).
         scale: multiplies the scores; ``None`` means ``1/sqrt(D)``.
         out_bias: give ``out_proj`` a bias (``True`` as in the chapter-3 class).
+        context_parallel: a :class:`selfattention.distributed.ContextParallel`: each rank passes its own
+            slice of the tokens and attention runs as ring attention across the ranks.
         device, dtype: where and how the parameters are created.
 
     Raises:
@@ -362,6 +367,7 @@ class MultiHeadAttention(AttentionModule):
         backend: str = "auto",
         scale: float | None = None,
         out_bias: bool = True,
+        context_parallel: ContextParallel | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -376,6 +382,7 @@ class MultiHeadAttention(AttentionModule):
         self.d_in, self.d_out, self.context_length = d_in, d_out, context_length
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, d_out // num_heads
         self.causal = causal
+        self.context_parallel = context_parallel
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         kv_width = num_kv_heads * self.head_dim
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias, **factory)
@@ -423,6 +430,18 @@ class MultiHeadAttention(AttentionModule):
             ValueError: wrong input width, too many tokens for ``context_length``, a bad mask shape.
             TypeError: a non-float input or a non-boolean mask.
         """
+        if self.context_parallel is not None:
+            self.context_parallel.check_call(
+                dropout=self.dropout if self.training else 0.0,
+                unsupported={
+                    "kv_cache": kv_cache,
+                    "key_padding_mask": key_padding_mask,
+                    "attn_mask": attn_mask,
+                    "rope": rope,
+                    "return_weights": return_weights,
+                    "capture": self._recorder,
+                },
+            )
         unbatched = x.dim() == 2
         if unbatched:
             x = x.unsqueeze(0)  # (T, d_in) -> (1, T, d_in)
@@ -447,8 +466,11 @@ class MultiHeadAttention(AttentionModule):
         if unbatched:
             q, k, v = q[0], k[0], v[0]
             mask = None if mask is None else mask[0]
-        combined = _with_attn_mask(mask, attn_mask, q, k.shape[-2])
-        context, weights = self.attend(q, k, v, mask=combined, causal=causal, return_weights=return_weights)
+        if self.context_parallel is not None:  # x is this rank's slice; causal over the whole sequence
+            context, weights = self.context_parallel.attend(q, k, v, causal=self.causal, scale=self.scale), None
+        else:
+            combined = _with_attn_mask(mask, attn_mask, q, k.shape[-2])
+            context, weights = self.attend(q, k, v, mask=combined, causal=causal, return_weights=return_weights)
         if unbatched:
             context = context.unsqueeze(0)
         # (B, H, T, D) -> (B, T, H, D) -> (B, T, d_out)

@@ -1,0 +1,154 @@
+"""Start a function in several local processes joined by ``torch.distributed`` (gloo on the loopback).
+
+This is how the tests, the benchmark and the example try :mod:`selfattention.distributed` on one machine
+without ``torchrun``. It only starts processes and sets up the process group; all communication between
+them goes through ``torch.distributed`` itself, so the code under test is the code that runs across
+machines.
+
+Failure handling: a rank that raises ends its process; the launcher then terminates the other ranks (which
+may be blocked waiting for the dead one) and raises :class:`LaunchError` with the failing rank's traceback.
+Collective and point-to-point operations also time out after ``op_timeout`` seconds, and the whole run after
+``timeout`` seconds, so a failure never turns into a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
+
+HOST = "127.0.0.1"
+
+
+class LaunchError(RuntimeError):
+    """A rank failed, or the run did not finish in time."""
+
+
+def run_local(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120.0,
+    op_timeout: float = 30.0,
+    threads: int = 1,
+) -> list[Any]:
+    """Run ``fn(*args)`` in ``world_size`` processes sharing a gloo process group; return every result.
+
+    Each process calls ``torch.distributed.init_process_group("gloo")`` on 127.0.0.1 (a free port chosen by
+    the operating system), runs ``fn(*args)`` and returns its result to the caller (through a file, so it
+    may hold tensors). ``fn`` must be importable by name (a module-level function).
+
+    Args:
+        fn: the function each rank runs; it may call ``torch.distributed.get_rank()``.
+        world_size: number of processes (>= 1).
+        *args: passed to ``fn``; must be picklable.
+        timeout: seconds for the whole run before every process is terminated.
+        op_timeout: seconds any one ``torch.distributed`` operation may wait for a peer.
+        threads: ``torch.set_num_threads`` in each process (keep ``world_size * threads`` <= cores).
+
+    Returns:
+        ``[result of rank 0, result of rank 1, ...]``.
+
+    Raises:
+        ValueError: for ``world_size < 1``. LaunchError: when a rank fails or the run times out.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    # The store lives in this process, so its port is free for sure (no pick-then-bind race).
+    store = dist.TCPStore(HOST, 0, None, True, timeout=timedelta(seconds=op_timeout), wait_for_workers=False)
+    ctx = mp.get_context("forkserver")
+    # The fork server imports torch once; every rank is then a cheap fork of a process that has run no
+    # threads (forking the caller itself would be unsafe once its OpenMP threads have started).
+    ctx.set_forkserver_preload(
+        # symbolic_shapes: torch imports it (and sympy, ~1 s) on the first backward; do it once here.
+        [
+            "__main__",
+            "torch",
+            "torch.distributed",
+            "torch.fx.experimental.symbolic_shapes",
+            "selfattention.distributed",
+        ]
+    )
+    with tempfile.TemporaryDirectory(prefix="selfattention-launch-") as tmp:
+        context = mp.start_processes(
+            _worker,
+            args=(fn, args, world_size, store.port, op_timeout, threads, tmp),
+            nprocs=world_size,
+            join=False,
+            start_method="forkserver",
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            while not context.join(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    raise LaunchError(f"{world_size} ranks did not finish within {timeout} s")
+        except ProcessException as error:  # join() has already terminated the other ranks
+            raise LaunchError(_failures(context.error_files, error)) from None
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+                process.join(timeout=5)
+            for name in context.error_files:
+                Path(name).unlink(missing_ok=True)
+        return [torch.load(Path(tmp) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+
+
+def _worker(
+    rank: int,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    world_size: int,
+    port: int,
+    op_timeout: float,
+    threads: int,
+    tmp: str,
+) -> None:
+    torch.set_num_threads(threads)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_name())
+    store = dist.TCPStore(HOST, port, world_size, False, timeout=timedelta(seconds=op_timeout))
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=op_timeout)
+    )
+    try:
+        result = fn(*args)
+        path = Path(tmp) / f"rank{rank}.pt"
+        torch.save(result, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _failures(error_files: list[str], first: ProcessException) -> str:
+    """One line per failed rank (its exception), then the full traceback of the failure seen first.
+
+    When one rank raises, its peers often fail too (a connection reset, a timeout); listing every rank
+    keeps the original error in view whichever rank the launcher noticed first.
+    """
+    lines = []
+    for rank, name in enumerate(error_files):
+        path = Path(name)
+        if path.is_file() and path.stat().st_size > 0:
+            with path.open("rb") as file:
+                trace = pickle.load(file)
+            lines.append(f"rank {rank} failed: {trace.strip().splitlines()[-1]}")
+    return "\n".join([*lines, str(first).strip()])
+
+
+def _loopback_name() -> str:
+    """The loopback interface's name ("lo" on Linux, "lo0" on macOS), for gloo to bind to."""
+    try:
+        names = os.listdir("/sys/class/net")
+    except OSError:
+        return "lo0"
+    return "lo" if "lo" in names else names[0]

@@ -1,0 +1,40 @@
+"""The local launcher: results in rank order, and no hang when a rank never finishes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from selfattention.launch import LaunchError, run_local
+
+
+def _rank_and_size(offset: float):
+    return dist.get_rank(), dist.get_world_size(), torch.full((2,), dist.get_rank() + offset)
+
+
+def test_results_come_back_in_rank_order():
+    results = run_local(_rank_and_size, 3, 0.5)
+    assert [(rank, size) for rank, size, _ in results] == [(0, 3), (1, 3), (2, 3)]
+    for rank, _, tensor in results:
+        torch.testing.assert_close(tensor, torch.full((2,), rank + 0.5))
+
+
+def test_world_size_must_be_positive():
+    with pytest.raises(ValueError, match="world_size must be at least 1, got 0"):
+        run_local(_rank_and_size, 0, 0.0)
+
+
+def _sleep_on_rank_one():
+    if dist.get_rank() == 1:
+        time.sleep(60)
+    return dist.get_rank()
+
+
+def test_the_whole_run_times_out():
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match="2 ranks did not finish within 3 s"):
+        run_local(_sleep_on_rank_one, 2, timeout=3)
+    assert time.monotonic() - start < 20
