@@ -8,15 +8,14 @@ Prints milliseconds per call (median of repeated runs) and each backend's time r
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from functools import partial
 
 import torch
 
 from selfattention import attention
+from timing import median_seconds
 
+MS = 1e3  # seconds -> milliseconds
 SHAPES = [  # (B, H, T, D, causal)
     (1, 1, 6, 3, False),
     (8, 4, 64, 32, True),
@@ -24,17 +23,6 @@ SHAPES = [  # (B, H, T, D, causal)
     (4, 12, 256, 64, True),
     (1, 12, 1024, 64, True),
 ]
-
-
-def timed(fn: Callable[[], object], repeat: int) -> float:
-    """Median milliseconds of ``fn`` over ``repeat`` runs after one warm-up."""
-    fn()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -47,10 +35,14 @@ def main() -> None:
             q, k, v = (torch.randn(b, h, t, d) for _ in range(3))
             repeat = 20 if t <= 256 else 5
             ms = {
-                name: timed(partial(attention, q, k, v, causal=causal, backend=name), repeat)
+                name: MS * median_seconds(partial(attention, q, k, v, causal=causal, backend=name), repeat)
                 for name in ("math", "sdpa")
             }
-            loop = timed(partial(attention, q, k, v, causal=causal, backend="loop"), 3) if t <= 64 else float("nan")
+            loop = (
+                MS * median_seconds(partial(attention, q, k, v, causal=causal, backend="loop"), 3)
+                if t <= 64
+                else float("nan")
+            )
             loop_text = f"{loop:.2f}" if loop == loop else "(too slow)"
             rows.append(
                 f"| {b}, {h}, {t}, {d} | {causal} | {loop_text} | {ms['math']:.3f} | {ms['sdpa']:.3f} "

@@ -14,9 +14,6 @@ Table 2: training tokens/s (forward, backward, AdamW step) of the same GPT with 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -25,19 +22,9 @@ from torch import Tensor, nn
 from selfattention.generate import generate
 from selfattention.models.gpt import GPT, GPTConfig
 from selfattention.training.loop import TrainConfig, make_optimizer
+from timing import median_seconds
 
 NEW_TOKENS = 32
-
-
-def timed(fn: Callable[[], object], repeat: int) -> float:
-    """Median seconds of ``fn`` over ``repeat`` runs after one warm-up."""
-    fn()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 class BookAttention(nn.Module):
@@ -82,7 +69,7 @@ def generation_table(repeat: int) -> list[str]:
         seconds = {}
         for cache in (False, True):
             run = partial(generate, model, prompt, NEW_TOKENS, temperature=0.0, use_cache=cache)
-            seconds[cache] = timed(run, repeat)
+            seconds[cache] = median_seconds(run, repeat)
         cached_tokens = generate(model, prompt, NEW_TOKENS, temperature=0.0, use_cache=True)
         plain_tokens = generate(model, prompt, NEW_TOKENS, temperature=0.0, use_cache=False)
         assert torch.equal(cached_tokens, plain_tokens), "cached and uncached greedy tokens differ"
@@ -104,7 +91,7 @@ def training_table(repeat: int) -> list[str]:
                     block.attn = BookAttention(block.attn, context)
             logits[name] = model(x)[0].detach()
             optimizer = make_optimizer(model, TrainConfig())
-            speeds[name] = batch * context / timed(partial(train_step, model, optimizer, x, y), repeat)
+            speeds[name] = batch * context / median_seconds(partial(train_step, model, optimizer, x, y), repeat)
         torch.testing.assert_close(logits["book"], logits["ours"])  # the same function, written two ways
         ratio = speeds["ours"] / speeds["book"]
         rows.append(f"| {context} | {batch} | {speeds['ours']:,.0f} | {speeds['book']:,.0f} | {ratio:.2f}x |")
