@@ -135,3 +135,16 @@ def test_bpe_tokenizer_trains_saves_and_generates(corpus: Path, tmp_path: Path, 
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(out), "Zebra ✓", "--max-new-tokens", "5"]) == 0  # bytes: no unknowns
     assert capsys.readouterr().out.startswith("Zebra ✓")
+
+
+def test_threads_are_left_to_pytorch_unless_given(corpus: Path, tmp_path: Path) -> None:
+    import torch
+
+    torch.set_num_threads(2)  # the one_thread fixture restores the count afterwards
+    assert main(["train", "--corpus", str(corpus), "--out", str(tmp_path / "a"), *TINY, "--steps", "2"]) == 0
+    assert torch.get_num_threads() == 2
+    assert (
+        main(["train", "--corpus", str(corpus), "--out", str(tmp_path / "b"), *TINY, "--steps", "2", "--threads", "1"])
+        == 0
+    )
+    assert torch.get_num_threads() == 1

@@ -51,8 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="intra-op CPU threads per process (default: 1, fastest for models this small; see the README)",
+        help="intra-op CPU threads per process (default: PyTorch's own, i.e. OMP_NUM_THREADS or the cores; "
+        "torchrun sets 1 per process)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -73,9 +73,10 @@ def run(args: argparse.Namespace) -> int:
 
     from selfattention.training.recipe import RunOptions, train_gpt
 
-    if args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     model = _overrides(args, MODEL_OPTIONS)
     if args.rope:
         model["rope"] = True
