@@ -169,3 +169,13 @@ def test_projections_with_heads_walk_through_one_head_and_plot_all(tmp_path: Pat
 def test_bad_head_options_exit_2(argv: list[str], message: str, capsys) -> None:
     code, _, err = run(capsys, *argv)
     assert code == 2 and message in err
+
+
+def test_embeddings_beyond_float32_or_overflowing_exit_2(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps({"tokens": ["a", "b"], "embeddings": [[1e39, 1.0], [0.0, 1.0]]}))
+    code, _, err = run(capsys, "--embeddings", str(path))
+    assert code == 2 and "row 0, column 0 is 1e+39, beyond the float32 range" in err
+    path.write_text(json.dumps({"tokens": ["a", "b"], "embeddings": [[1e30, 1.0], [0.0, 1.0]]}))
+    code, out, err = run(capsys, "--embeddings", str(path))
+    assert code == 2 and "the scores overflowed" in err and "nan" not in out

@@ -114,3 +114,10 @@ def test_nearest_tokens_leave_out_the_word_and_word_pieces(minilm: PretrainedEnc
     assert len(found) == 5 and all(token.isalpha() and token != "bat" for token, _ in found)
     assert [c for _, c in found] == sorted((c for _, c in found), reverse=True)
     assert nearest_tokens(minilm, vector, 1)[0] == ("bat", pytest.approx(1.0, abs=1e-5))
+
+
+def test_asking_for_more_tokens_than_allowed_lists_only_allowed_ones(minilm: PretrainedEncoder) -> None:
+    vector = minilm.encoder.embeddings.word.weight[minilm.tokenizer.token_to_id("bat")]
+    allowed = sum(token.isalpha() for token in minilm.vocabulary)
+    found = nearest_tokens(minilm, vector, len(minilm.vocabulary) + 10)
+    assert len(found) == allowed and all(token.isalpha() and cosine > -2.0 for token, cosine in found)

@@ -1,4 +1,4 @@
-"""The ``>>>`` examples in the modules' and inspection's docstrings run and print what they say."""
+"""The ``>>>`` examples in the library's docstrings run and print what they say."""
 
 from __future__ import annotations
 
@@ -6,11 +6,28 @@ import doctest
 
 import pytest
 
+import selfattention.backends.tiled
+import selfattention.files
+import selfattention.functional
 import selfattention.inspect
+import selfattention.masks
+import selfattention.models.gpt
 import selfattention.modules
+import selfattention.training.tokenizer
+
+MODULES = [
+    selfattention.functional,
+    selfattention.masks,
+    selfattention.backends.tiled,
+    selfattention.modules,
+    selfattention.inspect,
+    selfattention.models.gpt,
+    selfattention.training.tokenizer,
+    selfattention.files,
+]
 
 
-@pytest.mark.parametrize("module", [selfattention.modules, selfattention.inspect])
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, extraglobs={"torch": __import__("torch")}, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0

@@ -75,8 +75,45 @@ x = torch.randn(2, 4, 8)
             ValueError,
             r"query heads \(6\) must be a multiple of key/value heads \(4\)",
         ),
+        (lambda: attention(x, x, x, scale=float("nan")), ValueError, "scale must be a finite number"),
+        (lambda: attention(x, x, x, scale=float("inf")), ValueError, "got inf"),
+        (lambda: attention(x, x, x, mask=torch.full((4, 4), float("inf"))), ValueError, r"NaN or \+inf"),
+        (
+            lambda: attention(
+                torch.tensor([[1e20, 1.0], [0.0, 1.0]]), torch.tensor([[1e20, 1.0], [0.0, 1.0]]), x[0, :2, :2]
+            ),
+            ValueError,
+            "the attention output is not finite although the inputs are: the scores overflowed",
+        ),
     ],
 )
 def test_bad_input_raises_a_clear_error(call, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         call()
+
+
+def test_a_module_refuses_a_non_finite_scale() -> None:
+    from selfattention import MultiHeadAttention
+
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        MultiHeadAttention(4, 4, 8, 0.0, 2, scale=float("nan"))
+
+
+def test_training_config_refuses_non_finite_rates() -> None:
+    from selfattention.training.loop import TrainConfig
+
+    with pytest.raises(ValueError, match="learning_rate must be a finite number, got inf"):
+        TrainConfig(learning_rate=float("inf"))
+    with pytest.raises(ValueError, match="weight_decay must be a finite number, got nan"):
+        TrainConfig(weight_decay=float("nan"))
+
+
+@pytest.mark.parametrize(
+    ("temperature", "message"),
+    [(float("nan"), "finite number >= 0, got nan"), (float("inf"), "got inf"), (1e-40, "too small to sample")],
+)
+def test_sampling_refuses_temperatures_that_cannot_sample(temperature: float, message: str) -> None:
+    from selfattention.generate import sample_next
+
+    with pytest.raises(ValueError, match=message):
+        sample_next(torch.tensor([[3.0, 1.0, 0.5]]), temperature=temperature)

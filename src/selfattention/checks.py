@@ -32,6 +32,15 @@ def finite(name: str, tensor: Tensor) -> None:
         raise ValueError(f"{name} contains a non-finite value {tensor[index].item()} at index {index}")
 
 
+def overflowed(name: str, tensor: Tensor) -> None:
+    """Raise ValueError when a result computed from finite inputs is not finite: the scores overflowed."""
+    if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(
+            f"{name} is not finite although the inputs are: the scores overflowed {tensor.dtype} "
+            "(inputs too large); scale the inputs down or compute in float64"
+        )
+
+
 def same_width(queries: Tensor, keys: Tensor) -> None:
     """Raise ValueError unless queries and keys have the same last dimension."""
     if queries.shape[-1] != keys.shape[-1]:
@@ -76,8 +85,14 @@ def mask(mask: Tensor | MaskDescription, target: tuple[int, ...]) -> None:
     for size, want in zip(reversed(mask.shape), reversed(target), strict=False):
         if size not in (1, want):
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the scores {target}")
-    if mask.is_floating_point() and bool(torch.isnan(mask).any()):
-        raise ValueError("float mask contains NaN")
+    if mask.is_floating_point() and bool((torch.isnan(mask) | (mask == math.inf)).any()):
+        raise ValueError("float mask contains NaN or +inf (use -inf to forbid a pair, finite values to bias it)")
+
+
+def scale(value: float | None) -> None:
+    """Raise ValueError unless the score scale is ``None`` or a finite number."""
+    if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
+        raise ValueError(f"scale must be a finite number (or None for 1/sqrt(D)), got {value}")
 
 
 def dropout(p: float) -> None:

@@ -235,6 +235,7 @@ def attention(
     if is_causal(mask, query.shape[-2], key.shape[-2]):
         mask, causal = None, True  # the same mask, and the fused kernel has a fast path for the flag
     checks.dropout(dropout_p)
+    checks.scale(scale)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     chosen = choose_backend(
@@ -260,6 +261,7 @@ def attention(
         return_weights=return_weights,
         **extra,
     )
+    checks.overflowed("the attention output", context)
     if return_weights:
         assert weights is not None, f"backend {chosen.name!r} returned no weights"
         return context, weights

@@ -13,6 +13,7 @@ cache, when it is full it is refilled from the last ``context_length // 2`` toke
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -52,13 +53,15 @@ def sample_next(
         ``(B, 1)`` token ids.
 
     Raises:
-        ValueError: for a negative temperature or ``top_k < 1``.
+        ValueError: for a negative, infinite, NaN or overflowing temperature, or ``top_k < 1``.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be at least 0, got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    logits = logits.float() / temperature
+    if not bool(torch.isfinite(logits.amax(dim=-1)).all()):  # a tiny temperature overflows the logits
+        raise ValueError(f"temperature {temperature} is too small to sample with; use 0 for greedy decoding")
     if top_k is not None:
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 def check_embeddings(tokens: Sequence[str], rows: Sequence[Sequence[float]], source: str = "embeddings") -> Tensor:
     """Turn ``rows`` into a ``(T, C)`` float32 tensor after checking them against ``tokens``.
@@ -41,6 +43,10 @@ def check_embeddings(tokens: Sequence[str], rows: Sequence[Sequence[float]], sou
                 raise ValueError(f"{source}: row {i}, column {j} is not a number: {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"{source}: row {i}, column {j} is {value} (values must be finite)")
+            if abs(value) > FLOAT32_MAX:
+                raise ValueError(
+                    f"{source}: row {i}, column {j} is {value}, beyond the float32 range (±{FLOAT32_MAX:.3g})"
+                )
     if len(tokens) != len(rows):
         raise ValueError(f"{source}: {len(tokens)} tokens but {len(rows)} embedding rows")
     if any(not str(token) for token in tokens):

@@ -115,7 +115,7 @@ def _worker(
     tmp: str,
 ) -> None:
     torch.set_num_threads(threads)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_name())
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_name())
     store = dist.TCPStore(HOST, port, world_size, False, timeout=timedelta(seconds=op_timeout))
     dist.init_process_group(
         "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=op_timeout)
@@ -145,7 +145,7 @@ def _failures(error_files: list[str], first: ProcessException) -> str:
     return "\n".join([*lines, str(first).strip()])
 
 
-def _loopback_name() -> str:
+def loopback_name() -> str:
     """The loopback interface's name ("lo" on Linux, "lo0" on macOS), for gloo to bind to."""
     try:
         names = os.listdir("/sys/class/net")

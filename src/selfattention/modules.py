@@ -76,6 +76,7 @@ class AttentionModule(nn.Module):
     def __init__(self, *, dropout: float = 0.0, backend: str = "auto", scale: float | None = None) -> None:
         super().__init__()
         checks.dropout(dropout)
+        checks.scale(scale)
         _check_backend(backend)
         self.dropout = float(dropout)
         self.backend = backend

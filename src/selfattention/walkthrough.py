@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from selfattention import checks
 from selfattention.functional import attention_scores, attention_weights, causal_mask, context_vectors
 
 
@@ -71,6 +72,7 @@ def walk(
         scores = attention_scores(queries, keys)  # ω (T, T)
         weights = attention_weights(scores, mask=mask, scale=scale)  # α (T, T)
         context = context_vectors(weights, values)  # z (T, D)
+    checks.overflowed("the context vectors", context)
     return Walkthrough(list(tokens), x, projections, queries, keys, values, scale, causal, scores, weights, context)
 
 

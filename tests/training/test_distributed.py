@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from selfattention.launch import loopback_name
 from selfattention.training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +36,8 @@ def free_port() -> int:
 
 
 def train(command: list[str], out: Path, corpus: Path, batch: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # gloo binds to the loopback interface, so no rank talks over any other address
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": loopback_name()}
     argv = [
         *command,
         "-m",
