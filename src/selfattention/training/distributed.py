@@ -75,9 +75,19 @@ def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def teardown(info: DistInfo) -> None:
-    """Leave the process group (if this process joined one)."""
+def teardown(info: DistInfo, *, wait: bool = True) -> None:
+    """Leave the process group (if this process joined one); with ``wait``, after every rank has got here.
+
+    Rank 0 still writes the last checkpoint and plot when the others are done; a rank that tore its
+    connections down meanwhile could be aborted by gloo ("terminate called without an active exception"),
+    so after a normal run the ranks meet at a barrier first. After an error, ``wait=False`` leaves at once
+    rather than wait for ranks that may never arrive. The group is destroyed even if the barrier fails.
+    """
     import torch.distributed as dist
 
     if info.world_size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()

@@ -100,9 +100,12 @@ def train_gpt(options: RunOptions) -> RunResult:
     """
     info = distributed.setup()
     try:
-        return _train(options, info)
-    finally:
-        distributed.teardown(info)
+        result = _train(options, info)
+    except BaseException:
+        distributed.teardown(info, wait=False)
+        raise
+    distributed.teardown(info)
+    return result
 
 
 def _train(options: RunOptions, info: distributed.DistInfo) -> RunResult:
