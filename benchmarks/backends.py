@@ -13,7 +13,7 @@ from functools import partial
 import torch
 
 from selfattention import attention
-from timing import median_seconds
+from timing import median_seconds, report
 
 MS = 1e3  # seconds -> milliseconds
 SHAPES = [  # (B, H, T, D, causal)
@@ -48,12 +48,7 @@ def main() -> None:
                 f"| {b}, {h}, {t}, {d} | {causal} | {loop_text} | {ms['math']:.3f} | {ms['sdpa']:.3f} "
                 f"| {ms['math'] / ms['sdpa']:.2f}x |"
             )
-    table = "\n".join(rows)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n{table}")
-    if args.markdown:
-        from selfattention.files import write_text
-
-        write_text(args.markdown, table + "\n")
+    report(rows, args.markdown)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from functools import partial
 
 import torch
 
-from selfattention.files import write_text
 from selfattention.pretrained import load_minilm, minilm_path
+from timing import report
 
 SHAPES = [(1, 16), (32, 64), (8, 256)]  # (B, T): batch and longest sentence; half the rows padded to T/2
 
@@ -74,10 +74,7 @@ def main() -> None:
                 f"| {batch}, {length} | {ms['ours']:.1f} | {ms['sdpa']:.1f} | {ms['eager']:.1f} "
                 f"| {ms['sdpa'] / ms['ours']:.2f}x | {ms['eager'] / ms['ours']:.2f}x |"
             )
-    table = "\n".join(rows)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n{table}")
-    if args.markdown:
-        write_text(args.markdown, table + "\n")
+    report(rows, args.markdown)
 
 
 if __name__ == "__main__":
