@@ -31,7 +31,8 @@ def plot_heads(
         columns: panels per row (default: up to 4).
 
     Raises:
-        ValueError: when ``weights`` is not ``(H, T, S)`` or the labels do not match it.
+        ValueError: when ``weights`` is not ``(H, T, S)`` or the labels do not match it;
+            or a path whose suffix is not .png, .svg, .pdf or .jpg.
     """
     figure_format(path)  # refuse an unknown suffix before drawing
     if weights.dim() != 3 or weights.shape[0] < 1:

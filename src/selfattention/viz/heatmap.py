@@ -30,7 +30,8 @@ def plot_weights(
         annotate: write each value in its cell; by default only when the matrix is at most 24 × 24.
 
     Raises:
-        ValueError: when the labels do not match the shape of ``weights``.
+        ValueError: when the labels do not match the shape of ``weights``;
+            or a path whose suffix is not .png, .svg, .pdf or .jpg.
     """
     figure_format(path)  # refuse an unknown suffix before drawing
     check_labels(weights, row_tokens, col_tokens)

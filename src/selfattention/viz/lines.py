@@ -25,7 +25,8 @@ def plot_lines(
         title: the figure title. ylabel: the y axis label.
 
     Raises:
-        ValueError: a series whose length differs from the number of x labels, or no series at all.
+        ValueError: a series whose length differs from the number of x labels, or no series at all;
+            or a path whose suffix is not .png, .svg, .pdf or .jpg.
     """
     figure_format(path)  # refuse an unknown suffix before drawing
     if not series:

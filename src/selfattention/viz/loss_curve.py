@@ -26,7 +26,8 @@ def plot_losses(
         title: the figure title.
 
     Raises:
-        ValueError: when there is nothing to plot.
+        ValueError: when there is nothing to plot;
+            or a path whose suffix is not .png, .svg, .pdf or .jpg.
     """
     figure_format(path)  # refuse an unknown suffix before drawing
     if not train and not val:
