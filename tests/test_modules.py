@@ -61,10 +61,13 @@ def test_weights_copy_between_v1_and_linear_both_ways():
     x = embeddings()
     linear.load_from(v1)
     assert_close(linear.W_query.weight, v1.W_query.T)
-    assert torch.equal(linear(x), v1(x))
+    # x @ W (V1) and nn.Linear's x @ (Wᵀ)ᵀ run different BLAS kernels, whose summation order may differ by one
+    # float32 ulp on some CPUs (seen: 6e-8 at 0.9); the weights themselves are copied exactly (above)
+    assert_close(linear(x), v1(x))
     other = SelfAttention(3, 2)
     v1.load_from(other)
-    assert torch.equal(v1(x), other(x))
+    assert torch.equal(v1.W_query, other.W_query.weight.T)
+    assert_close(v1(x), other(x))
 
 
 def test_weight_copy_rejects_biases_and_other_widths():
