@@ -70,7 +70,10 @@ def test_an_unknown_top_level_option_shows_the_top_level_usage(capsys: pytest.Ca
         (["train", "--vocab-size", "100"], "--vocab-size"),
         (["generate", "p", "--checkpoint", "x", "--top-k", "0"], "--top-k"),
         (["generate", "p", "--checkpoint", "x", "--max-new-tokens", "-1"], "--max-new-tokens"),
+        (["generate", "p", "--checkpoint", "x", "--temperature", "-1"], "--temperature"),
         (["explain", "--plot", "weights.bmp"], "--plot"),
+        (["explain", "--projections", "0"], "--projections"),
+        (["explain", "--projections", "4", "--heads", "0"], "--heads"),
     ],
 )
 def test_a_bad_value_is_reported_under_the_option_typed(
@@ -83,15 +86,25 @@ def test_a_bad_value_is_reported_under_the_option_typed(
     assert stop.value.code == 2
     assert err.startswith(f"usage: selfattention {argv[0]} ")
     assert f"error: argument {option}" in err
-    assert not re.search(r"max_steps|batch_size|eval_interval|warmup_steps|learning_rate|top_k|max_new_tokens", err)
+    internal = r"max_steps|batch_size|eval_interval|warmup_steps|learning_rate|top_k|max_new_tokens|projection width"
+    assert not re.search(internal, err)
     assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
-def test_options_checked_together_are_named_as_typed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["train", "--heads", "3", "--out", str(tmp_path / "run")])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--heads", "3"], "--width (128) must be divisible by --heads (3)"),
+        (["--kv-heads", "3"], "--heads (4) must be divisible by --kv-heads (3)"),  # checked by the attention layer
+    ],
+)
+def test_options_checked_together_are_named_as_typed(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["train", *argv, "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.strip() == "selfattention train: error: --width (128) must be divisible by --heads (3)"
+    assert err.strip() == f"selfattention train: error: {message}"
     assert not (tmp_path / "run").exists()
 
 

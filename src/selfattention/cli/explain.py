@@ -12,7 +12,7 @@ from selfattention import examples
 from selfattention.cli.errors import UsageError
 from selfattention.cli.explain_checkpoint import add_checkpoint_arguments, explain_checkpoint
 from selfattention.cli.explain_model import add_model_arguments, explain_model
-from selfattention.cli.options import figure_path, json_text
+from selfattention.cli.options import at_least, figure_path, json_text
 from selfattention.inputs import load_embeddings
 from selfattention.inspect import capture_projections
 from selfattention.walkthrough import Walkthrough, find_query, random_projections, walk
@@ -34,13 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--causal", action="store_true", help="each token attends only to itself and earlier tokens")
     parser.add_argument(
         "--projections",
-        type=int,
+        type=at_least(1),
         metavar="D",
         help="random trainable W^Q, W^K, W^V of width D (torch.rand, in that order) instead of the identity",
     )
     parser.add_argument("--seed", type=int, default=123, help="seed for --projections (default: 123)")
     parser.add_argument(
-        "--heads", type=int, default=1, help="split the --projections width into this many heads (default: 1)"
+        "--heads", type=at_least(1), default=1, help="split the --projections width into this many heads (default: 1)"
     )
     parser.add_argument("--head", type=int, default=0, help="the head to walk through (0-based, default: 0)")
     parser.add_argument("--layer", type=int, help="with --checkpoint or --model: the layer to show")

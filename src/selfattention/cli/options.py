@@ -21,7 +21,15 @@ import numpy as np
 
 from selfattention.viz.figures import figure_format
 
-__all__ = ["at_least", "figure_path", "float32_number", "json_text", "positive_number", "probability"]
+__all__ = [
+    "at_least",
+    "figure_path",
+    "float32_number",
+    "json_text",
+    "non_negative_number",
+    "positive_number",
+    "probability",
+]
 
 
 def at_least(minimum: int) -> Any:
@@ -70,6 +78,15 @@ def positive_number(text: str) -> float:
     0.0003
     """
     return _number(text, lambda value: math.isfinite(value) and value > 0, "a finite number above 0")
+
+
+def non_negative_number(text: str) -> float:
+    """An argparse type: a finite number of at least zero, such as a sampling temperature.
+
+    >>> non_negative_number("0")
+    0.0
+    """
+    return _number(text, lambda value: math.isfinite(value) and value >= 0, "a finite number >= 0")
 
 
 def figure_path(text: str) -> str:

@@ -121,8 +121,14 @@ def _check_together(options: RunOptions) -> None:
     Raises:
         UsageError: when the preset with these options is not a valid model or schedule.
     """
+    import torch
+
+    from selfattention.models.gpt import GPT
+
     try:
-        configs(options, vocab_size=1)  # the vocabulary is not known yet; nothing else depends on it
+        model_config, _ = configs(options, vocab_size=1)  # the vocabulary is not known yet; nothing depends on it
+        with torch.device("meta"):  # build the model without memory: its layers check what the config does not
+            GPT(model_config)
     except ValueError as error:
         message = re.sub(r"\b[a-z_]+\b", lambda m: OPTION_OF_FIELD.get(m.group(0), m.group(0)), str(error))
         raise UsageError(message) from None
