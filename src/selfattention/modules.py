@@ -142,10 +142,11 @@ class SelfAttentionV1(AttentionModule):
     Args:
         d_in: width of each input token. d_out: width of queries, keys, values and the output.
 
-    >>> _ = torch.manual_seed(123)
-    >>> from selfattention.examples import embeddings
-    >>> [round(z, 4) for z in SelfAttentionV1(3, 2)(embeddings())[1].tolist()]
-    [0.3061, 0.821]
+    Examples:
+        >>> _ = torch.manual_seed(123)
+        >>> from selfattention.examples import embeddings
+        >>> [round(z, 4) for z in SelfAttentionV1(3, 2)(embeddings())[1].tolist()]
+        [0.3061, 0.821]
     """
 
     def __init__(self, d_in: int, d_out: int, *, backend: str = "auto") -> None:

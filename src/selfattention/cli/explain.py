@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
@@ -13,7 +12,7 @@ from selfattention import examples
 from selfattention.cli.errors import UsageError
 from selfattention.cli.explain_checkpoint import add_checkpoint_arguments, explain_checkpoint
 from selfattention.cli.explain_model import add_model_arguments, explain_model
-from selfattention.files import write_text
+from selfattention.cli.options import at_least, figure_path, json_text
 from selfattention.inputs import load_embeddings
 from selfattention.inspect import capture_projections
 from selfattention.walkthrough import Walkthrough, find_query, random_projections, walk
@@ -35,20 +34,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--causal", action="store_true", help="each token attends only to itself and earlier tokens")
     parser.add_argument(
         "--projections",
-        type=int,
+        type=at_least(1),
         metavar="D",
         help="random trainable W^Q, W^K, W^V of width D (torch.rand, in that order) instead of the identity",
     )
     parser.add_argument("--seed", type=int, default=123, help="seed for --projections (default: 123)")
     parser.add_argument(
-        "--heads", type=int, default=1, help="split the --projections width into this many heads (default: 1)"
+        "--heads", type=at_least(1), default=1, help="split the --projections width into this many heads (default: 1)"
     )
     parser.add_argument("--head", type=int, default=0, help="the head to walk through (0-based, default: 0)")
     parser.add_argument("--layer", type=int, help="with --checkpoint or --model: the layer to show")
     parser.add_argument("text", nargs="?", help="with --checkpoint or --model: the text whose attention to show")
     parser.add_argument("--embeddings", metavar="FILE", help="your own token vectors: .json, .csv or .npy")
     parser.add_argument("--tokens", help="the tokens of a .npy file, separated by spaces")
-    parser.add_argument("--plot", metavar="FILE.png", help="also save a heatmap of the weights α")
+    parser.add_argument(
+        "--plot", metavar="FILE", type=figure_path, help="also save a heatmap of α (.png, .svg, .pdf or .jpg)"
+    )
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
     add_checkpoint_arguments(parser)
     add_model_arguments(parser)
@@ -203,7 +204,7 @@ def _one_query(result: Walkthrough, i: int) -> list[str]:
 
 
 def to_json(result: Walkthrough, indices: Sequence[int]) -> str:
-    """The walk-through as a JSON document (full-precision numbers)."""
+    """The walk-through as a JSON document (numbers at float32 precision: see :func:`json_text`)."""
     document = {
         "tokens": result.tokens,
         "embeddings": result.inputs.tolist(),
@@ -229,9 +230,4 @@ def to_json(result: Walkthrough, indices: Sequence[int]) -> str:
             for i in indices
         ],
     }
-    return json.dumps(document, indent=2) + "\n"
-
-
-def save_json(result: Walkthrough, indices: Sequence[int], path: str) -> None:
-    """Write :func:`to_json` to ``path`` atomically."""
-    write_text(path, to_json(result, indices))
+    return json_text(document)

@@ -8,11 +8,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
 from torch import Tensor
+
+from selfattention.cli.options import json_text
 
 VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥"}
 
@@ -71,8 +72,7 @@ def explain_checkpoint(args: argparse.Namespace) -> int:
     """
     tokens, weights, where = checkpoint_weights(args.checkpoint, args.text or "", args.layer, args.head)
     if getattr(args, "format", "text") == "json":
-        data = {"where": where, "tokens": tokens, "weights": [[round(float(w), 6) for w in row] for row in weights]}
-        sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+        sys.stdout.write(json_text({"where": where, "tokens": tokens, "weights": weights}, indent=None))
         _plot(args, tokens, weights, where, announce=False)
         return 0
     lines = [

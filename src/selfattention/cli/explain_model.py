@@ -13,13 +13,13 @@ default TEXT; for a TEXT without it, the query is the first word piece after ``[
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
 from torch import Tensor
 
 from selfattention.cli.errors import UsageError
+from selfattention.cli.options import json_text
 from selfattention.cli.pretrained_models import MODELS, load_model
 from selfattention.models.walkthrough import HeadWalkthrough, head_walkthrough
 from selfattention.walkthrough import find_query
@@ -126,7 +126,7 @@ def _one_query(result: HeadWalkthrough, i: int) -> list[str]:
 
 
 def to_json(result: HeadWalkthrough, indices: Sequence[int]) -> str:
-    """The walk-through as a JSON document (full-precision numbers, the whole W^Q, W^K, W^V of the head)."""
+    """The walk-through as a JSON document (float32-precision numbers, the whole W^Q, W^K, W^V of the head)."""
     walk = result.walk
     assert walk.projections is not None
     document = {
@@ -147,4 +147,4 @@ def to_json(result: HeadWalkthrough, indices: Sequence[int]) -> str:
         "context": walk.context.tolist(),
         "walkthrough": [{"index": i, "token": walk.tokens[i]} for i in indices],
     }
-    return json.dumps(document, indent=2) + "\n"
+    return json_text(document)

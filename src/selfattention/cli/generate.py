@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from selfattention.cli.options import at_least, non_negative_number
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``generate`` command."""
@@ -15,9 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("prompt", help="the text to continue")
     parser.add_argument("--checkpoint", metavar="DIR", required=True, help="folder written by `train`")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add (default: 200)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens")
+    parser.add_argument("--max-new-tokens", type=at_least(0), default=200, help="tokens to add (default: 200)")
+    parser.add_argument("--temperature", type=non_negative_number, default=0.8, help="0 is greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=at_least(1), default=None, help="sample among the K likeliest tokens")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     parser.add_argument("--no-cache", action="store_true", help="recompute every step without the KV cache")
     parser.add_argument(

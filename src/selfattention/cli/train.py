@@ -3,28 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from selfattention.training.recipe import PRESETS
+from selfattention.cli.errors import UsageError
+from selfattention.cli.options import at_least, positive_number, probability
+from selfattention.training.recipe import PRESETS, RunOptions, configs
 
-# option name -> (GPTConfig or TrainConfig field, type, help)
-MODEL_OPTIONS: dict[str, tuple[str, type, str]] = {
-    "--context": ("context_length", int, "tokens the model sees at once"),
-    "--width": ("emb_dim", int, "model width C"),
-    "--layers": ("num_layers", int, "transformer blocks"),
-    "--heads": ("num_heads", int, "attention heads"),
-    "--kv-heads": ("num_kv_heads", int, "key/value heads (grouped-query attention)"),
-    "--dropout": ("dropout", float, "dropout probability in training"),
+Option = tuple[str, Callable[[str], Any], str]
+# option name -> (GPTConfig or TrainConfig field, type, help); the types check each value on its own, so that
+# a bad one is reported under the option's name (`argument --steps: must be at least 1, got 0`)
+MODEL_OPTIONS: dict[str, Option] = {
+    "--context": ("context_length", at_least(1), "tokens the model sees at once"),
+    "--width": ("emb_dim", at_least(1), "model width C"),
+    "--layers": ("num_layers", at_least(1), "transformer blocks"),
+    "--heads": ("num_heads", at_least(1), "attention heads"),
+    "--kv-heads": ("num_kv_heads", at_least(1), "key/value heads (grouped-query attention)"),
+    "--dropout": ("dropout", probability, "dropout probability in training"),
 }
-TRAIN_OPTIONS: dict[str, tuple[str, type, str]] = {
-    "--steps": ("max_steps", int, "optimisation steps"),
-    "--batch-size": ("batch_size", int, "sequences per step (per process under torchrun)"),
-    "--lr": ("learning_rate", float, "peak learning rate"),
-    "--warmup": ("warmup_steps", int, "linear warmup steps"),
-    "--eval-interval": ("eval_interval", int, "steps between validations and checkpoints"),
+TRAIN_OPTIONS: dict[str, Option] = {
+    "--steps": ("max_steps", at_least(1), "optimisation steps"),
+    "--batch-size": ("batch_size", at_least(1), "sequences per step (per process under torchrun)"),
+    "--lr": ("learning_rate", positive_number, "peak learning rate"),
+    "--warmup": ("warmup_steps", at_least(0), "linear warmup steps"),
+    "--eval-interval": ("eval_interval", at_least(1), "steps between validations and checkpoints"),
     "--seed": ("seed", int, "seed of the weights and the data order"),
 }
+OPTION_OF_FIELD = {field: name for name, (field, _, _) in {**MODEL_OPTIONS, **TRAIN_OPTIONS}.items()}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--config", choices=list(PRESETS), default="small", help="model and schedule preset (default: small)"
     )
     parser.add_argument("--tokenizer", choices=["char", "bpe"], default="char", help="default: char")
-    parser.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary size (default: 512)")
+    parser.add_argument("--vocab-size", type=at_least(257), default=512, help="BPE vocabulary size (default: 512)")
     parser.add_argument("--rope", action="store_true", default=None, help="rotary positions instead of learned")
     for name, (_, kind, text) in {**MODEL_OPTIONS, **TRAIN_OPTIONS}.items():
         parser.add_argument(name, type=kind, help=f"{text} (default: from --config)")
@@ -50,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     parser.add_argument(
         "--threads",
-        type=int,
+        type=at_least(1),
         help="intra-op CPU threads per process (default: PyTorch's own, i.e. OMP_NUM_THREADS or the cores; "
         "torchrun sets 1 per process)",
     )
@@ -58,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _overrides(args: argparse.Namespace, options: dict[str, tuple[str, type, str]]) -> dict[str, Any]:
+def _overrides(args: argparse.Namespace, options: dict[str, Option]) -> dict[str, Any]:
     chosen = {}
     for name, (field, _, _) in options.items():
         value = getattr(args, name.lstrip("-").replace("-", "_"))
@@ -71,11 +78,9 @@ def run(args: argparse.Namespace) -> int:
     """Train, then print where the checkpoint is and the final losses."""
     import torch
 
-    from selfattention.training.recipe import RunOptions, train_gpt
+    from selfattention.training.recipe import train_gpt
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     model = _overrides(args, MODEL_OPTIONS)
     if args.rope:
@@ -92,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         model=model,
         train=_overrides(args, TRAIN_OPTIONS),
     )
+    _check_together(options)
     try:
         result = train_gpt(options)
     except KeyboardInterrupt:
@@ -105,3 +111,24 @@ def run(args: argparse.Namespace) -> int:
             f"{result.seconds:.0f} s); checkpoint and loss.png in {result.out}"
         )
     return 0
+
+
+def _check_together(options: RunOptions) -> None:
+    """Check the options against each other (``--width`` divisible by ``--heads`` ...) before any work.
+
+    The configs name their fields (``emb_dim``); the message names the options instead (``--width``).
+
+    Raises:
+        UsageError: when the preset with these options is not a valid model or schedule.
+    """
+    import torch
+
+    from selfattention.models.gpt import GPT
+
+    try:
+        model_config, _ = configs(options, vocab_size=1)  # the vocabulary is not known yet; nothing depends on it
+        with torch.device("meta"):  # build the model without memory: its layers check what the config does not
+            GPT(model_config)
+    except ValueError as error:
+        message = re.sub(r"\b[a-z_]+\b", lambda m: OPTION_OF_FIELD.get(m.group(0), m.group(0)), str(error))
+        raise UsageError(message) from None

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from selfattention.files import atomic_path
+from selfattention.viz.figures import figure_format, save_figure
 from selfattention.viz.heatmap import check_labels, draw_weights
 
 
@@ -21,18 +21,20 @@ def plot_heads(
     title: str = "attention weights α per head",
     columns: int | None = None,
 ) -> None:
-    """Save a PNG grid with the heatmap of each head's weights: rows are queries, columns are keys.
+    """Save a grid with the heatmap of each head's weights: rows are queries, columns are keys.
 
     Args:
         weights: α, ``(H, T, S)`` (e.g. ``record.weights`` from :func:`selfattention.capture` for one input).
         row_tokens: T labels for the queries; col_tokens: S labels for the keys.
-        path: where the PNG goes (written atomically).
+        path: where the figure goes, written atomically in the format of its suffix (.png, .svg, .pdf, .jpg).
         title: the figure title; each panel is titled ``head h``.
         columns: panels per row (default: up to 4).
 
     Raises:
-        ValueError: when ``weights`` is not ``(H, T, S)`` or the labels do not match it.
+        ValueError: when ``weights`` is not ``(H, T, S)`` or the labels do not match it;
+            or a path whose suffix is not .png, .svg, .pdf or .jpg.
     """
+    figure_format(path)  # refuse an unknown suffix before drawing
     if weights.dim() != 3 or weights.shape[0] < 1:
         raise ValueError(f"weights must be (heads, queries, keys), got shape {tuple(weights.shape)}")
     check_labels(weights[0], row_tokens, col_tokens)
@@ -60,6 +62,5 @@ def plot_heads(
             ax.set_ylabel("")  # the query axis is labelled once per row of panels
     fig.suptitle(title)
     fig.colorbar(images[0], ax=axes, fraction=0.03, pad=0.02)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from selfattention.files import atomic_path
+from selfattention.viz.figures import figure_format, save_figure
 
 
 def plot_weights(
@@ -20,18 +20,20 @@ def plot_weights(
     title: str = "attention weights α",
     annotate: bool | None = None,
 ) -> None:
-    """Save a PNG heatmap of ``weights`` (T, S): rows are queries, columns are keys.
+    """Save a heatmap of ``weights`` (T, S): rows are queries, columns are keys.
 
     Args:
         weights: α, ``(T, S)``.
         row_tokens: T labels for the queries; col_tokens: S labels for the keys.
-        path: where the PNG goes (written atomically).
+        path: where the figure goes, written atomically in the format of its suffix (.png, .svg, .pdf, .jpg).
         title: the figure title.
         annotate: write each value in its cell; by default only when the matrix is at most 24 × 24.
 
     Raises:
-        ValueError: when the labels do not match the shape of ``weights``.
+        ValueError: when the labels do not match the shape of ``weights``;
+            or a path whose suffix is not .png, .svg, .pdf or .jpg.
     """
+    figure_format(path)  # refuse an unknown suffix before drawing
     check_labels(weights, row_tokens, col_tokens)
     import matplotlib
 
@@ -43,8 +45,7 @@ def plot_weights(
     image = draw_weights(ax, weights, row_tokens, col_tokens, title=title, annotate=annotate)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-from selfattention.files import atomic_path
+from selfattention.viz.figures import figure_format, save_figure
 
 
 def plot_lines(
@@ -16,17 +16,19 @@ def plot_lines(
     title: str,
     ylabel: str,
 ) -> None:
-    """Save a PNG line chart: one line per entry of ``series``, its values at the points ``x_labels``.
+    """Save a line chart: one line per entry of ``series``, its values at the points ``x_labels``.
 
     Args:
         series: label -> one value per x label.
         x_labels: the names of the points on the x axis.
-        path: where the PNG goes (written atomically).
+        path: where the figure goes, written atomically in the format of its suffix (.png, .svg, .pdf, .jpg).
         title: the figure title. ylabel: the y axis label.
 
     Raises:
-        ValueError: a series whose length differs from the number of x labels, or no series at all.
+        ValueError: a series whose length differs from the number of x labels, or no series at all;
+            or a path whose suffix is not .png, .svg, .pdf or .jpg.
     """
+    figure_format(path)  # refuse an unknown suffix before drawing
     if not series:
         raise ValueError("nothing to plot: no series given")
     for label, values in series.items():
@@ -46,6 +48,5 @@ def plot_lines(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from selfattention.files import atomic_path
+from selfattention.viz.figures import figure_format, save_figure
 
 
 def plot_losses(
@@ -16,18 +16,20 @@ def plot_losses(
     title: str = "loss",
     smoothing: int = 50,
 ) -> None:
-    """Save a PNG of the losses (nats per token) against the step.
+    """Save a of the losses (nats per token) against the step.
 
     Args:
         train: ``(step, loss)`` for each training step; drawn faintly, with a moving average of
             ``smoothing`` steps on top.
         val: ``(step, loss)`` at each validation.
-        path: where the PNG goes (written atomically).
+        path: where the figure goes, written atomically in the format of its suffix (.png, .svg, .pdf, .jpg).
         title: the figure title.
 
     Raises:
-        ValueError: when there is nothing to plot.
+        ValueError: when there is nothing to plot;
+            or a path whose suffix is not .png, .svg, .pdf or .jpg.
     """
+    figure_format(path)  # refuse an unknown suffix before drawing
     if not train and not val:
         raise ValueError("no losses to plot")
     import matplotlib
@@ -55,6 +57,5 @@ def plot_losses(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
