@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from selfattention.cli.device import add_device_argument, resolve_device
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``generate`` command."""
@@ -25,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="fail when prompt + output exceed the context, instead of sliding the window",
     )
+    add_device_argument(parser, note="; the same --seed samples the same way on every device")
     parser.set_defaults(func=run)
 
 
@@ -35,10 +38,12 @@ def run(args: argparse.Namespace) -> int:
     from selfattention.generate import generate
     from selfattention.training.recipe import load_gpt
 
+    device = resolve_device(args.device)
     model, tokenizer = load_gpt(args.checkpoint)
+    model.to(device)
     if not args.prompt:
         raise ValueError("the prompt is empty; give at least one character")
-    ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long)
+    ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
     generator = torch.Generator().manual_seed(args.seed)
     new: list[int] = []
     shown = ""

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.training.recipe import PRESETS
 
 # option name -> (GPTConfig or TrainConfig field, type, help)
@@ -55,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "torchrun sets 1 per process)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_argument(parser, note="; under torchrun, cuda means each process's own GPU (LOCAL_RANK)")
     parser.set_defaults(func=run)
 
 
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     model = _overrides(args, MODEL_OPTIONS)
     if args.rope:
         model["rope"] = True
@@ -91,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         model=model,
         train=_overrides(args, TRAIN_OPTIONS),
+        device=str(device),
     )
     try:
         result = train_gpt(options)
