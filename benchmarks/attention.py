@@ -34,6 +34,7 @@ causal forward+backward at 65,536 tokens (one run, no warm-up).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import resource
@@ -83,11 +84,19 @@ def flex_mask_mod(kind: str, length: int, device: torch.device) -> Callable[...,
     return lambda b, h, q, kv: kv < half
 
 
+@functools.cache
+def compiled_flex() -> Callable[..., torch.Tensor]:
+    """``torch.compile(flex_attention)``, made once, so that its compiled kernels serve every case of a run."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
 def flex_call(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], torch.Tensor]:
     """``torch.compile(flex_attention)`` with the block mask of ``kind`` (built here, not timed)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    compiled = torch.compile(flex_attention)
+    compiled = compiled_flex()
     mod = flex_mask_mod(kind, q.shape[-2], q.device)
     blocks = None
     if mod is not None:
