@@ -140,30 +140,43 @@ def test_blocksparse_gpu_path_runs_flex_with_the_right_shapes(monkeypatch):
     ``supported`` is forced true and the compiled kernel replaced by FlexAttention's eager reference, so
     that the reshapes to 4-D and back, the scale and the causal flag are those of a real CUDA call.
     """
+    calls = []
     monkeypatch.setattr(flex, "supported", lambda q, k, v: True)
-    monkeypatch.setattr(flex, "compiled_flex_attention", lambda: flex_attention)
+    monkeypatch.setattr(flex, "compiled_flex_attention", lambda: calls.append(1) or flex_attention)
     gen = torch.Generator().manual_seed(2)
-    q = torch.randn(2, 3, 2, 130, 16, generator=gen)  # (B1, B2, H, T, D): leading dims are flattened
-    k, v = torch.randn(2, 3, 2, 200, 16, generator=gen), torch.randn(2, 3, 2, 200, 32, generator=gen)
+    q = torch.randn(2, 3, 2, 300, 16, generator=gen)  # (B1, B2, H, T, D): leading dims are flattened
+    k, v = torch.randn(2, 3, 2, 400, 16, generator=gen), torch.randn(2, 3, 2, 400, 32, generator=gen)
     rule = masks.sliding_window(64)
     with torch.no_grad():
         out, _ = flex.attention(q, k, v, mask=rule, causal=True, scale=0.3, dropout_p=0.0, return_weights=False)
     want = attention(q.double(), k.double(), v.double(), mask=rule, causal=True, scale=0.3, backend="math")
-    assert out.shape == (2, 3, 2, 130, 32)
+    assert out.shape == (2, 3, 2, 300, 32) and calls == [1]
     torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
 
 
 def test_what_the_compiled_kernel_cannot_take_goes_to_tiled():
     """CPU tensors, float64, narrow heads: ``flex.attention`` answers through ``"tiled"``, with gradients."""
     gen = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 2, 70, 8, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 300, 8, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(3))
     assert not flex.supported(q, k, v)
-    rule = masks.documents(torch.arange(70) // 20)
+    rule = masks.documents(torch.arange(300) // 70)
     out, _ = flex.attention(q, k, v, mask=rule, causal=True, scale=0.5, dropout_p=0.0, return_weights=False)
     want = attention(q, k, v, mask=rule, causal=True, scale=0.5, backend="math")
     torch.testing.assert_close(out, want)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     torch.testing.assert_close(grads, torch.autograd.grad(want.sum(), (q, k, v)))
+
+
+def test_small_calls_go_to_the_fused_kernel_with_their_mask(monkeypatch):
+    """One decoding step (T = 1) compiles nothing: the description is materialised for SDPA."""
+    monkeypatch.setattr(flex, "supported", lambda q, k, v: True)
+    monkeypatch.setattr(flex, "flex_forward", lambda *a, **kw: pytest.fail("a small call reached FlexAttention"))
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(2, 1, 16, generator=gen), torch.randn(2, 40, 16, generator=gen), torch.randn(2, 40, 16)
+    rule = masks.sliding_window(8)
+    out, _ = flex.attention(q, k, v, mask=rule, causal=True, scale=0.25, dropout_p=0.0, return_weights=False)
+    want = attention(q.double(), k.double(), v.double(), mask=rule, causal=True, scale=0.25, backend="math")
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
 
 
 def test_a_tensor_mask_goes_to_the_fused_kernel():

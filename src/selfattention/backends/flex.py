@@ -17,9 +17,10 @@ does. Gradients come from FlexAttention's own compiled backward.
 
 What the compiled kernel cannot take goes to the device-generic ``"tiled"`` backend instead, with the
 same tiles and the same memory bound: inputs not on CUDA, float64 (the compiled kernels are built and
-tested for half, bfloat16 and float32), head widths below 16 (``tl.dot``'s smallest), empty sequences,
-and a ``score_mod`` (``"tiled"`` is the backend that takes one). A tensor mask is dense already: it goes
-to ``"sdpa"``, the fused kernel that takes it as it is.
+tested for half, bfloat16 and float32), head widths below 16 (``tl.dot``'s smallest) and empty
+sequences. A tensor mask is dense already: it goes to ``"sdpa"``, the fused kernel that takes it as it is;
+so does a call of at most ``SMALL`` (256²) pairs, such as one decoding step, with its mask materialised
+(one tile, nothing to skip; as ``"auto"`` does for small descriptions, and no compilation per shape).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from selfattention.backends import sdpa, tiled
 from selfattention.backends.tiles import AnyMask, Tiles
+from selfattention.functional import materialize_mask
 from selfattention.masks import FULL, PARTIAL, MaskDescription, MaskFn
 
 if TYPE_CHECKING:
@@ -43,6 +45,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 """Input dtypes sent to the compiled kernel."""
 MIN_WIDTH = 16
 """Smallest head width (D and E) the compiled CUDA kernel takes."""
+SMALL = 256 * 256
+"""``T * S`` up to which the fused SDPA kernel takes the call with its mask materialised."""
 
 
 def supported(query: Tensor, key: Tensor, value: Tensor) -> bool:
@@ -138,7 +142,9 @@ def attention(
 ) -> tuple[Tensor, None]:
     """The ``"blocksparse"`` backend function for inputs not on the CPU (see the module docstring)."""
     assert dropout_p == 0 and not return_weights, "checked by choose_backend"
-    if isinstance(mask, Tensor):
+    if isinstance(mask, MaskDescription) and query.shape[-2] * key.shape[-2] <= SMALL:
+        mask = materialize_mask(mask, query, key.shape[-2])
+    if isinstance(mask, Tensor) or (mask is None and query.shape[-2] * key.shape[-2] <= SMALL):
         context, _ = sdpa.attention(query, key, value, mask=mask, causal=causal, scale=scale, dropout_p=0.0,
                                     return_weights=False)  # fmt: skip
         return context, None
