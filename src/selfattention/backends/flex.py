@@ -68,7 +68,6 @@ def mask_mod(mask: MaskDescription | None, causal: bool, num_queries: int, num_k
         rules.append(causal_rule().mask_mod(num_queries, num_keys, device))
     if len(rules) < 2:
         return rules[0] if rules else None
-        return rules[0]
     first, second = rules
     return lambda b, h, q, kv: first(b, h, q, kv) & second(b, h, q, kv)
 
