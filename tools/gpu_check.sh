@@ -105,12 +105,12 @@ else
     L=$(limit 160)
     step bench-cuda-bfloat16 "$L" "$PYTHON" benchmarks/attention.py --device cuda --dtype bfloat16 --heads 8 \
         --lengths 4096 16384 32768 --masks causal "sliding_window(256)" "documents(16)" --impls "${IMPLS[@]}" \
-        --budget-s $((L - 40)) --markdown "$OUT/bench-cuda-bfloat16.md" 2>&1 | tee "$OUT/bench-cuda-bfloat16.log"
+        --budget-s $((L > 45 ? L - 40 : 5)) --markdown "$OUT/bench-cuda-bfloat16.md" 2>&1 | tee "$OUT/bench-cuda-bfloat16.log"
     RESERVE=0
     L=$(limit 80)
     step bench-cuda-float32 "$L" "$PYTHON" benchmarks/attention.py --device cuda --dtype float32 --heads 8 \
         --lengths 4096 16384 --masks "sliding_window(256)" "documents(16)" --impls "${IMPLS[@]}" \
-        --budget-s $((L - 40)) --markdown "$OUT/bench-cuda-float32.md" 2>&1 | tee "$OUT/bench-cuda-float32.log"
+        --budget-s $((L > 45 ? L - 40 : 5)) --markdown "$OUT/bench-cuda-float32.md" 2>&1 | tee "$OUT/bench-cuda-float32.log"
 fi
 
 set +x
@@ -119,4 +119,5 @@ cat "$OUT/summary.txt"
 for table in "$OUT"/bench-*.md; do
     [ -f "$table" ] && { echo "== $table"; cat "$table"; }
 done
+sleep 1  # let tee write the last lines of gpu_check.log
 exit 0
