@@ -100,7 +100,7 @@ if [ "$CPU_ONLY" = 1 ]; then
         --masks "sliding_window(256)" --impls sdpa "sdpa + mask" flex auto --markdown "$OUT/bench-cpu.md" \
         2>&1 | tee "$OUT/bench-cpu.log"
 else
-    IMPLS=(sdpa "sdpa is_causal" "sdpa + mask" flex auto)
+    IMPLS=(sdpa "sdpa is_causal" "sdpa + mask" flex auto blocksparse)
     RESERVE=50
     L=$(limit 160)
     step bench-cuda-bfloat16 "$L" "$PYTHON" benchmarks/attention.py --device cuda --dtype bfloat16 --heads 8 \
