@@ -157,6 +157,29 @@ def test_blocksparse_on_cuda_runs_the_compiled_flex_kernel(dtype, monkeypatch):
     assert calls == [dtype]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_tiled_score_mod_on_the_device_equals_float64_on_the_cpu(device):
+    """ALiBi through ``score_mod`` (only ``"tiled"`` takes one) with a window: values and gradients."""
+    slopes = torch.tensor([0.5, 0.25])
+
+    def alibi(score, b, h, q_idx, kv_idx):  # type: ignore[no-untyped-def]
+        return score - slopes.to(score.device, score.dtype)[h] * (q_idx - kv_idx)
+
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 300, 32, generator=gen) for _ in range(3))
+    rule = masks.sliding_window(90)
+    outs, grads = [], []
+    for where, dtype in ((device, torch.float32), ("cpu", torch.float64)):
+        inputs = [x.to(where, dtype, copy=True).requires_grad_() for x in (q, k, v)]
+        out = attention(*inputs, mask=rule, backend="tiled", score_mod=alibi)
+        out.sum().backward()
+        outs.append(out)
+        grads.append([x.grad for x in inputs])
+    assert rel_error(outs[0], outs[1]) <= TOLERANCE[torch.float32][0]
+    for mine, theirs in zip(*grads, strict=True):
+        assert rel_error(mine, theirs) <= TOLERANCE[torch.float32][1]
+
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.slow
@@ -245,6 +268,14 @@ def test_bert_encoder_on_cuda_equals_the_cpu():
         got = copy.deepcopy(encoder).cuda()(ids.cuda(), mask.cuda())
     for layer, (mine, theirs) in enumerate(zip(got.hidden_states, want.hidden_states, strict=True)):
         assert rel_error(mine, theirs) <= 1e-4, f"hidden state {layer}"
+    from selfattention.inspect import capture
+
+    on_gpu = copy.deepcopy(encoder).cuda()
+    with torch.no_grad(), capture(encoder) as cpu_cap, capture(on_gpu) as gpu_cap:
+        encoder(ids, mask)
+        on_gpu(ids.cuda(), mask.cuda())
+    for name in cpu_cap.names:  # the weights α that capture() records, per layer
+        assert rel_error(gpu_cap[name].weights, cpu_cap[name].weights) <= 1e-4, name
 
 
 @pytest.mark.cuda
