@@ -6,10 +6,10 @@
 #
 # Needs only what the machine has (python3 with torch, triton, pytest, numpy, safetensors, tokenizers):
 # nothing is installed, the package is imported from src/. Everything it writes goes to "$OUT" (default
-# ./gpu-out): gpu_check.log (all output), versions.txt, smoke.log, cuda-tests.log, cuda-tests.xml,
-# bench-cuda-bfloat16.md/.log, bench-cuda-float32.md/.log and summary.txt (each step's exit code and
+# ./gpu-out): gpu_check.log (all output), versions.txt, smoke.log, cuda-tests-models.log/.xml,
+# cuda-tests-attention.log/.xml, bench-cuda-bfloat16.md/.log, bench-cuda-float32.md/.log and summary.txt (each step's exit code and
 # seconds). Each step has a time limit and a failing step does not stop the next; the whole run keeps to
-# GPU_CHECK_SECONDS (default 450) by giving each step at most what is left.
+# GPU_CHECK_SECONDS (default 480) by giving each step at most what is left.
 set -u -o pipefail
 set -x
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
@@ -17,7 +17,7 @@ OUT="${OUT:-./gpu-out}"
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 PYTHON="${PYTHON:-python3}"
-TOTAL="${GPU_CHECK_SECONDS:-450}"
+TOTAL="${GPU_CHECK_SECONDS:-480}"
 START=$SECONDS
 CPU_ONLY=0
 [ "${1:-}" = "--cpu" ] && CPU_ONLY=1
@@ -64,7 +64,7 @@ DEVICE=cuda
 if [ "$CPU_ONLY" = 1 ]; then DEVICE=cpu; fi
 
 # 1. smoke: one long sliding window through the library on the device, timed with its compilation
-RESERVE=380
+RESERVE=410
 step smoke "$(limit 75)" "$PYTHON" - "$DEVICE" <<'EOF' 2>&1 | tee "$OUT/smoke.log"
 import sys, time, torch
 from selfattention import attention, masks
@@ -85,11 +85,18 @@ want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.
 print("max |ours - sdpa with the dense mask| =", float((out.float() - want).abs().max()))
 EOF
 
-# 2. the CUDA tests (on a machine without CUDA they are all skipped); -o addopts= drops pytest-timeout's
-#    --timeout from pyproject.toml, since that plugin may be missing here
-RESERVE=150
-step cuda-tests "$(limit 240)" "$PYTHON" -m pytest -m cuda -o addopts= -p no:cacheprovider -q -rfEs --maxfail=25 \
-    --junitxml="$OUT/cuda-tests.xml" tests/test_cuda.py 2>&1 | tee "$OUT/cuda-tests.log"
+# 2. the CUDA tests (on a machine without CUDA they are all skipped), in two runs so that a slow first one
+#    (each mask kind and dtype compiles a FlexAttention kernel) cannot keep the models' tests from running:
+#    first the models, training, generation and the GPU path's own checks, then the backend matrix.
+#    -o addopts= drops pytest-timeout's --timeout from pyproject.toml, since that plugin may be missing here.
+PYTEST=("$PYTHON" -m pytest -m cuda -o addopts= -p no:cacheprovider -q -rfEs --maxfail=25 tests/test_cuda.py)
+MATRIX="backend_values or fewer_queries"
+RESERVE=250
+step cuda-tests-models "$(limit 100)" "${PYTEST[@]}" -k "not ($MATRIX)" --junitxml="$OUT/cuda-tests-models.xml" \
+    2>&1 | tee "$OUT/cuda-tests-models.log"
+RESERVE=130
+step cuda-tests-attention "$(limit 220)" "${PYTEST[@]}" -k "$MATRIX" --junitxml="$OUT/cuda-tests-attention.xml" \
+    2>&1 | tee "$OUT/cuda-tests-attention.log"
 
 # 3. the benchmark: bfloat16 first (the GPU's usual dtype), then a shorter float32 run
 # (--budget-s: no case starts later than 40 s before the step's limit, so the table gets written)
