@@ -139,7 +139,7 @@ def nearest_tokens(
     table = torch.nn.functional.normalize(model.encoder.embeddings.word.weight.detach(), dim=-1)  # (V, C)
     cosines = table @ torch.nn.functional.normalize(vector.detach(), dim=-1)  # (V,)
     skipped = set(exclude)
-    allowed = torch.tensor([t.isalpha() and t not in skipped for t in model.vocabulary])
+    allowed = torch.tensor([t.isalpha() and t not in skipped for t in model.vocabulary], device=cosines.device)
     cosines = cosines.masked_fill(~allowed, -2.0)  # below any cosine: never among the top
     top = cosines.topk(min(k, int(allowed.sum())))
     return [(model.vocabulary[int(i)], float(c)) for c, i in zip(top.values, top.indices, strict=True)]

@@ -68,6 +68,8 @@ def sample_next(
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if generator is not None and generator.device != probs.device:  # a CPU generator for a CUDA model
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator)
 
 
@@ -91,7 +93,8 @@ def generate(
         model: a causal language model such as :class:`selfattention.GPT` (put in eval mode by the caller).
         idx: the prompt's token ids, at least one per row.
         temperature: 0 for greedy decoding. top_k: sample only among the ``top_k`` likeliest tokens.
-        generator: the random source of sampling.
+        generator: the random source of sampling; one on another device than the model (a CPU generator
+            for a CUDA model) draws there, so that a seed samples the same way on every device.
         use_cache: decode with a KV cache. prefill_chunk: feed the prompt to the cache this many tokens at
             a time (default: all at once).
         slide: allow output beyond the context (see the module docstring).

@@ -60,6 +60,20 @@ class MaskDescription:
         """The block map from tile bounds alone, or None when the rule needs the generic evaluation."""
         return None
 
+    def mask_mod(self, num_queries: int, num_keys: int, device: torch.device | str | None = None) -> MaskFn:
+        """The rule as FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool`` for attention of this shape.
+
+        Same rule as :meth:`allowed`, written for what :func:`torch.nn.attention.flex_attention.create_mask`
+        and the compiled kernels give it: 0-dimensional index tensors (under ``torch.vmap``). The numbers it
+        needs (offsets, window sizes, lengths, ids) are tensors on ``device`` captured by the function, so
+        that one compiled kernel serves every value of them.
+
+        >>> from torch.nn.attention.flex_attention import create_mask
+        >>> create_mask(sliding_window(2).mask_mod(3, 3), 1, 1, 3, 3, device="cpu")[0, 0].int().tolist()
+        [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+        """
+        raise NotImplementedError(f"{self!r} has no mask_mod")
+
     def __and__(self, other: MaskDescription) -> MaskDescription:
         return _Combined(self, other, "and")
 
@@ -193,6 +207,11 @@ def _kinds(*, full: Tensor, empty: Tensor, bounds: _Bounds | None = None) -> Ten
     return kinds.masked_fill(full, FULL).masked_fill(empty, EMPTY)
 
 
+def _number(value: int, device: torch.device | str | None) -> Tensor:
+    """A 0-dimensional integer tensor: captured by a mask_mod, it is an input of the compiled kernel, not a constant."""
+    return torch.tensor(value, dtype=torch.long, device=device)
+
+
 def _describe(value: object) -> str:
     return f"dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
 
@@ -210,6 +229,10 @@ class _Causal(MaskDescription):
     def _bounds_map(self, bounds: _Bounds) -> Tensor:
         off = self._offset(bounds.num_queries, bounds.num_keys)
         return _kinds(full=bounds.kv_last <= bounds.q_first + off, empty=bounds.kv_first > bounds.q_last + off)
+
+    def mask_mod(self, num_queries: int, num_keys: int, device: torch.device | str | None = None) -> MaskFn:
+        offset = _number(self._offset(num_queries, num_keys), device)
+        return lambda b, h, q, kv: kv <= q + offset
 
     def __repr__(self) -> str:
         return f"causal(align={self.align!r})"
@@ -248,6 +271,10 @@ class _SlidingWindow(MaskDescription):
         full = (bounds.kv_last <= bounds.q_first + off) & (bounds.kv_first > bounds.q_last + off - self.size)
         empty = (bounds.kv_first > bounds.q_last + off) | (bounds.kv_last <= bounds.q_first + off - self.size)
         return _kinds(full=full, empty=empty)
+
+    def mask_mod(self, num_queries: int, num_keys: int, device: torch.device | str | None = None) -> MaskFn:
+        offset, size = _number(num_keys - num_queries, device), _number(self.size, device)
+        return lambda b, h, q, kv: (kv <= q + offset) & (kv > q + offset - size)
 
     def __repr__(self) -> str:
         return f"sliding_window({self.size})"
@@ -296,6 +323,12 @@ class _Padding(MaskDescription):
     def _bounds_map(self, bounds: _Bounds) -> Tensor:
         shortest, longest = int(self.lengths.min()), int(self.lengths.max())
         return _kinds(full=bounds.kv_last < shortest, empty=bounds.kv_first >= longest, bounds=bounds)
+
+    def mask_mod(self, num_queries: int, num_keys: int, device: torch.device | str | None = None) -> MaskFn:
+        lengths = self.lengths.to(device)
+        if lengths.shape[0] == 1:
+            return lambda b, h, q, kv: kv < lengths[0]
+        return lambda b, h, q, kv: kv < lengths[b]
 
     def __repr__(self) -> str:
         return f"padding({self.lengths.tolist()})"
@@ -346,6 +379,12 @@ class _Documents(MaskDescription):
         empty = ((q_hi < k_lo) | (k_hi < q_lo)).all(0)
         return _kinds(full=full, empty=empty)
 
+    def mask_mod(self, num_queries: int, num_keys: int, device: torch.device | str | None = None) -> MaskFn:
+        ids, offset = self.ids.to(device), _number(num_keys - num_queries, device)
+        if ids.shape[0] == 1:
+            return lambda b, h, q, kv: ids[0, q + offset] == ids[0, kv]
+        return lambda b, h, q, kv: ids[b, q + offset] == ids[b, kv]
+
     def __repr__(self) -> str:
         return f"documents(<{tuple(self.ids.shape)} ids>)"
 
@@ -388,6 +427,10 @@ class _KeysBefore(MaskDescription):
     def _bounds_map(self, bounds: _Bounds) -> Tensor:
         return _kinds(full=bounds.kv_last < self.count, empty=bounds.kv_first >= self.count, bounds=bounds)
 
+    def mask_mod(self, num_queries: int, num_keys: int, device: torch.device | str | None = None) -> MaskFn:
+        count = _number(self.count, device)
+        return lambda b, h, q, kv: kv < count
+
 
 def prefix_lm(prefix_len: int) -> MaskDescription:
     """Prefix language modelling: every query sees the first ``prefix_len`` keys, and the rest causally.
@@ -424,6 +467,13 @@ class _Combined(MaskDescription):
             return torch.minimum(left, right)
         return torch.maximum(left, right)  # full if either is full, empty only if both are empty
 
+    def mask_mod(self, num_queries: int, num_keys: int, device: torch.device | str | None = None) -> MaskFn:
+        left = self.left.mask_mod(num_queries, num_keys, device)
+        right = self.right.mask_mod(num_queries, num_keys, device)
+        if self.op == "and":
+            return lambda b, h, q, kv: left(b, h, q, kv) & right(b, h, q, kv)
+        return lambda b, h, q, kv: left(b, h, q, kv) | right(b, h, q, kv)
+
     def __repr__(self) -> str:
         return f"({self.left!r} {'&' if self.op == 'and' else '|'} {self.right!r})"
 
@@ -434,6 +484,9 @@ class _FromFunction(MaskDescription):
 
     def allowed(self, b: Tensor, h: Tensor, q: Tensor, kv: Tensor, num_queries: int, num_keys: int) -> Tensor:
         return self.fn(b, h, q, kv)
+
+    def mask_mod(self, num_queries: int, num_keys: int, device: torch.device | str | None = None) -> MaskFn:
+        return self.fn  # already FlexAttention's form; tensors it closes over must be on the attention's device
 
     def __repr__(self) -> str:
         return f"from_function({getattr(self.fn, '__name__', 'fn')})"

@@ -133,6 +133,16 @@ class PretrainedEncoder:
         for token, index in vocab.items():
             self.vocabulary[index] = token
 
+    def to(self, device: torch.device | str) -> PretrainedEncoder:
+        """Move the encoder to ``device`` (inputs follow it in :meth:`encode`); returns ``self``."""
+        self.encoder.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the encoder's weights are."""
+        return self.encoder.embeddings.word.weight.device
+
     @property
     def config(self) -> BertConfig:
         """The encoder's sizes."""
@@ -176,9 +186,13 @@ class PretrainedEncoder:
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], *, max_length: int | None = None) -> Encoded:
-        """Tokenize ``texts`` (see :meth:`tokenize`) and return every layer's hidden states ``(B, T, C)``."""
+        """Tokenize ``texts`` (see :meth:`tokenize`) and return every layer's hidden states ``(B, T, C)``.
+
+        The token batch stays on the CPU; the hidden states are on the encoder's :attr:`device`.
+        """
         batch = self.tokenize(texts, max_length=max_length)
-        return Encoded(batch=batch, output=self.encoder(batch.input_ids, batch.attention_mask))
+        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        return Encoded(batch=batch, output=self.encoder(ids, mask))
 
     def sentence_embeddings(self, texts: Sequence[str], *, truncate: bool = False) -> Tensor:
         """Mean-pooled, L2-normalised sentence vectors ``(B, C)``, as the sentence-transformers model defines them.
@@ -193,7 +207,7 @@ class PretrainedEncoder:
             encoded = self.encode(texts, max_length=self.max_seq_length)
         finally:
             self.tokenizer.no_truncation()
-        return mean_pool(encoded.output.last_hidden_state, encoded.batch.attention_mask)
+        return mean_pool(encoded.output.last_hidden_state, encoded.batch.attention_mask.to(self.device))
 
 
 def load_pretrained(folder: str | Path, *, name: str | None = None) -> PretrainedEncoder:

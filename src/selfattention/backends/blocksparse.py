@@ -15,6 +15,7 @@ log-sum-exp. Memory stays ``O(T + S)`` plus one run's mask: no ``(T, S)`` tensor
 It uses ``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, the CPU kernel
 behind :func:`torch.nn.functional.scaled_dot_product_attention`: a private operator, tested here for the
 pinned torch version, which is why the plain-PyTorch ``"tiled"`` backend stays the readable account.
+On a GPU the backend is FlexAttention's compiled kernel on the same tiles (:mod:`selfattention.backends.flex`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from selfattention.backends import flex
 from selfattention.backends.tiled import merge_partials, work_dtype
 from selfattention.backends.tiles import AnyMask, Tiles
 
@@ -184,6 +186,9 @@ def attention(
 ) -> tuple[Tensor, None]:
     """The backend function: fused-kernel tiles with a recomputing backward (no dropout, no weights)."""
     assert dropout_p == 0 and not return_weights, "checked by choose_backend"
+    if query.device.type != "cpu":  # the fused operator below is the CPU's; FlexAttention's kernels on a GPU
+        return flex.attention(query, key, value, mask=mask, causal=causal, scale=scale, dropout_p=dropout_p,
+                              return_weights=return_weights)  # fmt: skip
     q, k, v = _as_4d(query), _as_4d(key), _as_4d(value)
     options = {"scale": scale, "mask": _mask_as_4d(mask, query), "causal": causal, "block": block or BLOCK}
     context = _BlockSparseAttention.apply(q, k, v, options)

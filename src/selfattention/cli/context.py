@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.cli.pretrained_models import MODELS, load_model
 from selfattention.contextual import (
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="nearest tokens to list (default: 5); attention lists the top min(TOP, 3) per head",
     )
     parser.add_argument("--plot", metavar="DIR", help="also save a line chart and per-sentence heatmaps in DIR")
+    add_device_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"give at least two sentences to compare, got {len(sentences)}")
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
-    model = load_model(args.model)
+    model = load_model(args.model, resolve_device(args.device))
     layers = model.config.num_hidden_layers
     layer = layers if args.layer is None else args.layer
     if not 1 <= layer <= layers:

@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     """Compute the walk-through and print it; optionally save a heatmap."""
     if args.checkpoint and args.model:
         raise UsageError("choose one of --checkpoint DIR and --model NAME")
+    if args.device != "cpu" and not args.model:
+        raise UsageError(f"--device {args.device} is only used with --model NAME")
     if args.checkpoint:
         return explain_checkpoint(args)
     if args.model:

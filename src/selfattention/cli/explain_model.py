@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.cli.options import json_text
 from selfattention.cli.pretrained_models import MODELS, load_model
@@ -38,6 +39,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="walk through one head of a real pretrained model (all-MiniLM-L6-v2) on TEXT instead; "
         f'layers 1-6 (default 1), heads 0-11; TEXT defaults to "{DEFAULT_TEXT}"',
     )
+    add_device_argument(parser, note="; with --model only")
 
 
 def explain_model(args: argparse.Namespace) -> int:
@@ -46,7 +48,7 @@ def explain_model(args: argparse.Namespace) -> int:
         if getattr(args, name, None):
             raise UsageError(f"--{name} does not apply with --model: the model's own tokens and W^Q, W^K, W^V are used")
     text = DEFAULT_TEXT if args.text is None else args.text
-    model = load_model(args.model)
+    model = load_model(args.model, resolve_device(getattr(args, "device", "cpu")))
     layer = 1 if args.layer is None else args.layer
     result = head_walkthrough(model, text, layer=layer, head=args.head)
     tokens = result.walk.tokens

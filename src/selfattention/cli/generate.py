@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.options import at_least, non_negative_number
 
 
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="fail when prompt + output exceed the context, instead of sliding the window",
     )
+    add_device_argument(parser, note="; the same --seed samples the same way on every device")
     parser.set_defaults(func=run)
 
 
@@ -37,10 +39,12 @@ def run(args: argparse.Namespace) -> int:
     from selfattention.generate import generate
     from selfattention.training.recipe import load_gpt
 
+    device = resolve_device(args.device)
     model, tokenizer = load_gpt(args.checkpoint)
+    model.to(device)
     if not args.prompt:
         raise ValueError("the prompt is empty; give at least one character")
-    ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long)
+    ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
     generator = torch.Generator().manual_seed(args.seed)
     new: list[int] = []
     shown = ""

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.cli.options import at_least, positive_number, probability
 from selfattention.training.recipe import PRESETS, RunOptions, configs
@@ -62,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "torchrun sets 1 per process)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_argument(parser, note="; under torchrun, cuda means each process's own GPU (LOCAL_RANK)")
     parser.set_defaults(func=run)
 
 
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     model = _overrides(args, MODEL_OPTIONS)
     if args.rope:
         model["rope"] = True
@@ -96,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         model=model,
         train=_overrides(args, TRAIN_OPTIONS),
+        device=str(device),
     )
     _check_together(options)
     try:

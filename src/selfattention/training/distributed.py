@@ -31,8 +31,12 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup(timeout_s: float = 120.0) -> DistInfo:
+def setup(timeout_s: float = 120.0, *, device: str | torch.device | None = None) -> DistInfo:
     """Join the process group described by the environment; a single process when ``WORLD_SIZE`` is unset or 1.
+
+    ``device``: where this process computes: ``"cpu"``, ``"cuda"`` (with several processes, GPU
+    ``LOCAL_RANK`` each) or ``"cuda:N"`` (one process). ``None``: the CPU for one process, each process's
+    GPU under torchrun when CUDA is available (and the CPU otherwise).
 
     Raises:
         ValueError: when ``RANK``/``WORLD_SIZE`` are malformed.
@@ -45,13 +49,14 @@ def setup(timeout_s: float = 120.0) -> DistInfo:
         raise ValueError(
             f"RANK={os.environ.get('RANK')!r}, WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} must be integers"
         ) from None
+    wanted = None if device is None else torch.device(device)
     if world_size <= 1:
-        return DistInfo()
+        return DistInfo(device=wanted or torch.device("cpu"))
     if not 0 <= rank < world_size:
         raise ValueError(f"RANK ({rank}) must be in [0, WORLD_SIZE={world_size})")
     import torch.distributed as dist
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if wanted is None else wanted.type == "cuda"
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

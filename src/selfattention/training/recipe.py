@@ -65,6 +65,8 @@ class RunOptions:
     progress: bool = True
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    """``cpu``, ``cuda`` or ``cuda:N``; under torchrun, ``cuda`` is each process's GPU (``LOCAL_RANK``)."""
 
 
 @dataclass
@@ -98,7 +100,7 @@ def train_gpt(options: RunOptions) -> RunResult:
     Raises:
         ValueError: a bad corpus, preset or checkpoint, or a resume on a different corpus.
     """
-    info = distributed.setup()
+    info = distributed.setup(device=options.device)
     try:
         result = _train(options, info)
     except BaseException:
