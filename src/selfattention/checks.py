@@ -50,11 +50,15 @@ def same_width(queries: Tensor, keys: Tensor) -> None:
         )
 
 
-def qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
+def qkv(query: Tensor, key: Tensor, value: Tensor) -> tuple[float, float, float]:
     """Check the inputs of :func:`selfattention.attention`: types, dtypes, widths, lengths and finiteness.
 
     The whole input contract is written down in ``docs/input-contract.md``; :func:`leading` checks the
     leading (batch and head) dimensions and :func:`magnitudes` the overflow limits.
+
+    Returns:
+        The largest absolute entry of query, key and value (one reduction each, which also shows they are
+        finite), for :func:`magnitudes`.
     """
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         floating(name, tensor)
@@ -79,8 +83,11 @@ def qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
         raise ValueError(
             f"key and value must have the same leading dimensions: key {tuple(key.shape)}, value {tuple(value.shape)}"
         )
-    for name, tensor in (("query", query), ("key", key), ("value", value)):
-        finite(name, tensor)
+    largest = (_largest(query), _largest(key), _largest(value))
+    for name, tensor, found in zip(("query", "key", "value"), (query, key, value), largest, strict=True):
+        if not math.isfinite(found):
+            finite(name, tensor)  # names the first non-finite entry
+    return largest
 
 
 def leading(query: Tensor, key: Tensor) -> tuple[int, ...]:
@@ -107,6 +114,8 @@ def leading(query: Tensor, key: Tensor) -> tuple[int, ...]:
         raise ValueError(
             f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads}) for grouped-query attention"
         )
+    if q_lead[:-1] == k_lead[:-1]:
+        return (*q_lead[:-1], out_heads)
     try:
         batch = torch.broadcast_shapes(q_lead[:-1], k_lead[:-1])
     except RuntimeError:
@@ -123,14 +132,20 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _largest(tensor: Tensor) -> float:
-    """``max |tensor|`` as a Python float (0 for an empty tensor), without an absolute-value copy."""
+    """``max |tensor|`` as a Python float (0 for an empty tensor), without an absolute-value copy.
+
+    A broadcast view is read once: its dimensions of stride 0 are cut to one entry.
+    """
     if tensor.numel() == 0:
         return 0.0
-    low, high = torch.aminmax(tensor.detach())
+    distinct = tuple(slice(0, 1) if step == 0 else slice(None) for step in tensor.stride())
+    low, high = torch.aminmax(tensor.detach()[distinct])
     return max(-float(low), float(high))
 
 
-def magnitudes(query: Tensor, key: Tensor, value: Tensor, scale: float) -> None:
+def magnitudes(
+    query: Tensor, key: Tensor, value: Tensor, scale: float, largest: tuple[float, float, float] | None = None
+) -> None:
     """Raise ValueError when a backend could overflow the work dtype; every backend then refuses alike.
 
     Two limits, each a quarter or a half of the work dtype's largest number (float32 for half and
@@ -143,10 +158,12 @@ def magnitudes(query: Tensor, key: Tensor, value: Tensor, scale: float) -> None:
       look fully masked and return zeros).
     * the values: ``S · max|v|`` up to half of it (online softmax sums up to ``S`` weighted values
       before it divides).
+
+    ``largest``: ``max |q|, max |k|, max |v|`` when already known (as :func:`qkv` returns them).
     """
+    largest_query, largest_key, largest_value = largest or (_largest(query), _largest(key), _largest(value))
     limit = torch.finfo(work_dtype(query.dtype)).max / 4
     num_keys = key.shape[-2]
-    largest_value = _largest(value)
     if num_keys * largest_value > 2 * limit:
         raise ValueError(
             f"value entries up to {largest_value:.3g} with {num_keys} keys could overflow "
@@ -154,7 +171,7 @@ def magnitudes(query: Tensor, key: Tensor, value: Tensor, scale: float) -> None:
             "(the output scales with them) or compute in float64"
         )
     factor = max(1.0, abs(scale))
-    if query.shape[-1] * _largest(query) * _largest(key) * factor <= limit:
+    if query.shape[-1] * largest_query * largest_key * factor <= limit:
         return
     largest_score = _largest_score(query, key) * factor
     if not largest_score <= limit:

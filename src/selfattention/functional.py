@@ -236,7 +236,7 @@ def attention(
     """
     from selfattention.backends import choose_backend
 
-    checks.qkv(query, key, value)
+    largest = checks.qkv(query, key, value)
     query, key, value = broadcast_inputs(query, key, value)
     if mask is not None:
         checks.mask(mask, (*query.shape[:-1], key.shape[-2]))
@@ -246,7 +246,7 @@ def attention(
     checks.scale(scale)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    checks.magnitudes(query, key, value, float(scale))
+    checks.magnitudes(query, key, value, float(scale), largest)
     chosen = choose_backend(
         backend,
         return_weights=return_weights,
@@ -293,11 +293,8 @@ def broadcast_inputs(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor,
     lead = checks.leading(query, key)  # (..., H)
     if lead and query.dim() >= 3 and key.dim() >= 3 and key.shape[-3] not in (1, lead[-1]):
         key, value = expand_kv_heads(query, key, value)  # grouped-query heads: (..., G, S, D) -> (..., H, S, D)
-    return (
-        query.expand(*lead, *query.shape[-2:]),
-        key.expand(*lead, *key.shape[-2:]),
-        value.expand(*lead, *value.shape[-2:]),
-    )
+    query, key, value = (x if x.shape[:-2] == lead else x.expand(*lead, *x.shape[-2:]) for x in (query, key, value))
+    return query, key, value
 
 
 def _without_work(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
