@@ -207,6 +207,29 @@ def test_broadcast_batches_and_value_widths_with_default_tiles(backend: str, t: 
         assert_close(a.double(), b, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
+NEAR_THE_LIMIT = {  # name -> (q, k, v, message of the refusal or None)
+    "scores to +inf": (torch.full((3, 4), 1e20), torch.full((5, 4), 1e20), torch.randn(5, 4), "the scores overflowed"),
+    "scores to -inf": (torch.full((3, 4), 1e20), torch.full((5, 4), -1e20), torch.randn(5, 4), "the scores overflowed"),
+    "values summing beyond float32": (torch.randn(3, 4), torch.randn(5, 4), torch.full((5, 4), 3e38), "could overflow"),
+    "large but safe values": (torch.randn(3, 4), torch.randn(5, 4), torch.full((5, 4), 1e37), None),
+    "large but safe scores": (torch.full((3, 4), 1e18), torch.full((5, 4), -1e18), torch.randn(5, 4), None),
+}
+
+
+@pytest.mark.parametrize("case", list(NEAR_THE_LIMIT))
+def test_inputs_near_the_float32_limit_get_the_same_outcome_everywhere(case: str) -> None:
+    """Refused by every backend alike (a row of -inf scores is not a fully masked row), or computed by all."""
+    q, k, v, message = NEAR_THE_LIMIT[case]
+    if message is not None:
+        for backend in NAMES:
+            with pytest.raises(ValueError, match=message):
+                attention(q, k, v, backend=backend)
+        return
+    want, _ = reference_attention(q, k, v)
+    for backend in NAMES:
+        assert_close(attention(q, k, v, backend=backend).double(), want, atol=0, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", NAMES)
 def test_empty_calls_give_zeros_with_zero_gradients(backend: str) -> None:
     for t, s, e in [(0, 5, 4), (3, 0, 4), (3, 5, 0)]:
