@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from conftest import reference_attention
-from selfattention import BACKENDS, attention
+from selfattention import BACKENDS, attention, masks
 
 NAMES = [*BACKENDS, "auto"]
 # Float32 against float64: rounding of sums over at most 9 keys and 6 widths of values of order 1; the
@@ -106,9 +106,11 @@ def calls(draw: st.DrawFn) -> Call:
         options["scale"] = scale
         if scale is True:
             refused.append(TypeError)
-    kinds = [None, None, "(T, S)", "(T, 1)", "(1, S)", "(..., 1, 1, S)", "float"]
+    kinds = [None, None, "(T, S)", "(T, 1)", "(1, S)", "(..., 1, 1, S)", "float", "window"]
     mask_kind = draw(st.sampled_from([*kinds, *kinds, "bad"]))
-    if mask_kind is not None:
+    if mask_kind == "window":  # a mask description: the fast backends take it as it is
+        options["mask"] = masks.sliding_window(draw(st.integers(1, 4)))
+    elif mask_kind is not None:
         lead = (*torch.broadcast_shapes(q_batch, kv_batch),) if not clash else ()
         shape = {"(T, S)": (t, s), "(T, 1)": (t, 1), "(1, S)": (1, s), "(..., 1, 1, S)": (*lead, 1, 1, s),
                  "float": (t, s), "bad": (t + 2, s)}[mask_kind]  # fmt: skip
@@ -141,6 +143,8 @@ def test_every_backend_keeps_the_contract(call: Call) -> None:
         return
     assert not errors, f"refused an input the contract accepts: {errors}"
     mask = call.options.get("mask")
+    if isinstance(mask, masks.MaskDescription):  # the same rule for every batch and head: (T, S)
+        mask = mask.materialize(1, 1, call.query.shape[-2], call.key.shape[-2])[0, 0]
     scale = call.options.get("scale")
     want, _ = reference_attention(
         call.query, call.key, call.value, mask=mask, causal=call.options["causal"], scale=scale
