@@ -21,11 +21,12 @@ def reference_attention(
 ) -> tuple[Tensor, Tensor]:
     """softmax(Q Kᵀ · scale + mask) V in float64, written independently of the library.
 
-    Grouped key/value heads are repeated; the causal mask is aligned bottom-right; rows with no allowed key
-    give zero weights. Returns ``(context, weights)`` in float64.
+    Grouped key/value heads are repeated (other leading dimensions broadcast, by the matrix product); the
+    causal mask is aligned bottom-right; rows with no allowed key give zero weights. Returns
+    ``(context, weights)`` in float64.
     """
     q, k, v = query.double(), key.double(), value.double()
-    if q.dim() >= 3 and k.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+    if q.dim() >= 3 and k.dim() >= 3 and k.shape[-3] not in (1, q.shape[-3]) and q.shape[-3] != 1:
         groups = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(groups, -3), v.repeat_interleave(groups, -3)
     t, s = q.shape[-2], k.shape[-2]

@@ -204,6 +204,37 @@ def test_kv_cache_errors():
             module(torch.randn(1, 7, 12), kv_cache=cache)
 
 
+REFUSED_CALLS = {
+    "padding mask of the wrong length": lambda x: {"key_padding_mask": torch.ones(2, 3, dtype=torch.bool)},
+    "attn_mask of the wrong shape": lambda x: {"attn_mask": torch.ones(5, 5, dtype=torch.bool)},
+    "a NaN in the input": lambda x: {
+        "x": x.clone().index_put_((torch.tensor(1), torch.tensor(0)), torch.tensor(float("nan")))
+    },
+    "scores that overflow": lambda x: {"x": x * 1e20},
+}
+
+
+@pytest.mark.parametrize("refused", list(REFUSED_CALLS))
+def test_a_refused_call_leaves_the_kv_cache_as_it_was(refused):
+    """Validate first, then write: a refused call neither advances the cache nor leaves its keys in it."""
+    module = make(num_kv_heads=2)
+    x = torch.randn(2, 9, 12, generator=torch.Generator().manual_seed(3))
+    full = module(x)
+    cache = module.make_kv_cache(2)
+    with torch.no_grad():
+        first = module(x[:, :4], kv_cache=cache)
+        kept = cache.keys[:, :, :4].clone(), cache.values[:, :, :4].clone()
+        call = {"x": x[:, 4:6]} | REFUSED_CALLS[refused](x[:, 4:6])
+        with pytest.raises(ValueError):
+            module(call.pop("x"), kv_cache=cache, **call)
+        assert cache.length == 4
+        assert_close(cache.keys[:, :, :4], kept[0], atol=0, rtol=0)
+        assert_close(cache.values[:, :, :4], kept[1], atol=0, rtol=0)
+        rest = module(x[:, 4:9], kv_cache=cache)  # the next correct call matches the full pass
+    assert cache.length == 9
+    assert_close(torch.cat([first, rest], dim=1), full, atol=1e-6, rtol=1e-5)
+
+
 def rotate(q, k, start):
     """A rotary embedding of the usual form, for the hook test."""
 

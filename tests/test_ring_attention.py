@@ -222,6 +222,30 @@ def test_shapes_that_disagree_across_ranks_fail_on_every_rank():
         run_local(_mismatched_heads, 2, timeout=60)
 
 
+DIFFERENT_SETTINGS = {  # name -> ring_attention keywords of rank r
+    "causal": lambda r: {"causal": r == 0},
+    "scale": lambda r: {"scale": 0.3 if r == 0 else None},
+    "layout": lambda r: {"layout": "zigzag" if r == 0 else "contiguous"},
+    "mask": lambda r: {"mask": masks.sliding_window(2 + r)},
+    "score_mod": lambda r: {"score_mod": _alibi if r == 0 else None},
+}
+
+
+def _different_settings(name: str):
+    q = torch.randn(1, 2, 4, 8)
+    return ring_attention(q, q, q, **DIFFERENT_SETTINGS[name](dist.get_rank()))
+
+
+@pytest.mark.parametrize("name", list(DIFFERENT_SETTINGS))
+def test_call_settings_that_disagree_across_ranks_fail_on_every_rank(name):
+    with pytest.raises(LaunchError) as error:
+        run_local(_different_settings, 2, name, timeout=60)
+    for rank, other in ((0, 1), (1, 0)):
+        expected = f"rank {rank} failed: ValueError: ring attention needs the same call settings on every rank: "
+        assert f"{expected}rank {rank} has {name}=" in str(error.value)
+        assert f"rank {other} has {name}=" in str(error.value)
+
+
 def _uneven_zigzag():
     q = torch.randn(1, 2, 5 if dist.get_rank() == 0 else 3, 8)  # not the zigzag cut of 8 tokens
     return ring_attention(q, q, q, causal=True, layout="zigzag")

@@ -50,19 +50,151 @@ def same_width(queries: Tensor, keys: Tensor) -> None:
         )
 
 
-def qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
-    """Check the inputs of :func:`selfattention.attention`: dtypes, widths, lengths and finiteness."""
+def qkv(query: Tensor, key: Tensor, value: Tensor) -> tuple[float, float, float]:
+    """Check the inputs of :func:`selfattention.attention`: types, dtypes, widths, lengths and finiteness.
+
+    The whole input contract is written down in ``docs/input-contract.md``; :func:`leading` checks the
+    leading (batch and head) dimensions and :func:`magnitudes` the overflow limits.
+
+    Returns:
+        The largest absolute entry of query, key and value (one reduction each, which also shows they are
+        finite), for :func:`magnitudes`.
+    """
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         floating(name, tensor)
+    if not query.dtype == key.dtype == value.dtype:
+        raise TypeError(
+            f"query, key and value must have the same dtype, got query {query.dtype}, key {key.dtype}, "
+            f"value {value.dtype}"
+        )
+    if not query.device == key.device == value.device:
+        raise ValueError(
+            f"query, key and value must be on the same device, got query {query.device}, key {key.device}, "
+            f"value {value.device}"
+        )
     same_width(query, key)
+    if query.shape[-1] == 0:
+        raise ValueError(
+            f"query and key width must be at least 1, got 0: queries {tuple(query.shape)}, keys {tuple(key.shape)}"
+        )
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(f"key and value must have the same length: key {tuple(key.shape)}, value {tuple(value.shape)}")
     if key.shape[:-2] != value.shape[:-2]:
         raise ValueError(
             f"key and value must have the same leading dimensions: key {tuple(key.shape)}, value {tuple(value.shape)}"
         )
-    for name, tensor in (("query", query), ("key", key), ("value", value)):
-        finite(name, tensor)
+    largest = (_largest(query), _largest(key), _largest(value))
+    for name, tensor, found in zip(("query", "key", "value"), (query, key, value), largest, strict=True):
+        if not math.isfinite(found):
+            finite(name, tensor)  # names the first non-finite entry
+    return largest
+
+
+def leading(query: Tensor, key: Tensor) -> tuple[int, ...]:
+    """The leading dimensions ``(..., H)`` of the scores, from ``query (..., H, T, D)`` and ``key (..., G, S, D)``.
+
+    The head dimension follows grouped-query attention: ``H % G == 0`` gives ``H`` heads (query head ``h``
+    uses key head ``h // (H // G)``), and a single query head (``H == 1``) broadcasts to ``G``. The
+    dimensions before it broadcast as in PyTorch (equal, or one of them 1); a missing dimension counts as 1.
+
+    Raises:
+        ValueError: naming both shapes, when the heads or the batch dimensions do not fit.
+    """
+    q_lead, k_lead = tuple(query.shape[:-2]), tuple(key.shape[:-2])
+    if not q_lead and not k_lead:
+        return ()
+    rank = max(len(q_lead), len(k_lead))
+    q_lead, k_lead = (1,) * (rank - len(q_lead)) + q_lead, (1,) * (rank - len(k_lead)) + k_lead
+    heads, kv_heads = q_lead[-1], k_lead[-1]
+    if kv_heads != 0 and heads % kv_heads == 0:
+        out_heads = heads
+    elif heads == 1 or (heads == 0 and kv_heads == 0):
+        out_heads = kv_heads
+    else:
+        raise ValueError(
+            f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads}) for grouped-query attention"
+        )
+    if q_lead[:-1] == k_lead[:-1]:
+        return (*q_lead[:-1], out_heads)
+    try:
+        batch = torch.broadcast_shapes(q_lead[:-1], k_lead[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"the batch dimensions of query {tuple(query.shape)} and key/value {tuple(key.shape)} do not broadcast: "
+            f"{q_lead[:-1]} against {k_lead[:-1]} (each pair must be equal or one of them 1)"
+        ) from None
+    return (*batch, out_heads)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype attention is computed in: float32 for half and bfloat16, else the dtype itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _largest(tensor: Tensor) -> float:
+    """``max |tensor|`` as a Python float (0 for an empty tensor), without an absolute-value copy.
+
+    A broadcast view is read once: its dimensions of stride 0 are cut to one entry.
+    """
+    if tensor.numel() == 0:
+        return 0.0
+    distinct = tuple(slice(0, 1) if step == 0 else slice(None) for step in tensor.stride())
+    low, high = torch.aminmax(tensor.detach()[distinct])
+    return max(-float(low), float(high))
+
+
+def magnitudes(
+    query: Tensor, key: Tensor, value: Tensor, scale: float, largest: tuple[float, float, float] | None = None
+) -> None:
+    """Raise ValueError when a backend could overflow the work dtype; every backend then refuses alike.
+
+    Two limits, each a quarter or a half of the work dtype's largest number (float32 for half and
+    bfloat16) so that sums and differences of in-range numbers stay finite:
+
+    * the scores: ``|q·k|`` and ``|q·k · scale|`` up to a quarter of it (the fused kernels subtract row
+      maxima: differences of two such scores are finite). The bound ``D · max|q| · max|k|`` decides most
+      calls at once; only when it is exceeded are the scores computed, in float64, to decide exactly.
+      Overflow to ``+inf`` and to ``-inf`` are refused alike (a row of ``-inf`` scores would otherwise
+      look fully masked and return zeros).
+    * the values: ``S · max|v|`` up to half of it (online softmax sums up to ``S`` weighted values
+      before it divides).
+
+    ``largest``: ``max |q|, max |k|, max |v|`` when already known (as :func:`qkv` returns them).
+    """
+    largest_query, largest_key, largest_value = largest or (_largest(query), _largest(key), _largest(value))
+    limit = torch.finfo(work_dtype(query.dtype)).max / 4
+    num_keys = key.shape[-2]
+    if num_keys * largest_value > 2 * limit:
+        raise ValueError(
+            f"value entries up to {largest_value:.3g} with {num_keys} keys could overflow "
+            f"{work_dtype(query.dtype)} while the weighted values are summed; scale the values down "
+            "(the output scales with them) or compute in float64"
+        )
+    factor = max(1.0, abs(scale))
+    if query.shape[-1] * largest_query * largest_key * factor <= limit:
+        return
+    largest_score = _largest_score(query, key) * factor
+    if not largest_score <= limit:
+        raise ValueError(
+            f"the scores overflowed {work_dtype(query.dtype)}: |q·k| reaches {largest_score:.3g} with scale "
+            f"{scale:.3g}, beyond {limit:.3g}; scale the inputs down or compute in float64"
+        )
+
+
+def _largest_score(query: Tensor, key: Tensor) -> float:
+    """``max |q·k|`` over every pair, computed in float64 a slice of queries at a time (float64 may give inf)."""
+    key64 = key.double().transpose(-2, -1)  # (..., D, S)
+    lead = max(math.prod(query.shape[:-2]), math.prod(key.shape[:-2]), 1)
+    rows = max(1, (1 << 22) // max(1, key.shape[-2] * lead))
+    largest = 0.0
+    for start in range(0, query.shape[-2], rows):
+        scores = query[..., start : start + rows, :].double() @ key64  # (..., rows, S)
+        if scores.numel():
+            found = float(scores.abs().amax())
+            if not math.isfinite(found):  # inf, or NaN from inf - inf: overflowed even in float64
+                return math.inf
+            largest = max(largest, found)
+    return largest
 
 
 def mask(mask: Tensor | MaskDescription, target: tuple[int, ...]) -> None:
@@ -90,7 +222,9 @@ def mask(mask: Tensor | MaskDescription, target: tuple[int, ...]) -> None:
 
 
 def scale(value: float | None) -> None:
-    """Raise ValueError unless the score scale is ``None`` or a finite number."""
+    """Raise unless the score scale is ``None`` or a finite number: TypeError for a bool, ValueError else."""
+    if isinstance(value, bool):
+        raise TypeError(f"scale must be a number (or None for 1/sqrt(D)), got the bool {value}")
     if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
         raise ValueError(f"scale must be a finite number (or None for 1/sqrt(D)), got {value}")
 

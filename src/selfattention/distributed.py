@@ -224,15 +224,24 @@ def ring_attention(
             f"ring attention takes a mask description from selfattention.masks, got {type(mask).__name__}; "
             f"a mask tensor would need the whole (L, L) sequence on every rank"
         )
+    checks.scale(scale)
     k_local, v_local = expand_kv_heads(q_local, k_local, v_local)
-    ring = _Ring.build(q_local, k_local, v_local, layout, group)
+    scale = 1.0 / math.sqrt(q_local.shape[-1]) if scale is None else float(scale)
+    settings = {
+        "causal": bool(causal),
+        "scale": scale,
+        "layout": layout,
+        "mask": None if mask is None else repr(mask),
+        "score_mod": None if score_mod is None else getattr(score_mod, "__qualname__", type(score_mod).__name__),
+    }
+    ring = _Ring.build(q_local, k_local, v_local, layout, group, settings)
     if causal:
         mask = masks.causal() if mask is None else masks.causal() & mask
     batch, heads = batch_and_heads(q_local)
     if mask is not None:
         mask.check(batch, heads, ring.total, ring.total)
     attend = _Attend(
-        scale=1.0 / math.sqrt(q_local.shape[-1]) if scale is None else float(scale),
+        scale=scale,
         mask=mask,
         score_mod=score_mod,
         batch=batch,
@@ -290,19 +299,29 @@ class _Ring:
     group: dist.ProcessGroup | None
 
     @staticmethod
-    def build(q: Tensor, k: Tensor, v: Tensor, layout: Layout, group: dist.ProcessGroup | None) -> _Ring:
-        """Exchange the slices' shapes (one small collective), check they agree, and place every slice."""
+    def build(
+        q: Tensor, k: Tensor, v: Tensor, layout: Layout, group: dist.ProcessGroup | None, settings: dict[str, Any]
+    ) -> _Ring:
+        """Exchange the slices' shapes and the call's settings (one small collective), check they agree on
+        every rank, and place every slice."""
         size, rank = dist.get_world_size(group), dist.get_rank(group)
-        shapes: list[Any] = [None] * size
+        gathered: list[Any] = [None] * size
         mine = (tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype))
-        dist.all_gather_object(shapes, mine, group=group)
-        for other, theirs in enumerate(shapes):
+        dist.all_gather_object(gathered, (mine, settings), group=group)
+        for other, (theirs, their_settings) in enumerate(gathered):
             if _without_length(theirs) != _without_length(mine):
                 raise ValueError(
                     f"ring attention needs the same shapes on every rank apart from the sequence length: "
                     f"rank {rank} has q, k, v, dtype {mine}, rank {other} has {theirs}"
                 )
-        lengths = [theirs[0][-2] for theirs in shapes]
+            differ = [name for name in settings if their_settings[name] != settings[name]]
+            if differ:
+                raise ValueError(
+                    f"ring attention needs the same call settings on every rank: rank {rank} has "
+                    f"{', '.join(f'{n}={settings[n]!r}' for n in differ)}, rank {other} has "
+                    f"{', '.join(f'{n}={their_settings[n]!r}' for n in differ)}"
+                )
+        lengths = [theirs[0][-2] for theirs, _ in gathered]
         return _Ring(rank, size, tuple(sequence_segments(lengths, layout)), group)
 
     @property

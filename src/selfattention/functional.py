@@ -201,10 +201,16 @@ def attention(
     kernel on the tiles a mask leaves non-empty) and ``"auto"``, which picks by the rules of
     :data:`selfattention.backends.AUTO`.
 
+    One input contract holds for every backend (``docs/input-contract.md``), checked here before any
+    backend runs: the batch dimensions of the query and of the keys/values broadcast as in PyTorch, a single
+    query head broadcasts to ``G`` key/value heads; q, k, v share one dtype; ``T = 0`` or ``S = 0`` give
+    zeros (a query with no key is a fully masked row); scores or sums that would overflow the work dtype
+    (float32 for half and bfloat16) are refused, whichever the backend.
+
     Args:
-        query: ``(..., H, T, D)`` or ``(T, D)``.
+        query: ``(..., H, T, D)`` or ``(T, D)``, ``D >= 1``.
         key: ``(..., G, S, D)`` or ``(S, D)``.
-        value: ``(..., G, S, E)`` or ``(S, E)``.
+        value: ``(..., G, S, E)`` or ``(S, E)``, the same leading dimensions as ``key``.
         mask: boolean or float tensor, broadcastable to ``(..., H, T, S)``, or a mask description from
             :mod:`selfattention.masks` (materialised for backends that need a tensor).
         causal: apply the bottom-right causal mask.
@@ -216,11 +222,13 @@ def attention(
             the mask (ALiBi, soft-capping); only the ``"tiled"`` backend takes it.
 
     Returns:
-        Context ``(..., H, T, E)``; with ``return_weights=True``, ``(context, weights (..., H, T, S))``.
+        Context ``(..., H, T, E)`` with the broadcast leading dimensions; with ``return_weights=True``,
+        ``(context, weights (..., H, T, S))``.
 
     Raises:
-        ValueError: mismatched shapes, non-finite inputs, a bad mask shape, an unknown backend, or a
-            dropout probability outside [0, 1). TypeError: non-float inputs or an integer mask.
+        ValueError: mismatched or non-broadcasting shapes, ``D = 0``, non-finite inputs, inputs whose scores
+            or weighted sums would overflow, a bad mask shape, an unknown backend, or a dropout probability
+            outside [0, 1). TypeError: non-float or mixed-dtype inputs, an integer mask, a bool ``scale``.
 
     >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     >>> attention(x, x, x, scale=1.0).shape
@@ -228,8 +236,8 @@ def attention(
     """
     from selfattention.backends import choose_backend
 
-    checks.qkv(query, key, value)
-    key, value = expand_kv_heads(query, key, value)
+    largest = checks.qkv(query, key, value)
+    query, key, value = broadcast_inputs(query, key, value)
     if mask is not None:
         checks.mask(mask, (*query.shape[:-1], key.shape[-2]))
     if is_causal(mask, query.shape[-2], key.shape[-2]):
@@ -238,6 +246,7 @@ def attention(
     checks.scale(scale)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
+    checks.magnitudes(query, key, value, float(scale), largest)
     chosen = choose_backend(
         backend,
         return_weights=return_weights,
@@ -247,25 +256,59 @@ def attention(
         score_mod=score_mod,
         shape=(query.shape[-2], key.shape[-2]),
     )
-    if isinstance(mask, MaskDescription) and not chosen.takes_mask_descriptions:
-        mask = materialize_mask(mask, query, key.shape[-2])
-    extra = {"score_mod": score_mod} if score_mod is not None else {}
-    context, weights = chosen.fn(
-        query,
-        key,
-        value,
-        mask=mask,
-        causal=causal,
-        scale=float(scale),
-        dropout_p=dropout_p,
-        return_weights=return_weights,
-        **extra,
-    )
+    weights: Tensor | None
+    if key.shape[-2] == 0 or query[..., 0].numel() == 0 or (value.shape[-1] == 0 and not return_weights):
+        context, weights = _without_work(query, key, value)  # no key, or nothing to compute
+    else:
+        if isinstance(mask, MaskDescription) and not chosen.takes_mask_descriptions:
+            mask = materialize_mask(mask, query, key.shape[-2])
+        extra = {"score_mod": score_mod} if score_mod is not None else {}
+        context, weights = chosen.fn(
+            query,
+            key,
+            value,
+            mask=mask,
+            causal=causal,
+            scale=float(scale),
+            dropout_p=dropout_p,
+            return_weights=return_weights,
+            **extra,
+        )
     checks.overflowed("the attention output", context)
     if return_weights:
         assert weights is not None, f"backend {chosen.name!r} returned no weights"
         return context, weights
     return context
+
+
+def broadcast_inputs(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The inputs with the leading dimensions of the scores: ``(..., H, T, D)``, ``(..., H, S, D)``, ``(..., H, S, E)``.
+
+    Grouped key/value heads are repeated (:func:`expand_kv_heads`); every other leading dimension is
+    broadcast as a view (no copy). See :func:`selfattention.checks.leading` for the rule.
+
+    Raises:
+        ValueError: when the leading dimensions do not broadcast.
+    """
+    lead = checks.leading(query, key)  # (..., H)
+    if lead and query.dim() >= 3 and key.dim() >= 3 and key.shape[-3] not in (1, lead[-1]):
+        key, value = expand_kv_heads(query, key, value)  # grouped-query heads: (..., G, S, D) -> (..., H, S, D)
+    query, key, value = (x if x.shape[:-2] == lead else x.expand(*lead, *x.shape[-2:]) for x in (query, key, value))
+    return query, key, value
+
+
+def _without_work(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero context ``(..., T, E)`` and weights ``(..., T, S)`` for calls with no key or an empty result.
+
+    With no key to attend to, every query is a fully masked row: zeros, as everywhere else. The zeros are
+    tied to the inputs so that a backward pass gives zero gradients rather than none.
+    """
+    context = query.new_zeros((*query.shape[:-1], value.shape[-1]))
+    weights = query.new_zeros((*query.shape[:-1], key.shape[-2]))
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (query, key, value)):
+        tie = 0.0 * (query.sum() + key.sum() + value.sum())
+        context, weights = context + tie, weights + tie
+    return context, weights
 
 
 def materialize_mask(mask: MaskDescription, query: Tensor, num_keys: int) -> Tensor:

@@ -460,19 +460,22 @@ class MultiHeadAttention(AttentionModule):
         v = v.view(batch, num_tokens, kv_heads, width).transpose(1, 2)
         if rope is not None:
             q, k = rope(q, k, cached)
+        # Everything that can refuse this call is checked before the cache is written: a refused call must
+        # leave the cache as it was (its length and its keys/values up to that length).
+        num_keys = cached + num_tokens
+        mask = self._padding_mask(key_padding_mask, batch, num_keys, unbatched)
+        if attn_mask is not None:
+            checks.mask(attn_mask, (heads, num_tokens, num_keys) if unbatched else (batch, heads, num_tokens, num_keys))
+        for name, tensor in (("query", q), ("key", k), ("value", v)):
+            checks.finite(name, tensor)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, G, S, D), S = cached + T
-        mask = self._padding_mask(key_padding_mask, batch, k.shape[-2], unbatched)
-        # Bottom-right causal with a single query is no mask at all: skip building one while decoding.
-        causal = self.causal and num_tokens > 1
-        if unbatched:
-            q, k, v = q[0], k[0], v[0]
-            mask = None if mask is None else mask[0]
-        if self.context_parallel is not None:  # x is this rank's slice; causal over the whole sequence
-            context, weights = self.context_parallel.attend(q, k, v, causal=self.causal, scale=self.scale), None
-        else:
-            combined = _with_attn_mask(mask, attn_mask, q, k.shape[-2])
-            context, weights = self.attend(q, k, v, mask=combined, causal=causal, return_weights=return_weights)
+        try:
+            context, weights = self._attend_all(q, k, v, mask, attn_mask, unbatched, num_tokens, return_weights)
+        except Exception:
+            if kv_cache is not None:  # refused late (e.g. the scores overflowed): forget what was written
+                kv_cache.length = cached
+            raise
         if unbatched:
             context = context.unsqueeze(0)
         # (B, H, T, D) -> (B, T, H, D) -> (B, T, d_out)
@@ -483,6 +486,30 @@ class MultiHeadAttention(AttentionModule):
             assert weights is not None
             return out, weights
         return out
+
+    def _attend_all(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        attn_mask: Tensor | MaskDescription | None,
+        unbatched: bool,
+        num_tokens: int,
+        return_weights: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attention of ``q (B, H, T, D)`` over ``k, v (B, G, S, D)`` with the masks; ``(B, H, T, D)`` out."""
+        # Bottom-right causal with a single query is no mask at all: skip building one while decoding.
+        causal = self.causal and num_tokens > 1
+        if unbatched:
+            q, k, v = q[0], k[0], v[0]
+            mask = None if mask is None else mask[0]
+        if self.context_parallel is not None:  # x is this rank's slice; causal over the whole sequence
+            context, weights = self.context_parallel.attend(q, k, v, causal=self.causal, scale=self.scale), None
+        else:
+            combined = _with_attn_mask(mask, attn_mask, q, k.shape[-2])
+            context, weights = self.attend(q, k, v, mask=combined, causal=causal, return_weights=return_weights)
+        return context, weights
 
     def _project(self, x: Tensor) -> tuple[Tensor, ...]:
         """``x W_query``, ``x W_key``, ``x W_value`` as one matrix product with the three weights stacked.

@@ -189,7 +189,21 @@ def attention(
     if query.device.type != "cpu":  # the fused operator below is the CPU's; FlexAttention's kernels on a GPU
         return flex.attention(query, key, value, mask=mask, causal=causal, scale=scale, dropout_p=dropout_p,
                               return_weights=return_weights)  # fmt: skip
-    q, k, v = _as_4d(query), _as_4d(key), _as_4d(value)
+    if not query.shape[:-2] == key.shape[:-2] == value.shape[:-2]:  # the kernel would read out of bounds
+        raise ValueError(
+            f"the blocksparse kernel needs equal leading dimensions, got query {tuple(query.shape)}, key "
+            f"{tuple(key.shape)}, value {tuple(value.shape)}; selfattention.attention broadcasts them"
+        )
+    # The kernel takes one head width: zero columns added to q and k leave the scores as they are, zero
+    # columns added to v give output columns that are cut off again.
+    width = max(query.shape[-1], value.shape[-1])
+    q, k, v = (_as_4d(_widened(tensor, width)) for tensor in (query, key, value))
     options = {"scale": scale, "mask": _mask_as_4d(mask, query), "causal": causal, "block": block or BLOCK}
-    context = _BlockSparseAttention.apply(q, k, v, options)
+    context = _BlockSparseAttention.apply(q, k, v, options)[..., : value.shape[-1]]
     return context.reshape(*query.shape[:-1], value.shape[-1]), None
+
+
+def _widened(tensor: Tensor, width: int) -> Tensor:
+    """``tensor (..., L, W)`` with zero columns up to ``width``."""
+    extra = width - tensor.shape[-1]
+    return torch.nn.functional.pad(tensor, (0, extra)) if extra else tensor

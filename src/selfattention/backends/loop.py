@@ -32,7 +32,7 @@ def attention(
     num_queries, num_keys = query.shape[-2], key.shape[-2]
     lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
     if mask is not None:
-        mask = mask.expand(*lead, num_queries, num_keys) if mask.dim() > 2 else mask.expand(num_queries, -1)
+        mask = mask.expand(*lead, num_queries, num_keys)  # (T, 1), (B, 1, 1, S)... -> (..., T, S)
     contexts, weight_rows = [], []
     for i in range(num_queries):
         q_i = query[..., i, :]

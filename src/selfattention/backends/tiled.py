@@ -42,8 +42,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from selfattention import checks
 from selfattention.backends.tiles import AnyMask, Tiles, apply_mask
-from selfattention.functional import LOW_PRECISION, ScoreMod
+from selfattention.functional import ScoreMod
 
 BLOCK_Q = 256
 """Default number of queries per tile."""
@@ -52,7 +53,7 @@ BLOCK_K = 512
 
 
 def work_dtype(tensor: Tensor) -> torch.dtype:
-    return torch.float32 if tensor.dtype in LOW_PRECISION else tensor.dtype
+    return checks.work_dtype(tensor.dtype)
 
 
 def _tile_scores(
