@@ -161,7 +161,7 @@ def test_leftovers_of_a_killed_save_are_removed_and_nothing_else(tmp_path: Path)
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "loss.png").write_bytes(b"png")
     removed = clean_leftovers(tmp_path)
-    assert removed == [".latest.json.x1y2.tmp", ".step-000000009.tmp", "step-000000001"]
+    assert removed == [".latest.json.x1y2.tmp", ".step-000000009.tmp", ".step-000000001.removed.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "loss.png", "notes.txt", "step-000000003"]
 
 

@@ -144,7 +144,9 @@ def clean_leftovers(directory: str | os.PathLike[str]) -> list[str]:
     """Remove what interrupted saves left in a checkpoint folder; returns the names removed.
 
     Removed: hidden ``.*.tmp`` files and folders (unfinished writes) and step folders that ``latest.json``
-    does not point to. Nothing else is touched; without a readable ``latest.json`` no step folder is removed.
+    does not point to (each first renamed to a hidden ``.*.removed.tmp``, so that a step folder with a
+    visible name is always complete). Nothing else is touched; without a readable ``latest.json`` no step
+    folder is removed.
     """
     folder = Path(directory)
     if not folder.is_dir():
@@ -157,12 +159,15 @@ def clean_leftovers(directory: str | os.PathLike[str]) -> list[str]:
     for entry in sorted(folder.iterdir()):
         unfinished = entry.name.startswith(".") and entry.name.endswith(".tmp")
         stale = current is not None and entry.is_dir() and entry.name.startswith("step-") and entry.name != current
-        if unfinished or stale:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed.append(entry.name)
+        if not (unfinished or stale):
+            continue
+        if stale:  # hide it first (one rename), so that a visible step folder is always complete
+            entry = entry.rename(folder / f".{entry.name}.removed.tmp")
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
     return removed
 
 
