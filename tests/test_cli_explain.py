@@ -81,7 +81,7 @@ def test_own_embeddings_in_three_formats(tmp_path: Path, capsys: pytest.CaptureF
 BAD = [
     (["--query", "banana"], "query 'banana' is not in the sentence"),
     (["--query", "9"], "query index 9 is out of range"),
-    (["--projections", "0"], "projection width must be at least 1, got 0"),
+    (["--projections", "0"], "--projections must be between 1 and 4096, got 0"),
     (["--embeddings", "missing.json"], "No such file"),
     (["--embeddings", "x.txt"], "unknown embeddings format '.txt'"),
 ]
@@ -104,7 +104,7 @@ def test_bad_arguments_exit_2_with_one_line(argv: list[str], message: str, tmp_p
             "ragged embeddings: row 0 has 2 values but row 1 has 1",
         ),
         ({"tokens": [], "embeddings": []}, "no embeddings"),
-        ({"tokens": ["a"], "embeddings": [[1.0, float("nan")]]}, "row 0, column 1 is nan"),
+        ({"tokens": ["a"], "embeddings": [[1.0, float("nan")]]}, "NaN is not valid JSON"),
         ({"tokens": ["a", "b"], "embeddings": [[1.0, 2.0]]}, "2 tokens but 1 embedding rows"),
         ({"tokens": ["a"], "embeddings": [[1.0, "x"]]}, "row 0, column 1 is not a number: 'x'"),
     ],
