@@ -156,3 +156,27 @@ def test_threads_are_left_to_pytorch_unless_given(corpus: Path, tmp_path: Path) 
         == 0
     )
     assert torch.get_num_threads() == 1
+
+
+def test_the_interrupt_message_offers_resume_only_when_it_can(
+    corpus: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import selfattention.training.recipe as recipe
+
+    out = tmp_path / "run"
+
+    def interrupted(options) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe, "train_gpt", interrupted)
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), *TINY]) == 130
+    assert f"interrupted; {out} holds no checkpoint that can resume" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), *TINY, "--steps", "10"]) == 0
+    monkeypatch.setattr(recipe, "train_gpt", interrupted)
+    capsys.readouterr()
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), "--resume", "--no-progress"]) == 130
+    assert f"continue from the checkpoint of step 10 in {out} with --resume" in capsys.readouterr().out
+    (current(out) / "trainer.safetensors").write_bytes(b"x")  # damaged: it cannot resume any more
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), "--resume", "--no-progress"]) == 130
+    assert "holds no checkpoint that can resume" in capsys.readouterr().out
