@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c requirements/constraints.txt
 
-.PHONY: demo test lint install install-test install-pretrained clean
+.PHONY: demo test lint install install-test install-pretrained mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ lint: install-test
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Mutation testing of the core files, each against its own tests (minutes per file on 2 cores; not in CI).
+# `make mutation MUTATE="generate files"` chooses files; scores and survivors: docs/mutation.md.
+MUTATE ?= --all
+mutation: install-test
+	$(PIP) -e '.[mutation]'
+	$(BIN)/python tools/mutation.py $(MUTATE)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -105,3 +105,15 @@ def test_json_files_too_large_or_not_utf8_are_refused(tmp_path: Path, monkeypatc
     path.write_bytes(b'["\xff"]')
     with pytest.raises(ValueError, match=r"big.json: not a UTF-8 text file"):
         read_json(path)
+
+
+def test_read_json_reads_up_to_the_limit_and_names_the_file(tmp_path: Path, monkeypatch) -> None:
+    import selfattention.files as files
+
+    path = tmp_path / "ok.json"
+    path.write_text('{"a": [1, 2.5, "é"]}', encoding="utf-8")
+    monkeypatch.setattr(files, "JSON_MAX_BYTES", path.stat().st_size)  # exactly at the limit: still read
+    assert read_json(path) == {"a": [1, 2.5, "é"]}
+    path.write_text('{"a": ', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"ok.json: not valid JSON"):
+        read_json(path)

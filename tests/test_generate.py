@@ -14,8 +14,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny(**overrides: object) -> GPT:
     torch.manual_seed(0)
-    values = {"vocab_size": 11, "context_length": 12, "emb_dim": 16, "num_layers": 2, "num_heads": 4}
-    model = GPT(GPTConfig(**{**values, **overrides})).eval()  # type: ignore[arg-type]
+    values = {"vocab_size": 11, "context_length": 12, "emb_dim": 16, "num_layers": 2, "num_heads": 4, **overrides}
+    model = GPT(GPTConfig(**values)).eval()  # type: ignore[arg-type]
     with torch.no_grad():  # weights of std 0.02 give nearly flat logits: make them depend on the context
         for param in model.parameters():
             if param.dim() == 2:
@@ -54,14 +54,17 @@ def test_top_k_of_one_is_greedy() -> None:
     assert torch.equal(sampled, generate(model, prompt, 8, temperature=0.0))
 
 
+@pytest.mark.parametrize(("context", "layers"), [(12, 2), (3, 1)])
 @pytest.mark.parametrize("use_cache", [False, True])
-def test_each_step_conditions_on_the_window_it_should(monkeypatch: pytest.MonkeyPatch, use_cache: bool) -> None:
+def test_each_step_conditions_on_the_window_it_should(
+    monkeypatch: pytest.MonkeyPatch, use_cache: bool, context: int, layers: int
+) -> None:
     """Record the logits every step sampled from and recompute them from the tokens, past the context.
 
     Uncached: each step reads the last context_length tokens. Cached: when the cache is full, it is
-    refilled from the last context_length // 2 tokens and then grows again one token a step.
+    refilled from the last context_length // 2 tokens (at least 1) and then grows again one token a step.
     """
-    model, context = tiny(), 12
+    model = tiny(context_length=context, num_layers=layers)
     seen: list[torch.Tensor] = []
     real = generation.sample_next
 
@@ -70,18 +73,55 @@ def test_each_step_conditions_on_the_window_it_should(monkeypatch: pytest.Monkey
         return real(logits, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(generation, "sample_next", recording)
-    prompt = torch.tensor([[1, 2, 3, 4, 5], [5, 4, 3, 2, 1]])
-    out = generate(model, prompt, 30, temperature=0.0, use_cache=use_cache, slide=True)
-    assert out.shape == (2, 35) and len(seen) == 30
+    prompt = torch.tensor([[1, 2, 3], [5, 4, 3]])[:, -context:]
+    begin = prompt.shape[1]
+    generator = torch.Generator().manual_seed(0)  # sampled, not greedy: greedy falls into a loop of one token
+    out = generate(model, prompt, 30, temperature=1.0, generator=generator, use_cache=use_cache, slide=True)
+    assert out.shape == (2, begin + 30) and len(seen) == 30
     start = 0
     for step, logits in enumerate(seen):
-        end = 5 + step  # the tokens before the one this step picks
+        end = begin + step  # the tokens before the one this step picks
         if not use_cache:
             start = max(0, end - context)
         elif end - start > context:  # the cache was full: refilled with the last half of the context
-            start = end - context // 2
+            start = end - max(1, context // 2)
         with torch.no_grad():
             expected = model(out[:, start:end])[0][:, -1, :]
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5, msg=f"step {step}")
-    window_of_one_less = model(out[:, 5 + 29 - context + 1 : 5 + 29])[0][:, -1, :]
-    assert (seen[-1] - window_of_one_less).abs().max() > 1e-3  # the windows differ enough to be told apart
+    if end - start > 1:  # the last step's window less its first token gives other logits: the check can see it
+        with torch.no_grad():
+            fewer = model(out[:, start + 1 : end])[0][:, -1, :]
+        assert (seen[-1] - fewer).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_the_distribution_needs_a_positive_finite_temperature(temperature: float) -> None:
+    with pytest.raises(ValueError, match=rf"temperature must be a finite number > 0 to sample, got {temperature}"):
+        next_token_probs(torch.zeros(1, 3), temperature=temperature)
+
+
+def test_distribution_errors_and_default() -> None:
+    logits = torch.tensor([[0.0, 2.0, 1.0], [1.0, 1.0, -3.0]])
+    torch.testing.assert_close(next_token_probs(logits), torch.softmax(logits, dim=-1))  # temperature 1 by default
+    with pytest.raises(ValueError, match=r"temperature 1e-39 is too small to sample with; use 0 for greedy"):
+        next_token_probs(logits, temperature=1e-39)
+    with pytest.raises(ValueError, match=r"temperature 1e-39 is too small to sample with"):
+        sample_next(logits, temperature=1e-39)
+    with pytest.raises(ValueError, match=r"top_k must be at least 1, got 0"):
+        next_token_probs(logits, top_k=0)
+    with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0, got -1.0"):
+        sample_next(logits, temperature=-1.0)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 2.5])
+def test_sampling_draws_from_the_distribution_at_its_temperature(temperature: float) -> None:
+    """The same generator state gives the same draws as multinomial over next_token_probs: the temperature
+    and top-k reach the distribution actually sampled."""
+    logits = torch.randn(64, 20, generator=torch.Generator().manual_seed(5)) * 2
+    for seed in range(3):
+        got = sample_next(logits, temperature=temperature, top_k=8, generator=torch.Generator().manual_seed(seed))
+        probs = next_token_probs(logits, temperature=temperature, top_k=8)
+        assert torch.equal(got, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)))
+        flat = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(sample_next(logits, generator=torch.Generator().manual_seed(seed)), flat)  # defaults: T=1
+        assert not torch.equal(got, flat)  # a sampler that ignored temperature and top-k would be seen
