@@ -125,3 +125,12 @@ def test_sampling_draws_from_the_distribution_at_its_temperature(temperature: fl
         flat = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(sample_next(logits, generator=torch.Generator().manual_seed(seed)), flat)  # defaults: T=1
         assert not torch.equal(got, flat)  # a sampler that ignored temperature and top-k would be seen
+
+
+def test_overflow_is_judged_row_by_row() -> None:
+    """A row whose every logit overflows to -inf has no distribution (softmax would be NaN): refused, even
+    beside a good row. A row where only some logits become -inf still has one, whatever the other rows do."""
+    with pytest.raises(ValueError, match=r"temperature 1e-30 is too small to sample with"):
+        next_token_probs(torch.tensor([[-1e10, -1e10], [1.0, 2.0]]), temperature=1e-30)
+    probs = next_token_probs(torch.tensor([[-1e10, 1.0], [-1e10, 2.0]]), temperature=1e-30)
+    assert torch.equal(probs, torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
