@@ -103,7 +103,7 @@ def test_bad_arguments_exit_2_with_one_line(argv: list[str], message: str, tmp_p
             "ragged embeddings: row 0 has 2 values but row 1 has 1",
         ),
         ({"tokens": [], "embeddings": []}, "no embeddings"),
-        ({"tokens": ["a"], "embeddings": [[1.0, float("nan")]]}, "row 0, column 1 is nan"),
+        ({"tokens": ["a"], "embeddings": [[1.0, float("nan")]]}, "NaN is not valid JSON"),
         ({"tokens": ["a", "b"], "embeddings": [[1.0, 2.0]]}, "2 tokens but 1 embedding rows"),
         ({"tokens": ["a"], "embeddings": [[1.0, "x"]]}, "row 0, column 1 is not a number: 'x'"),
     ],

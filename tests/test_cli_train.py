@@ -30,8 +30,13 @@ def corpus(tmp_path: Path) -> Path:
     return path
 
 
+def current(folder: Path) -> Path:
+    """The step folder a checkpoint folder's latest.json points to."""
+    return folder / json.loads((folder / "latest.json").read_text())["folder"]
+
+
 def history(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text())["trainer"]["history"]
+    return json.loads((current(folder) / "config.json").read_text())["trainer"]["history"]
 
 
 def test_train_lowers_the_loss_and_generates(corpus: Path, tmp_path: Path, capsys) -> None:
@@ -58,13 +63,14 @@ def test_interrupted_and_resumed_equals_uninterrupted(corpus: Path, tmp_path: Pa
     command = [sys.executable, "-m", "selfattention", "train", "--out", str(folder), *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not (folder / "config.json").exists() and time.monotonic() < deadline:
+    while not (folder / "latest.json").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    printed, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     cut = history(folder)
     step = len(cut["train"])
+    assert f"continue from the checkpoint of step {step} in {folder} with --resume" in printed
     assert 10 <= step < 200, "the run finished before the interrupt: make it longer"
     whole = history(tmp_path / "whole")
     assert cut["train"] == whole["train"][:step]
@@ -102,14 +108,16 @@ def test_generate_errors(corpus: Path, tmp_path: Path, capsys) -> None:
     assert "exceeds the model's context_length=16" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(tmp_path / "none"), "To"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((current(out) / "config.json").read_text())
     config["model"]["emb_dim"] = 32
-    (out / "config.json").write_text(json.dumps(config))
+    (current(out) / "config.json").write_text(json.dumps(config))
     assert main(["generate", "--checkpoint", str(out), "To"]) == 2
-    assert "model.safetensors: tensor tok_emb.weight has shape" in capsys.readouterr().err
-    os.truncate(out / "model.safetensors", 100)
+    assert "model.safetensors: tensor tok_emb.weight has shape (37, 16), the model expects (37, 32)" in (
+        capsys.readouterr().err
+    )
+    os.truncate(current(out) / "model.safetensors", 100)
     assert main(["generate", "--checkpoint", str(out), "To"]) == 2
-    assert "model.safetensors is not a readable safetensors file" in capsys.readouterr().err
+    assert "model.safetensors has 100 bytes but config.json recorded" in capsys.readouterr().err
 
 
 def test_resume_refuses_new_settings_and_another_corpus(corpus: Path, tmp_path: Path, capsys) -> None:
@@ -129,9 +137,9 @@ def test_bpe_tokenizer_trains_saves_and_generates(corpus: Path, tmp_path: Path, 
     out = tmp_path / "bpe"
     argv = ["train", "--corpus", str(corpus), "--out", str(out), *TINY, "--steps", "3"]
     assert main([*argv, "--tokenizer", "bpe", "--vocab-size", "300"]) == 0
-    tokenizer = json.loads((out / "tokenizer.json").read_text())
+    tokenizer = json.loads((current(out) / "tokenizer.json").read_text())
     assert tokenizer["model"]["type"] == "BPE"
-    assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == 300
+    assert json.loads((current(out) / "config.json").read_text())["model"]["vocab_size"] == 300
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(out), "Zebra ✓", "--max-new-tokens", "5"]) == 0  # bytes: no unknowns
     assert capsys.readouterr().out.startswith("Zebra ✓")
@@ -148,3 +156,27 @@ def test_threads_are_left_to_pytorch_unless_given(corpus: Path, tmp_path: Path) 
         == 0
     )
     assert torch.get_num_threads() == 1
+
+
+def test_the_interrupt_message_offers_resume_only_when_it_can(
+    corpus: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import selfattention.training.recipe as recipe
+
+    out = tmp_path / "run"
+
+    def interrupted(options) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe, "train_gpt", interrupted)
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), *TINY]) == 130
+    assert f"interrupted; {out} holds no checkpoint that can resume" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), *TINY, "--steps", "10"]) == 0
+    monkeypatch.setattr(recipe, "train_gpt", interrupted)
+    capsys.readouterr()
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), "--resume", "--no-progress"]) == 130
+    assert f"continue from the checkpoint of step 10 in {out} with --resume" in capsys.readouterr().out
+    (current(out) / "trainer.safetensors").write_bytes(b"x")  # damaged: it cannot resume any more
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), "--resume", "--no-progress"]) == 130
+    assert "holds no checkpoint that can resume" in capsys.readouterr().out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from selfattention.files import atomic_path, write_text
+from selfattention.files import atomic_path, parse_json, read_json, write_durably, write_text
 
 
 def test_write_replaces_and_leaves_no_temporary(tmp_path: Path) -> None:
@@ -40,3 +40,80 @@ def test_mode_follows_the_umask(tmp_path: Path) -> None:
 def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="does not exist"):
         write_text(tmp_path / "nope" / "out.txt", "x")
+
+
+def test_write_is_durable_file_then_rename_then_folder(tmp_path: Path, monkeypatch) -> None:
+    """fsync of the data before the rename (else a power cut can leave an empty file under the new name),
+    and of the folder after it (else the rename itself can be lost)."""
+    import stat
+
+    calls: list[tuple[str, int]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        calls.append(("fsync dir" if stat.S_ISDIR(info.st_mode) else "fsync file", info.st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        calls.append(("replace", os.stat(src).st_ino))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "out.txt"
+    write_text(target, "new")
+    file, folder = target.stat().st_ino, tmp_path.stat().st_ino
+    assert calls == [("fsync file", file), ("replace", file), ("fsync dir", folder)]
+    assert target.read_text() == "new"
+
+
+def test_write_durably_fsyncs_and_refuses_to_overwrite(tmp_path: Path, monkeypatch) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_ino), real_fsync(fd)) and None)
+    write_durably(tmp_path / "data.bin", b"\x00\x01")
+    assert synced == [(tmp_path / "data.bin").stat().st_ino]
+    assert (tmp_path / "data.bin").read_bytes() == b"\x00\x01"
+    with pytest.raises(FileExistsError):
+        write_durably(tmp_path / "data.bin", b"again")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("9" * 5000, "not valid JSON"),
+        ("[NaN]", "NaN is not valid JSON"),
+        ("[-Infinity]", "-Infinity is not valid JSON"),
+        ('{"a": ', r"not valid JSON \(truncated or corrupt\?\)"),
+    ],
+)
+def test_json_errors_are_one_value_error(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=rf"^in.json: .*{message}"):
+        parse_json(text, "in.json")
+
+
+def test_json_files_too_large_or_not_utf8_are_refused(tmp_path: Path, monkeypatch) -> None:
+    import selfattention.files as files
+
+    path = tmp_path / "big.json"
+    path.write_text("[" + "0," * 100 + "0]")
+    monkeypatch.setattr(files, "JSON_MAX_BYTES", 100)
+    with pytest.raises(ValueError, match=r"big.json: 203 bytes is more JSON than this package reads \(at most 100\)"):
+        read_json(path)
+    path.write_bytes(b'["\xff"]')
+    with pytest.raises(ValueError, match=r"big.json: not a UTF-8 text file"):
+        read_json(path)
+
+
+def test_read_json_reads_up_to_the_limit_and_names_the_file(tmp_path: Path, monkeypatch) -> None:
+    import selfattention.files as files
+
+    path = tmp_path / "ok.json"
+    path.write_text('{"a": [1, 2.5, "é"]}', encoding="utf-8")
+    monkeypatch.setattr(files, "JSON_MAX_BYTES", path.stat().st_size)  # exactly at the limit: still read
+    assert read_json(path) == {"a": [1, 2.5, "é"]}
+    path.write_text('{"a": ', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"ok.json: not valid JSON"):
+        read_json(path)

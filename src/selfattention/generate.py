@@ -40,6 +40,38 @@ class CausalLM(Protocol):
         ...
 
 
+def next_token_probs(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None) -> Tensor:
+    """The distribution :func:`sample_next` samples from: ``softmax(logits / temperature)`` over the top ``k``.
+
+    With ``top_k``, every token outside the ``top_k`` largest logits of its row gets probability 0 (ties
+    with the ``k``-th logit are kept), and the rest are renormalised.
+
+    Args:
+        logits: ``(B, V)``. temperature: greater than 0. top_k: at least 1 (more than ``V`` keeps all).
+
+    Returns:
+        ``(B, V)`` float32 probabilities, each row summing to 1.
+
+    Raises:
+        ValueError: for a temperature that is not a finite number > 0, or one so small the logits
+            overflow, or ``top_k < 1``.
+
+    >>> next_token_probs(torch.tensor([[0.0, 2.0, 1.0]]), top_k=2)
+    tensor([[0.0000, 0.7311, 0.2689]])
+    """
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0 to sample, got {temperature}")
+    logits = logits.float() / temperature
+    if not bool(torch.isfinite(logits.amax(dim=-1)).all()):  # a tiny temperature overflows the logits
+        raise ValueError(f"temperature {temperature} is too small to sample with; use 0 for greedy decoding")
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
 def sample_next(
     logits: Tensor,
     *,
@@ -48,6 +80,8 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Pick the next token from ``logits (B, V)``: greedy when ``temperature == 0``, else sample.
+
+    Sampling draws from :func:`next_token_probs`.
 
     Returns:
         ``(B, 1)`` token ids.
@@ -59,15 +93,7 @@ def sample_next(
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if not bool(torch.isfinite(logits.amax(dim=-1)).all()):  # a tiny temperature overflows the logits
-        raise ValueError(f"temperature {temperature} is too small to sample with; use 0 for greedy decoding")
-    if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}")
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = next_token_probs(logits, temperature=temperature, top_k=top_k)
     if generator is not None and generator.device != probs.device:  # a CPU generator for a CUDA model
         return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator)

@@ -11,7 +11,6 @@ Formats:
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from selfattention.files import read_json
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -40,12 +41,13 @@ def check_embeddings(tokens: Sequence[str], rows: Sequence[Sequence[float]], sou
             raise ValueError(f"{source}: ragged embeddings: row 0 has {width} values but row {i} has {len(row)}")
         for j, value in enumerate(row):
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{source}: row {i}, column {j} is not a number: {value!r}")
-            if not math.isfinite(value):
+                raise ValueError(f"{source}: row {i}, column {j} is not a number: {str(value)[:40]!r}")
+            if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{source}: row {i}, column {j} is {value} (values must be finite)")
-            if abs(value) > FLOAT32_MAX:
+            if abs(value) > FLOAT32_MAX:  # an int of 500 digits too: compared exactly, never converted
+                shown = f"{value:.3g}" if isinstance(value, float) else f"an integer of {len(str(abs(value)))} digits"
                 raise ValueError(
-                    f"{source}: row {i}, column {j} is {value}, beyond the float32 range (±{FLOAT32_MAX:.3g})"
+                    f"{source}: row {i}, column {j} is {shown}, beyond the float32 range (±{FLOAT32_MAX:.3g})"
                 )
     if len(tokens) != len(rows):
         raise ValueError(f"{source}: {len(tokens)} tokens but {len(rows)} embedding rows")
@@ -81,10 +83,7 @@ def load_embeddings(path: str | os.PathLike[str], tokens: Sequence[str] | None =
 
 
 def _load_json(file: Path) -> tuple[list[str], Tensor]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{file}: not valid JSON ({error})") from None
+    data = read_json(file)
     if not isinstance(data, dict) or "tokens" not in data or "embeddings" not in data:
         raise ValueError(f'{file}: expected an object {{"tokens": [...], "embeddings": [[...], ...]}}')
     tokens, rows = data["tokens"], data["embeddings"]
@@ -106,6 +105,8 @@ def _load_csv(file: Path) -> tuple[list[str], Tensor]:
             lines = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
     except UnicodeDecodeError as error:
         raise ValueError(f"{file}: not a UTF-8 text file ({error.reason})") from None
+    except csv.Error as error:  # a field over csv.field_size_limit() (131072 characters), a NUL byte...
+        raise ValueError(f"{file}: not a readable CSV file ({error})") from None
     if lines and all(_number(cell) is None for cell in lines[0][1:]):
         lines = lines[1:]  # a header row
     tokens, rows = [], []
@@ -126,10 +127,42 @@ def _load_npy(file: Path, tokens: Sequence[str] | None) -> tuple[list[str], Tens
 
     if tokens is None:
         raise ValueError(f"{file}: a .npy file holds no tokens; pass them with --tokens")
+    _check_npy_header(file)
     try:
         array = np.load(file, allow_pickle=False)
-    except ValueError as error:
-        raise ValueError(f"{file}: not a readable .npy array ({error})") from None
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
+    except (ValueError, EOFError) as error:
+        raise ValueError(f"{file}: not a readable .npy array ({error or 'the file ends early'})") from None
+    if np.iscomplexobj(array):
+        raise ValueError(f"{file}: complex values ({array.dtype}) are not embeddings; save the real part")
+    real = np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+    if array.ndim != 2 or not real:
         raise ValueError(f"{file}: expected a 2-d numeric array (tokens × width), got {array.ndim}-d {array.dtype}")
     return list(tokens), check_embeddings(list(tokens), array.astype(float).tolist(), str(file))
+
+
+def _check_npy_header(file: Path) -> None:
+    """Refuse a file whose ``.npy`` header is unreadable or promises more (or fewer) bytes than the file has.
+
+    Checked before ``np.load`` so that a damaged header can neither raise an unexpected exception type nor
+    make numpy allocate what the header claims.
+    """
+    import numpy as np
+
+    fmt = np.lib.format
+    try:
+        with file.open("rb") as handle:
+            if handle.read(4) == b"PK\x03\x04":  # np.load would read a zip (.npz) whatever the extension
+                raise ValueError("a .npz archive, not a .npy array")
+            handle.seek(0)
+            version = fmt.read_magic(handle)
+            reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = reader(handle)
+            available = file.stat().st_size - handle.tell()
+    except Exception as error:  # numpy's header parser raises many types (SyntaxError, TokenError...) on garbage
+        raise ValueError(f"{file}: not a readable .npy array ({str(error)[:100] or 'the file ends early'})") from None
+    needed = math.prod(shape) * dtype.itemsize
+    if needed != available:
+        raise ValueError(
+            f"{file}: its header promises shape {shape} of {dtype} ({needed:,} bytes) but {available:,} bytes follow "
+            "(truncated or corrupt?)"
+        )

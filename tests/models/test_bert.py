@@ -105,3 +105,30 @@ def test_mean_pool_leaves_out_padding_and_normalises() -> None:
     hidden = torch.tensor([[[3.0, 0.0], [1.0, 0.0], [100.0, 100.0]]])
     pooled = mean_pool(hidden, torch.tensor([[True, True, False]]))
     torch.testing.assert_close(pooled, torch.tensor([[1.0, 0.0]]))
+
+
+def test_large_activations_separate_the_erf_gelu_from_the_tanh_one() -> None:
+    """BERT's "gelu" is the exact erf form; the tanh approximation differs by up to ~5e-4 near |x| = 2.
+
+    With the default init (std 0.02) the MLP's inputs stay near 0, where the two agree to 1e-7, so a test
+    at 1e-5 cannot tell them apart. Weights of std 0.5 put the pre-activations at std ~2: there the tanh
+    form is off by far more than the tolerance, which the last assertion checks.
+    """
+    reference, ours = _hf_pair(seed=3)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if name.endswith("weight") and param.dim() == 2 and "embeddings" not in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    load_hf_state_dict(ours, reference.state_dict())
+    ids = torch.randint(1, SMALL["vocab_size"], (2, 9), generator=generator)
+    with torch.no_grad():
+        expected = reference(input_ids=ids).last_hidden_state
+        got = ours(ids).last_hidden_state
+        inputs = ours.layers[0].intermediate(ours.embeddings(ids, torch.zeros_like(ids)))
+        assert inputs.std() > 1.0  # the regime where the two forms differ
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        for layer in ours.layers:
+            layer.activation = torch.nn.GELU(approximate="tanh")
+        tanh = ours(ids).last_hidden_state
+    assert (tanh - expected).abs().max() > 20 * 1e-5  # the test above would fail for the tanh form

@@ -96,3 +96,20 @@ def test_bad_config_is_named() -> None:
         TrainConfig(max_steps=0)
     with pytest.raises(ValueError, match=r"min_learning_rate \(0.5\) <= learning_rate \(0.1\)"):
         TrainConfig(learning_rate=0.1, min_learning_rate=0.5)
+
+
+def test_state_of_another_model_is_refused_before_use() -> None:
+    """Optimizer moments of a wider model (or another number of parameters) would crash the first step."""
+    source = make_trainer()
+    source.run(until=3)
+    tensors, state = source.state_tensors(), source.state_json()
+    wider = Trainer(Bigram(9), source.config, cyclic_batches, progress=False)
+    with pytest.raises(ValueError, match=r"optimizer.0.exp_avg has shape \(8, 8\), this model's parameter 0 needs"):
+        wider.load_state(tensors, state)
+    assert wider.step == 0 and not wider.optimizer.state  # nothing was changed
+    extra = {**tensors, "optimizer.1.exp_avg": torch.zeros(8, 8)}
+    with pytest.raises(ValueError, match=r"optimizer.1.exp_avg is for parameter 1; this model has 1"):
+        make_trainer().load_state(extra, state)
+    without = {k: v for k, v in tensors.items() if k != "rng.data"}
+    with pytest.raises(ValueError, match=r"lacks the random generator state 'rng.data'"):
+        make_trainer().load_state(without, state)

@@ -18,6 +18,8 @@ from selfattention.inspect import capture_projections
 from selfattention.walkthrough import Walkthrough, find_query, random_projections, walk
 
 EXAMPLE_SENTENCE = " ".join(examples.TOKENS)
+MAX_PROJECTIONS = 4096
+"""The widest ``--projections``: the walk-through prints every column of W^Q, W^K and W^V."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--projections",
         type=at_least(1),
         metavar="D",
-        help="random trainable W^Q, W^K, W^V of width D (torch.rand, in that order) instead of the identity",
+        help="random trainable W^Q, W^K, W^V of width D (1 to 4096; torch.rand, in that order) instead of the identity",
     )
     parser.add_argument("--seed", type=int, default=123, help="seed for --projections (default: 123)")
     parser.add_argument(
@@ -99,6 +101,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _projected(tokens: list[str], inputs: Tensor, args: argparse.Namespace) -> tuple[Walkthrough, Tensor]:
     """The walk-through of head ``args.head`` of a module with random projections, read through capture()."""
+    if not 1 <= args.projections <= MAX_PROJECTIONS:
+        raise UsageError(
+            f"--projections must be between 1 and {MAX_PROJECTIONS}, got {args.projections} "
+            "(the walk-through prints every column)"
+        )
     if args.heads < 1 or args.projections % args.heads != 0:
         raise UsageError(f"--projections ({args.projections}) must be divisible by --heads ({args.heads})")
     if not 0 <= args.head < args.heads:

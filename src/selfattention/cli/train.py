@@ -105,7 +105,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train_gpt(options)
     except KeyboardInterrupt:
-        print(f"interrupted; continue from the last checkpoint in {args.out} with --resume")
+        from selfattention.training.checkpoint import resumable_step
+
+        step = resumable_step(args.out)
+        if step is None:
+            print(f"interrupted; {args.out} holds no checkpoint that can resume")
+        else:
+            print(f"interrupted; continue from the checkpoint of step {step} in {args.out} with --resume")
         raise
     if result.rank == 0:
         val = f", val loss {result.history.val[-1][1]:.4f}" if result.history.val else ""

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from selfattention.cli.errors import UsageError
 from selfattention.files import write_text
 
 DEFAULT_OUT = "attention-view.html"
+MAX_TOKENS = 512
+"""The longest text the viewer shows: the page carries every head's T × T weights (512 words of the example:
+6.8 MiB; 2000 words took 2.5 GB to build)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the numbers ω, α and z for the token under the mouse) as one HTML file that works offline, or serve "
         "it on 127.0.0.1. With no arguments: the worked example.",
     )
-    parser.add_argument("text", nargs="?", help="the text to look at (default: the worked example's sentence)")
+    parser.add_argument(
+        "text", nargs="?", help=f"the text to look at, at most {MAX_TOKENS} tokens (default: the example's sentence)"
+    )
     parser.add_argument(
         "--model",
         default="example",
@@ -39,10 +45,14 @@ def run(args: argparse.Namespace) -> int:
     """Build the page; write it, serve it, or both."""
     from selfattention.viz.sources import model_view
 
+    if args.model == "example" and args.text and len(args.text.split()) > MAX_TOKENS:
+        _too_long(len(args.text.split()))
     try:
         view = model_view(args.model, args.text, num_heads=args.heads, causal=args.causal, seed=args.seed)
     except ImportError as error:  # an optional model whose packages are not installed: say what to install
         raise ValueError(str(error)) from error
+    if len(view.tokens) > MAX_TOKENS:
+        _too_long(len(view.tokens))
     page = view.to_html()
     heads = sum(len(layer) for layer in view.layers)
     summary = f"{len(view.tokens)} tokens, {len(view.layers)} layers, {heads} heads, {len(page) / 1024:.0f} KiB"
@@ -53,6 +63,13 @@ def run(args: argparse.Namespace) -> int:
     if args.serve:
         serve(page, args.port, summary)
     return 0
+
+
+def _too_long(tokens: int) -> None:
+    raise UsageError(
+        f"the text has {tokens} tokens; the viewer shows at most {MAX_TOKENS} (its page grows with the square "
+        "of the length): view a shorter passage, or split the text and view each part"
+    )
 
 
 def serve(page: str, port: int, summary: str) -> None:

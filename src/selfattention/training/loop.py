@@ -145,7 +145,9 @@ class Trainer:
         """Train from the current step to ``until`` (default ``max_steps``); returns the loss history.
 
         Ctrl-C finishes the current step, calls ``checkpoint`` and raises ``KeyboardInterrupt``; a second
-        Ctrl-C stops at once without saving. A ``KeyboardInterrupt`` raised by ``on_step`` also saves first.
+        Ctrl-C stops at once without saving (a save it interrupts is abandoned whole: the previous
+        checkpoint stays in use, see :mod:`selfattention.training.checkpoint`). A ``KeyboardInterrupt``
+        raised by ``on_step`` also saves first.
         """
         stop = self.config.max_steps if until is None else min(until, self.config.max_steps)
         bar = self._progress_bar(stop)
@@ -266,34 +268,65 @@ class Trainer:
         }
 
     def load_state(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_tensors` and :meth:`state_json` saved.
+        """Restore what :meth:`state_tensors` and :meth:`state_json` saved, after checking it fits this model.
 
         Raises:
-            ValueError: when the saved optimizer does not match this model's parameters.
+            ValueError: when the saved optimizer does not match this model's parameters (another width,
+                another number of layers), or the saved state is incomplete or malformed.
         """
         current = self.optimizer.state_dict()
-        saved_groups = state["optimizer_groups"]
+        saved_groups = state.get("optimizer_groups")
+        if not isinstance(saved_groups, list) or not all(isinstance(g, dict) for g in saved_groups):
+            raise ValueError(f"saved optimizer_groups must be a list of objects, got {str(saved_groups)[:40]}")
         if len(saved_groups) != len(current["param_groups"]):
             raise ValueError(
                 f"saved optimizer has {len(saved_groups)} parameter groups, expected {len(current['param_groups'])}"
             )
         groups = []
         for group, saved in zip(current["param_groups"], saved_groups, strict=True):
+            if not isinstance(saved.get("betas"), list) or len(saved["betas"]) != 2:
+                raise ValueError(f"saved optimizer group lacks its two betas: {str(saved)[:80]}")
             groups.append({**saved, "params": group["params"], "betas": tuple(saved["betas"])})
-        opt_state: dict[int, dict[str, Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                opt_state.setdefault(int(index), {})[name] = value
+        opt_state = self._optimizer_tensors(tensors)
+        step, history = state.get("step"), state.get("history")
+        try:
+            train = [(int(s), float(v)) for s, v in history["train"]]  # type: ignore[index]
+            val = [(int(s), float(v)) for s, v in history["val"]]  # type: ignore[index]
+            if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.config.max_steps:
+                raise ValueError(f"step must be an integer in [0, max_steps={self.config.max_steps}]")
+        except (TypeError, ValueError, KeyError, OverflowError) as error:
+            raise ValueError(f"saved trainer state is malformed: {error} (step {str(step)[:40]})") from None
+        for key in ("rng.data", "rng.torch"):
+            if key not in tensors or tensors[key].dtype != torch.uint8:
+                raise ValueError(f"saved trainer state lacks the random generator state {key!r}")
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         self.data_generator.set_state(tensors["rng.data"])
         torch.set_rng_state(tensors["rng.torch"])
-        self.step = int(state["step"])
-        history = state["history"]
-        self.history = History(
-            train=[(int(s), float(v)) for s, v in history["train"]],
-            val=[(int(s), float(v)) for s, v in history["val"]],
-        )
+        self.step = step
+        self.history = History(train=train, val=val)
+
+    def _optimizer_tensors(self, tensors: dict[str, Tensor]) -> dict[int, dict[str, Tensor]]:
+        """The saved AdamW moments by parameter index, each checked against its parameter's shape."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        opt_state: dict[int, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            if not key.startswith("optimizer."):
+                continue
+            _, index, name = key.split(".", 2)
+            if not index.isdigit() or int(index) >= len(params):
+                raise ValueError(f"saved optimizer tensor {key} is for parameter {index}; this model has {len(params)}")
+            expected = () if name == "step" else tuple(params[int(index)].shape)
+            if tuple(value.shape) != expected:
+                raise ValueError(
+                    f"saved optimizer tensor {key} has shape {tuple(value.shape)}, this model's parameter "
+                    f"{index} needs {expected}: the trainer state is from another model"
+                )
+            opt_state.setdefault(int(index), {})[name] = value
+        if opt_state and len(opt_state) != len(params):
+            raise ValueError(
+                f"saved optimizer holds moments for {len(opt_state)} parameters; this model has {len(params)}"
+            )
+        return opt_state
 
 
 class _HardInterrupt:

@@ -14,8 +14,9 @@ the loss curve into the output folder. The presets:
 from __future__ import annotations
 
 import hashlib
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,16 @@ import torch
 
 from selfattention.models.gpt import GPT, GPTConfig
 from selfattention.training import distributed
-from selfattention.training.checkpoint import CONFIG, load_checkpoint, load_weights, save_checkpoint
+from selfattention.training.checkpoint import (
+    Checkpoint,
+    check_weights,
+    clean_leftovers,
+    holds_checkpoint,
+    load_checkpoint,
+    load_weights,
+    new_run_id,
+    save_checkpoint,
+)
 from selfattention.training.data import check_length, read_corpus, sample_batch, split
 from selfattention.training.loop import History, TrainConfig, Trainer
 from selfattention.training.tokenizer import Tokenizer, train_tokenizer
@@ -47,6 +57,9 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
 }
 LOSS_CURVE = "loss.png"
+MAX_UNSAVED_BUFFER_BYTES = 2**30
+"""A checkpoint's model may need at most this much memory beyond its weights (RoPE tables): a guard against
+a ``context_length`` edited to 1e8 in ``config.json``."""
 PLOT_EVERY_S = 60.0
 """The loss curve is redrawn at checkpoints at most this often (and always at the end or on Ctrl-C)."""
 
@@ -116,26 +129,32 @@ def _train(options: RunOptions, info: distributed.DistInfo) -> RunResult:
     if options.resume and (options.model or options.train):
         names = sorted({**options.model, **options.train})
         raise ValueError(f"--resume continues the saved configuration; do not also set {names}")
-    existing = Path(options.out) / CONFIG
-    if existing.exists() and not (options.resume or options.overwrite):
+    if holds_checkpoint(options.out) and not (options.resume or options.overwrite):
         raise ValueError(
             f"{options.out} already holds a checkpoint; pass --resume to continue it or --overwrite to replace it"
         )
+    if info.rank == 0:
+        clean_leftovers(options.out)  # what a save interrupted by a kill left behind
     checkpoint = load_checkpoint(options.out, need_trainer=True) if options.resume else None
     tokenizer: Tokenizer
     if checkpoint is not None:
-        trainer_json = checkpoint.config.get("trainer") or {}
-        saved = trainer_json.get("data", {}).get("sha256")
+        trainer_json = checkpoint.config["trainer"]
+        saved = trainer_json.get("data", {}).get("sha256") if isinstance(trainer_json.get("data"), dict) else None
         if saved != digest:
             raise ValueError(
                 f"cannot resume {options.out}: it was trained on a different corpus (sha256 {saved}, this one {digest})"
             )
         tokenizer = checkpoint.tokenizer
-        model_config = GPTConfig.from_dict(checkpoint.config["model"])
-        train_config = TrainConfig(**trainer_json["config"])
+        model_config = checked_model_config(checkpoint)
+        where = f"{checkpoint.directory / 'config.json'}: trainer.config"
+        if "config" not in trainer_json:
+            raise ValueError(f"{where} is missing")
+        train_config = _typed(TrainConfig, trainer_json["config"], where)
+        run = checkpoint.run
     else:
         tokenizer = train_tokenizer(options.tokenizer, text, vocab_size=options.bpe_vocab_size)
         model_config, train_config = configs(options, tokenizer.vocab_size)
+        run = new_run_id()
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     train_ids, val_ids = split(ids)
     block = model_config.context_length
@@ -170,6 +189,7 @@ def _train(options: RunOptions, info: distributed.DistInfo) -> RunResult:
             model_config=model_config.to_dict(),
             tokenizer=tokenizer,
             step=trainer.step,
+            run=run,
             trainer_tensors=trainer.state_tensors(),
             trainer_json=state,
         )
@@ -208,10 +228,7 @@ def load_gpt(directory: str | Path) -> tuple[GPT, Tokenizer]:
         ValueError: naming the file, for a missing, truncated or mismatched checkpoint.
     """
     checkpoint = load_checkpoint(directory)
-    try:
-        config = GPTConfig.from_dict(checkpoint.config["model"])
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{checkpoint.directory / 'config.json'}: bad model config ({error})") from None
+    config = checked_model_config(checkpoint)
     model = GPT(config)
     load_weights(model, checkpoint.weights, checkpoint.directory / "model.safetensors")
     if checkpoint.tokenizer.vocab_size != config.vocab_size:
@@ -220,3 +237,71 @@ def load_gpt(directory: str | Path) -> tuple[GPT, Tokenizer]:
             f"model {config.vocab_size}"
         )
     return model.eval(), checkpoint.tokenizer
+
+
+def checked_model_config(checkpoint: Checkpoint) -> GPTConfig:
+    """The checkpoint's :class:`GPTConfig`, checked against its weights before anything is allocated.
+
+    The model is first built on the ``meta`` device (no memory), its tensors compared with the weights
+    file by name, shape and dtype, and the memory it needs beyond them (RoPE tables) bounded.
+
+    Raises:
+        ValueError: naming ``config.json``, for a bad type or value, or a config that does not match the weights.
+    """
+    path = checkpoint.directory / "config.json"
+    values = dict(checkpoint.config["model"])
+    kind = values.pop("type", "gpt")
+    if kind != "gpt":
+        raise ValueError(f"{path}: model type {kind!r} is not 'gpt'")
+    config = _typed(GPTConfig, values, f"{path}: model")
+    if config.num_layers > len(checkpoint.weights):
+        raise ValueError(
+            f"{path}: model.num_layers is {config.num_layers} but model.safetensors holds only "
+            f"{len(checkpoint.weights)} tensors"
+        )
+    with torch.device("meta"):
+        skeleton = GPT(config)
+    check_weights(skeleton, checkpoint.weights, f"{path} with {checkpoint.directory / 'model.safetensors'}")
+    saved = set(skeleton.state_dict())
+    extra = sum(b.numel() * b.element_size() for n, b in skeleton.named_buffers() if n not in saved)
+    if extra > MAX_UNSAVED_BUFFER_BYTES:
+        raise ValueError(
+            f"{path}: this model needs {extra / 2**30:.1f} GiB beyond its weights (context_length "
+            f"{config.context_length}); at most {MAX_UNSAVED_BUFFER_BYTES / 2**30:.0f} GiB is allowed"
+        )
+    return config
+
+
+def _typed(cls: Any, values: Any, where: str) -> Any:
+    """``cls(**values)`` for a dataclass, each value checked against its field's annotation first.
+
+    Raises:
+        ValueError: naming ``where``, for a non-object, an unknown key, a value of the wrong type (a float
+            where an int belongs, ``true`` for a number, an infinite or huge number) or a rejected value.
+    """
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be an object, got {type(values).__name__}")
+    kinds = {f.name: str(f.type) for f in fields(cls)}
+    for key, value in values.items():
+        if key not in kinds:
+            raise ValueError(f"{where}: unknown key {key!r}")
+        if not _fits(value, kinds[key]):
+            raise ValueError(f"{where}: {key} must be {kinds[key]}, got {str(value)[:40]}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _fits(value: Any, kind: str) -> bool:
+    """Whether a JSON value has the type named by a dataclass annotation (``int``, ``float | None``...)."""
+    options = {part.strip() for part in kind.split("|")}
+    if value is None:
+        return "None" in options
+    if isinstance(value, bool):
+        return "bool" in options
+    if isinstance(value, int) and ("int" in options or "float" in options):
+        return abs(value) <= 2**53
+    if isinstance(value, float):
+        return "float" in options and math.isfinite(value)
+    return isinstance(value, str) and "str" in options

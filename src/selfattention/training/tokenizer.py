@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from selfattention.files import write_text
+from selfattention.files import parse_json, write_text
 
 KINDS = ("char", "bpe")
 
@@ -160,11 +160,11 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     Raises:
         ValueError: naming the file, when it is not a tokenizer this package wrote.
     """
-    text = Path(path).read_text(encoding="utf-8")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a UTF-8 text file ({error.reason})") from None
+    data = parse_json(text, path)
     if isinstance(data, dict) and data.get("type") == "char":
         chars = data.get("chars")
         if not isinstance(chars, str):
