@@ -68,9 +68,14 @@ def test_arrays_that_are_not_real_embeddings_are_refused(tmp_path: Path, capsys:
 
 @pytest.mark.parametrize("width", ["100000000", "4097", "0", "-3"])
 def test_projection_widths_are_bounded(capsys: pytest.CaptureFixture[str], width: str) -> None:
-    one_line_exit_2(
-        capsys, ["explain", "--projections", width], f"--projections must be between 1 and 4096, got {width}"
-    )
+    # a value argparse refuses: the command's usage, then one error line naming the option, exit 2
+    with pytest.raises(SystemExit) as stop:
+        main(["explain", "--projections", width])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert err.splitlines()[-1] == (
+        f"selfattention explain: error: argument --projections: must be between 1 and 4096, got {width}"
+    ), err
 
 
 def test_the_viewer_refuses_text_beyond_its_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

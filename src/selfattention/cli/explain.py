@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--causal", action="store_true", help="each token attends only to itself and earlier tokens")
     parser.add_argument(
         "--projections",
-        type=at_least(1),
+        type=at_least(1, MAX_PROJECTIONS),
         metavar="D",
         help="random trainable W^Q, W^K, W^V of width D (1 to 4096; torch.rand, in that order) instead of the identity",
     )
@@ -101,11 +101,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _projected(tokens: list[str], inputs: Tensor, args: argparse.Namespace) -> tuple[Walkthrough, Tensor]:
     """The walk-through of head ``args.head`` of a module with random projections, read through capture()."""
-    if not 1 <= args.projections <= MAX_PROJECTIONS:
-        raise UsageError(
-            f"--projections must be between 1 and {MAX_PROJECTIONS}, got {args.projections} "
-            "(the walk-through prints every column)"
-        )
     if args.heads < 1 or args.projections % args.heads != 0:
         raise UsageError(f"--projections ({args.projections}) must be divisible by --heads ({args.heads})")
     if not 0 <= args.head < args.heads:

@@ -32,8 +32,8 @@ __all__ = [
 ]
 
 
-def at_least(minimum: int) -> Any:
-    """An argparse type: an integer no smaller than ``minimum``.
+def at_least(minimum: int, maximum: int | None = None) -> Any:
+    """An argparse type: an integer no smaller than ``minimum`` (and no larger than ``maximum``, if given).
 
     >>> at_least(1)("3")
     3
@@ -44,11 +44,13 @@ def at_least(minimum: int) -> Any:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if maximum is not None and not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be between {minimum} and {maximum}, got {value}")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
 
-    parse.__name__ = f"integer >= {minimum}"
+    parse.__name__ = f"integer >= {minimum}" if maximum is None else f"integer in [{minimum}, {maximum}]"
     return parse
 
 
