@@ -9,7 +9,8 @@ from pathlib import Path
 from torch import Tensor
 
 from selfattention.cli.errors import UsageError
-from selfattention.cli.pretrained_models import MODELS, load_model
+from selfattention.cli.models import MODEL_HELP, model_kind, refuse
+from selfattention.cli.pretrained_models import load_model
 from selfattention.contextual import (
     DEFAULT_SENTENCES,
     DEFAULT_WORD,
@@ -34,7 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("sentences", nargs="*", metavar="SENTENCE", help="two or more sentences containing WORD")
     parser.add_argument("--word", default=DEFAULT_WORD, help=f"the word to follow (default: {DEFAULT_WORD})")
-    parser.add_argument("--model", choices=sorted(MODELS), default="minilm", help="the model (default: minilm)")
+    parser.add_argument(
+        "--model", default="minilm", metavar="MODEL", help=f"{MODEL_HELP}; encoders only (default: minilm)"
+    )
     parser.add_argument("--layer", type=int, help="layer for nearest tokens and attention (default: the last)")
     parser.add_argument(
         "--top",
@@ -53,6 +56,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"give at least two sentences to compare, got {len(sentences)}")
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
+    refuse(
+        "context",
+        args.model,
+        model_kind(args.model),
+        ("encoder",),
+        "it compares a word's vectors in an encoder (minilm); use explain or view for a language model",
+    )
     model = load_model(args.model)
     layers = model.config.num_hidden_layers
     layer = layers if args.layer is None else args.layer

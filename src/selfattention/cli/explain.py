@@ -13,6 +13,7 @@ from selfattention import examples
 from selfattention.cli.errors import UsageError
 from selfattention.cli.explain_checkpoint import add_checkpoint_arguments, explain_checkpoint
 from selfattention.cli.explain_model import add_model_arguments, explain_model
+from selfattention.cli.models import model_kind
 from selfattention.files import write_text
 from selfattention.inputs import load_embeddings
 from selfattention.inspect import capture_projections
@@ -59,9 +60,12 @@ def run(args: argparse.Namespace) -> int:
     """Compute the walk-through and print it; optionally save a heatmap."""
     if args.checkpoint and args.model:
         raise UsageError("choose one of --checkpoint DIR and --model NAME")
+    kind = model_kind(args.model) if args.model else None
+    if kind in ("checkpoint", "gguf"):
+        args.checkpoint = args.model
     if args.checkpoint:
         return explain_checkpoint(args)
-    if args.model:
+    if kind == "encoder":
         return explain_model(args)
     if args.text is not None or args.layer is not None:
         raise UsageError("TEXT and --layer are only used with --checkpoint DIR or --model NAME")

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from selfattention.cli.errors import UsageError
-from selfattention.cli.pretrained_models import MODELS, load_model
+from selfattention.cli.models import MODEL_HELP
+from selfattention.cli.pretrained_models import load_model
 from selfattention.models.walkthrough import HeadWalkthrough, head_walkthrough
 from selfattention.walkthrough import find_query
 
@@ -34,9 +35,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--model`` to ``explain``'s parser (``TEXT``, ``--layer`` and ``--head`` are ``explain``'s own)."""
     parser.add_argument(
         "--model",
-        choices=sorted(MODELS),
-        help="walk through one head of a real pretrained model (all-MiniLM-L6-v2) on TEXT instead; "
-        f'layers 1-6 (default 1), heads 0-11; TEXT defaults to "{DEFAULT_TEXT}"',
+        metavar="MODEL",
+        help=f"{MODEL_HELP}. minilm: walk through one head on TEXT (layers 1-6, default 1; heads 0-11; "
+        f'TEXT defaults to "{DEFAULT_TEXT}"); smollm2, FILE.gguf, DIR: what each token of TEXT attends to '
+        "(layers and heads from 0, default: the last layer)",
     )
 
 
