@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--heads", type=int, default=1, help="split the --projections width into this many heads (default: 1)"
     )
     parser.add_argument("--head", type=int, default=0, help="the head to walk through (0-based, default: 0)")
-    parser.add_argument("--layer", type=int, help="with --checkpoint or --model: the layer to show")
+    parser.add_argument("--layer", type=int, help="with --checkpoint or --model: the layer to show, from 0")
     parser.add_argument("text", nargs="?", help="with --checkpoint or --model: the text whose attention to show")
     parser.add_argument("--embeddings", metavar="FILE", help="your own token vectors: .json, .csv or .npy")
     parser.add_argument("--tokens", help="the tokens of a .npy file, separated by spaces")

@@ -97,7 +97,7 @@ def pretrained_view(model: PretrainedEncoder, text: str) -> AttentionView:
         encoded = model.encode([text])
     tokens = encoded.batch.tokens(0)
     view = view_from_capture(cap, tokens, title=f"{model.name}: {text}")
-    names = [f"layer {n} ({name})" for n, name in enumerate(view.layer_names, start=1)]
+    names = [f"layer {n} ({name})" for n, name in enumerate(view.layer_names)]
     return replace(view, layer_names=names)
 
 
