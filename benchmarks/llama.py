@@ -60,11 +60,11 @@ def decode(side: str, model: Any, ids: torch.Tensor, steps: int) -> float:
             logits = model(logits[:, -1:].argmax(-1), kv_caches=caches)[0]
         return time.perf_counter() - start
     out = model(input_ids=ids, use_cache=True)
-    past, logits = out.past_key_values, out.logits
+    cache, logits = out.cache, out.logits
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=logits[:, -1:].argmax(-1), past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits
+        out = model(input_ids=logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits
     return time.perf_counter() - start
 
 
