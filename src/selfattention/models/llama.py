@@ -118,6 +118,19 @@ class PositionedRope:
         return x * self.cos + torch.cat([-second, first], dim=-1) * self.sin
 
 
+class LlamaAttention(MultiHeadAttention):
+    """:class:`MultiHeadAttention` projecting queries, keys and values with three products instead of one.
+
+    The base class stacks ``W_query``, ``W_key``, ``W_value`` into one matrix on every call, which is faster
+    to train on CPU; for inference, where one token at a time reads every weight once, the copy made for
+    stacking costs about a tenth of a decoding step here. Same weights, same names, same numbers.
+    """
+
+    def _project(self, x: Tensor) -> tuple[Tensor, ...]:
+        """``(B, T, C)`` -> ``(B, T, H * D)``, ``(B, T, G * D)``, ``(B, T, G * D)``."""
+        return self.W_query(x), self.W_key(x), self.W_value(x)
+
+
 class SwiGLU(nn.Module):
     """``W_down(silu(W_gate x) * W_up x)``: ``(B, T, C) -> (B, T, C)`` through width ``hidden_dim``."""
 
@@ -139,7 +152,7 @@ class LlamaBlock(nn.Module):
         super().__init__()
         width = config.emb_dim
         self.attn_norm = nn.RMSNorm(width, eps=config.norm_eps)
-        self.attn = MultiHeadAttention(
+        self.attn = LlamaAttention(
             width,
             width,
             config.context_length,
