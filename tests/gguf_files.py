@@ -84,6 +84,7 @@ def write_tiny_gguf(
     *,
     qtype: str = "F32",
     arch: str = "llama",
+    tokenizer: str = "gpt2",
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``weights`` (Hugging Face layout) as a llama.cpp GGUF file; matrices stored as ``qtype``."""
@@ -99,7 +100,7 @@ def write_tiny_gguf(
     writer.add_head_count_kv(TINY["kv_heads"])
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(tokenizer)
     writer.add_tokenizer_pre("default")
     writer.add_token_list([*byte_alphabet(), "<|endoftext|>", "Ġt", "he"])
     writer.add_token_types([1] * 256 + [3, 1, 1])

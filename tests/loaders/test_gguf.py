@@ -119,6 +119,18 @@ def test_unsupported_quantization_is_named(tmp_path: Path) -> None:
         load_gguf(path)
 
 
+def test_sentencepiece_tokenizer_is_refused_by_name(tmp_path: Path) -> None:
+    path = write_tiny_gguf(tmp_path / "spm.gguf", tiny_weights(), tokenizer="llama")
+    with pytest.raises(ValueError, match=r"tokenizer model is 'llama'; only byte-level BPE \('gpt2'\)"):
+        load_gguf(path)
+
+
+def test_rope_scaling_is_refused(tmp_path: Path) -> None:
+    path = write_tiny_gguf(tmp_path / "scaled.gguf", tiny_weights(), metadata={"llama.rope.scaling.type": "yarn"})
+    with pytest.raises(ValueError, match=r"RoPE scaling 'yarn' is not implemented"):
+        load_gguf(path)
+
+
 def test_not_a_gguf_file(tmp_path: Path) -> None:
     path = tmp_path / "model.gguf"
     path.write_bytes(b"PK\x03\x04 a zip file")

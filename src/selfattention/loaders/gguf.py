@@ -78,6 +78,7 @@ def load_gguf(path: str | Path, *, name: str | None = None, backend: str = "auto
     metadata, infos = read_gguf(path)
     tensors = {tensor.name: tensor for tensor in infos}
     config = config_from_metadata(metadata, tied="output.weight" not in tensors, backend=backend)
+    tokenizer = build_tokenizer(metadata)  # before the weights: a file whose tokenizer is refused fails fast
     state = llama_state_dict(tensors, config)
     if config.tie_embeddings:
         state["out_head.weight"] = state["tok_emb.weight"]
@@ -90,7 +91,6 @@ def load_gguf(path: str | Path, *, name: str | None = None, backend: str = "auto
     model.rotary = Rotary(config.head_dim, config.context_length, config.rope_base)  # its tables, on the CPU
     if config.tie_embeddings:
         model.out_head.weight = model.tok_emb.weight
-    tokenizer = build_tokenizer(metadata)
     label = name or str(metadata.get("general.name") or Path(path).stem)
     return LanguageModel(model.eval(), tokenizer, metadata, name=label)
 
