@@ -43,7 +43,7 @@ def test_a_gpu_number_beyond_the_count_is_refused(monkeypatch):
 def test_cpu_is_the_default_and_explain_takes_device_only_with_a_model(capsys):
     assert resolve_device("cpu") == torch.device("cpu")
     assert main(["explain", "--device", "cuda"]) == 2
-    assert "--device cuda is only used with --model NAME" in capsys.readouterr().err
+    assert "--device cuda is only used with --model minilm (an encoder)" in capsys.readouterr().err
 
 
 def test_one_process_trains_where_it_is_told(monkeypatch):

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model",
         default="example",
         help="example (the worked example's embeddings, default), minilm (the pretrained encoder), "
-        "or a checkpoint folder of a trained GPT",
+        "smollm2 or FILE.gguf (a Llama-family language model), or a checkpoint folder of a trained GPT; "
+        "layers are numbered from 0",
     )
     parser.add_argument("--out", metavar="FILE.html", help=f"where to write the page (default: {DEFAULT_OUT})")
     parser.add_argument("--serve", action="store_true", help="serve the page on 127.0.0.1 until Ctrl-C")
