@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from selfattention.kv_cache import CachePolicy
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="fail when prompt + output exceed the context, instead of sliding the window",
     )
+    parser.add_argument(
+        "--cache",
+        choices=["full", "window", "sinks"],
+        default="full",
+        help="full: refill past the context; window: keep the last --window tokens; sinks: also keep the first "
+        "--sinks tokens (StreamingLLM). window and sinks need a rotary model (default: full)",
+    )
+    parser.add_argument("--window", type=int, default=None, help="latest tokens kept (default: the context)")
+    parser.add_argument("--sinks", type=int, default=None, help="first tokens kept with --cache sinks (default: 4)")
     parser.set_defaults(func=run)
 
 
@@ -35,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from selfattention.generate import generate
     from selfattention.training.recipe import load_gpt
 
+    policy = _policy(args.cache, args.window, args.sinks)
     model, tokenizer = load_gpt(args.checkpoint)
     if not args.prompt:
         raise ValueError("the prompt is empty; give at least one character")
@@ -64,8 +78,20 @@ def run(args: argparse.Namespace) -> int:
         use_cache=not args.no_cache,
         slide=not args.no_slide,
         on_token=stream,
+        cache=policy,
     )
     if not new:
         sys.stdout.write(args.prompt)
     sys.stdout.write(tokenizer.decode(new)[len(shown) :] + "\n")
     return 0
+
+
+def _policy(kind: str, window: int | None, sinks: int | None) -> CachePolicy:
+    """The cache policy of the flags; ``--window`` and ``--sinks`` only where they apply."""
+    from selfattention.kv_cache import CachePolicy
+
+    if kind == "full" and window is not None:
+        raise ValueError("--window applies to --cache window or sinks, not full")
+    if kind != "sinks" and sinks is not None:
+        raise ValueError(f"--sinks applies to --cache sinks, not {kind}")
+    return CachePolicy(kind, window=window, sinks=4 if sinks is None else sinks)
