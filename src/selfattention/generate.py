@@ -90,9 +90,12 @@ def generate(
     prefill_chunk: int | None = None,
     slide: bool = False,
     on_token: Callable[[Tensor], None] | None = None,
+    eos_token_id: int | None = None,
     cache: CachePolicy | str = "full",
 ) -> Tensor:
     """Continue ``idx (B, T0)`` by ``max_new_tokens`` tokens; returns ``(B, T0 + max_new_tokens)``.
+
+    Without ``slide`` the KV caches hold ``T0 + max_new_tokens`` positions, not the whole context.
 
     Args:
         model: a causal language model such as :class:`selfattention.GPT` (put in eval mode by the caller).
@@ -103,6 +106,7 @@ def generate(
             a time (default: all at once).
         slide: allow output beyond the context (see the module docstring).
         on_token: called with each new ``(B, 1)`` token (for streaming output).
+        eos_token_id: stop once every row has produced this token (the output is then shorter).
         cache: the cache policy: ``"full"``, ``"window"``, ``"sinks"`` (defaults) or a :class:`CachePolicy`.
 
     Raises:
@@ -124,16 +128,26 @@ def generate(
         )
     if idx.shape[1] > context and not slide and not rolling:
         raise ValueError(f"the prompt has {idx.shape[1]} tokens, more than context_length={context}")
+    cache_len = context if slide else min(context, total)
     if rolling:
         step = _rolling_stepper(model, idx.shape[0], policy, prefill_chunk, use_cache)
     else:
-        step = _cached_stepper(model, idx, context, prefill_chunk) if use_cache else _full_stepper(model, context)
+        step = (
+            _cached_stepper(model, idx, context, prefill_chunk, cache_len)
+            if use_cache
+            else _full_stepper(model, context)
+        )
     logits = step(idx, None)
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         token = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
         idx = torch.cat([idx, token], dim=1)
         if on_token is not None:
             on_token(token)
+        if eos_token_id is not None:
+            finished |= token[:, 0] == eos_token_id
+            if bool(finished.all()):
+                break
         if _ < max_new_tokens - 1:
             logits = step(idx, token)
     return idx
@@ -172,9 +186,9 @@ def _rolling_stepper(
     return step
 
 
-def _cached_stepper(model: CausalLM, prompt: Tensor, context: int, chunk: int | None) -> Stepper:
+def _cached_stepper(model: CausalLM, prompt: Tensor, context: int, chunk: int | None, cache_len: int) -> Stepper:
     """Prefill the caches with the prompt, then one token per step; refill when the cache is full."""
-    caches = model.make_kv_caches(prompt.shape[0], context)
+    caches = model.make_kv_caches(prompt.shape[0], cache_len)
 
     def prefill(tokens: Tensor) -> Tensor:
         for cache in caches:

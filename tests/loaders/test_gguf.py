@@ -1,0 +1,157 @@
+"""GGUF loading on tiny files written by the ``gguf`` package: weights, permutation, types, and bad files.
+
+The reference is transformers' ``LlamaForCausalLM`` built from the same weights in Hugging Face's layout
+(before llama.cpp's permutation and quantization), so that the row permutation, the tied head and the
+whole forward pass are checked against an outside implementation for every storage type.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gguf_files import TINY, llama_cpp_permute, tiny_weights, write_tiny_gguf
+from selfattention.loaders.gguf import SUPPORTED_TYPES, load_gguf, unpermute
+
+gguf = pytest.importorskip("gguf", reason="the pretrained extra is missing; `make install-test` installs it")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def stored(weights: dict[str, np.ndarray], qtype: str) -> dict[str, torch.Tensor]:
+    """The weights as the file stores them, decoded: quantization acts on rows, so permuting commutes with it."""
+    kind = gguf.GGMLQuantizationType[qtype]
+    out = {}
+    for name, value in weights.items():
+        if value.ndim == 2 and qtype == "F16":
+            value = value.astype(np.float16).astype(np.float32)
+        elif value.ndim == 2 and qtype != "F32":
+            value = gguf.quants.dequantize(gguf.quants.quantize(value, kind), kind)
+        out[name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+    return out
+
+
+def reference_model(weights: dict[str, torch.Tensor], tied: bool):  # type: ignore[no-untyped-def]
+    transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is not installed")
+    config = transformers.LlamaConfig(
+        vocab_size=TINY["vocab"],
+        hidden_size=TINY["width"],
+        intermediate_size=TINY["hidden"],
+        num_hidden_layers=TINY["layers"],
+        num_attention_heads=TINY["heads"],
+        num_key_value_heads=TINY["kv_heads"],
+        max_position_embeddings=TINY["context"],
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tied,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    if tied:
+        weights = {**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}
+    model.load_state_dict(weights, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_tiny_file_gives_the_logits_of_transformers(tmp_path: Path, qtype: str, tied: bool) -> None:
+    weights = tiny_weights(tied=tied)
+    lm = load_gguf(write_tiny_gguf(tmp_path / f"tiny-{qtype}.gguf", weights, qtype=qtype))
+    reference = reference_model(stored(weights, qtype), tied)
+    assert lm.model.config.tie_embeddings is tied
+    assert (lm.model.out_head.weight is lm.model.tok_emb.weight) is tied
+    ids = torch.tensor([[5, 17, 200, 3, 99, 42, 7], [8, 250, 1, 1, 64, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        ours = lm.model(ids, attention_mask=mask)[0]
+        theirs = reference(input_ids=ids, attention_mask=mask.long()).logits
+    # float32, the same operations in another order; measured differences are about 1e-6
+    torch.testing.assert_close(ours[mask], theirs[mask], atol=1e-4, rtol=0)
+
+
+def test_quantized_weights_stay_near_the_originals(tmp_path: Path) -> None:
+    weights = tiny_weights()
+    q = weights["model.layers.0.self_attn.q_proj.weight"]
+    for qtype, tolerance in (("Q8_0", 0.01), ("Q4_1", 0.15), ("Q4_0", 0.15)):
+        lm = load_gguf(write_tiny_gguf(tmp_path / f"{qtype}.gguf", weights, qtype=qtype))
+        ours = lm.model.blocks[0].attn.W_query.weight.detach().numpy()
+        assert np.abs(ours - q).max() < tolerance * np.abs(q).max(), qtype
+
+
+def test_unpermute_inverts_llama_cpp_permutation() -> None:
+    weight = np.arange(8 * 16 * 3, dtype=np.float32).reshape(8 * 16, 3)
+    for heads in (1, 2, 8):
+        permuted = torch.from_numpy(llama_cpp_permute(weight, heads))
+        assert not torch.equal(permuted, torch.from_numpy(weight))
+        assert torch.equal(unpermute(permuted, heads), torch.from_numpy(weight))
+
+
+def test_metadata_becomes_the_config(tmp_path: Path) -> None:
+    lm = load_gguf(write_tiny_gguf(tmp_path / "tiny.gguf", tiny_weights()))
+    config = lm.model.config
+    assert (config.vocab_size, config.emb_dim, config.num_layers) == (TINY["vocab"], TINY["width"], TINY["layers"])
+    assert (config.num_heads, config.num_kv_heads, config.hidden_dim) == (TINY["heads"], TINY["kv_heads"], 96)
+    assert (config.context_length, config.rope_base) == (TINY["context"], 10000.0)
+    assert lm.name == "tiny test llama"
+    assert lm.eos_token_id == 256
+    assert lm.model.blocks[1].attn.num_kv_heads == TINY["kv_heads"]
+
+
+def test_supported_types_are_the_promised_ones() -> None:
+    assert {"F32", "F16", "Q8_0", "Q4_0", "Q4_1"} <= set(SUPPORTED_TYPES)
+
+
+# ---- bad files: each a ValueError of one line that names the problem ----
+
+
+def test_another_architecture_is_named(tmp_path: Path) -> None:
+    path = write_tiny_gguf(tmp_path / "gpt2.gguf", tiny_weights(), arch="gpt2")
+    with pytest.raises(ValueError, match=r"architecture is 'gpt2'; only llama"):
+        load_gguf(path)
+
+
+def test_unsupported_quantization_is_named(tmp_path: Path) -> None:
+    weights = tiny_weights()
+    path = tmp_path / "q2k.gguf"
+    write_tiny_gguf(path, weights)
+    # Rewrite one tensor as Q2_K (256-value blocks need a wider matrix): a type this loader refuses.
+    import gguf as g
+
+    writer = g.GGUFWriter(str(path), "llama")
+    for key, value in (("llama.block_count", 1),):
+        writer.add_uint32(key, value)
+    writer.add_tensor("token_embd.weight", np.zeros((2, 84), np.uint8), raw_dtype=g.GGMLQuantizationType.Q2_K)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"tensor 'token_embd.weight' has type Q2_K"):
+        from selfattention.loaders.gguf import dequantize
+        from selfattention.loaders.gguf_file import read_gguf
+
+        dequantize(read_gguf(path)[1][0])
+
+
+def test_not_a_gguf_file(tmp_path: Path) -> None:
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04 a zip file")
+    with pytest.raises(ValueError, match=r"is not a GGUF file \(it starts with b'PK"):
+        load_gguf(path)
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="is not a GGUF file"):
+        load_gguf(empty)
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        load_gguf(tmp_path / "missing.gguf")
+
+
+@pytest.mark.parametrize("keep", [0.999, 0.5, 0.01])
+def test_truncated_file(tmp_path: Path, keep: float) -> None:
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_weights(), qtype="Q8_0")
+    data = path.read_bytes()
+    path.write_bytes(data[: max(8, int(len(data) * keep))])
+    with pytest.raises(ValueError, match="is truncated"):
+        load_gguf(path)

@@ -1,0 +1,103 @@
+"""The Llama model on random weights: padding, the KV cache, positions, and its errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfattention.generate import generate
+from selfattention.models.llama import Llama, LlamaConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny(**overrides) -> Llama:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    values = {"vocab_size": 13, "context_length": 24, "emb_dim": 16, "num_layers": 2, "num_heads": 4}
+    values |= {"num_kv_heads": 2, "hidden_dim": 24, "rope_base": 100.0, **overrides}
+    model = Llama(LlamaConfig(**values)).eval()
+    with torch.no_grad():  # RMSNorm weights start at 1: make them matter
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+@torch.no_grad()
+def test_padded_rows_give_the_logits_of_the_rows_alone() -> None:
+    model = tiny()
+    rows = [[3, 1, 4, 1, 5, 9], [2, 6, 5], [12]]
+    alone = [model(torch.tensor([row]))[0][0] for row in rows]
+    for side in ("right", "left"):
+        ids = torch.zeros(3, 6, dtype=torch.long)
+        mask = torch.zeros(3, 6, dtype=torch.bool)
+        for index, row in enumerate(rows):
+            span = slice(0, len(row)) if side == "right" else slice(6 - len(row), 6)
+            ids[index, span], mask[index, span] = torch.tensor(row), True
+        logits = model(ids, attention_mask=mask)[0]
+        assert torch.isfinite(logits).all()
+        for index, row in enumerate(rows):
+            span = slice(0, len(row)) if side == "right" else slice(6 - len(row), 6)
+            torch.testing.assert_close(logits[index, span], alone[index], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_cached_decoding_equals_the_full_forward() -> None:
+    model = tiny()
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]])
+    full = model(ids)[0]
+    caches = model.make_kv_caches(2, 8)
+    steps = [model(ids[:, :3], kv_caches=caches)[0]] + [
+        model(ids[:, t : t + 1], kv_caches=caches)[0] for t in range(3, 8)
+    ]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_cached_decoding_with_left_padding() -> None:
+    model = tiny()
+    ids = torch.tensor([[0, 0, 3, 1, 4], [2, 7, 1, 8, 2]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    new = torch.tensor([[5], [6]])
+    full = model(torch.cat([ids, new], 1), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], 1))[0]
+    caches = model.make_kv_caches(2, 6)
+    model(ids, attention_mask=mask, kv_caches=caches)
+    step = model(new, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], 1), kv_caches=caches)[0]
+    torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=0)
+
+
+def test_greedy_generation_is_the_same_with_and_without_cache() -> None:
+    model = tiny()
+    prompt = torch.tensor([[3, 1, 4]])
+    cached = generate(model, prompt, 12, temperature=0.0)
+    uncached = generate(model, prompt, 12, temperature=0.0, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert cached.shape == (1, 15)
+
+
+def test_positions_matter() -> None:
+    """RoPE: the same tokens in another order give other logits for the last token (a plain bag would not)."""
+    model = tiny()
+    with torch.no_grad():
+        a = model(torch.tensor([[3, 1, 4, 7]]))[0][0, -1]
+        b = model(torch.tensor([[1, 3, 4, 7]]))[0][0, -1]
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_tied_and_untied_heads() -> None:
+    model = tiny()
+    assert model.out_head.weight is model.tok_emb.weight
+    untied = tiny(tie_embeddings=False)
+    assert untied.out_head.weight is not untied.tok_emb.weight
+
+
+def test_errors_name_the_values() -> None:
+    model = tiny()
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 13\), got \[0, 13\]"):
+        model(torch.tensor([[0, 13]]))
+    with pytest.raises(ValueError, match=r"25 tokens \(0 cached \+ 25 new\) exceed the model's context_length=24"):
+        model(torch.zeros(1, 25, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"attention_mask \(1, 2\) must be"):
+        model(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 2))
+    with pytest.raises(ValueError, match="must be divisible"):
+        LlamaConfig(vocab_size=4, emb_dim=16, num_heads=4, num_kv_heads=3)
