@@ -12,34 +12,16 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from conftest import tiny_rotary_gpt as tiny
 from selfattention import KVCache as PublicKVCache
 from selfattention.generate import generate
 from selfattention.kv_cache import CachePolicy, KVCache, RollingKVCache
-from selfattention.models.gpt import GPT, GPTConfig
+from selfattention.models.gpt import GPT
 from selfattention.modules import KVCache as ModulesKVCache
 from selfattention.modules import MultiHeadAttention
 from selfattention.streaming import feed, make_caches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny(**overrides) -> GPT:
-    """A random rotary, grouped-query GPT (4 query heads, 2 key/value heads): the Llama layout in miniature."""
-    torch.manual_seed(0)
-    values = {
-        "vocab_size": 13,
-        "context_length": 32,
-        "emb_dim": 16,
-        "num_layers": 1,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "rope": True,
-    }
-    model = GPT(GPTConfig(**{**values, **overrides})).eval()
-    with torch.no_grad():  # weights far from the small initial ones, so that attention depends on positions
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.5)
-    return model
 
 
 def stream(model: GPT, ids: torch.Tensor, policy: CachePolicy) -> tuple[list[torch.Tensor], list[list[int]]]:

