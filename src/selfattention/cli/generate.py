@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from selfattention.generate import generate
     from selfattention.training.recipe import load_gpt
 
-    policy = _policy(args.cache, args.window, args.sinks)
+    policy = cache_policy(args.cache, args.window, args.sinks)
     model, tokenizer = load_gpt(args.checkpoint)
     if not args.prompt:
         raise ValueError("the prompt is empty; give at least one character")
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _policy(kind: str, window: int | None, sinks: int | None) -> CachePolicy:
+def cache_policy(kind: str, window: int | None, sinks: int | None) -> CachePolicy:
     """The cache policy of the flags; ``--window`` and ``--sinks`` only where they apply."""
     from selfattention.kv_cache import CachePolicy
 

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from selfattention.files import write_text
+
+if TYPE_CHECKING:
+    from selfattention.viz.html import AttentionView
 
 DEFAULT_OUT = "attention-view.html"
 
@@ -32,6 +37,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--heads", type=int, default=4, help="heads of the example's random layer (default: 4)")
     parser.add_argument("--causal", action="store_true", help="example: mask future tokens")
     parser.add_argument("--seed", type=int, default=123, help="example: seed of the random projections")
+    parser.add_argument(
+        "--cache",
+        choices=["full", "window", "sinks"],
+        help="show the last step of TEXT streamed one token at a time through this KV cache (a rotary "
+        "checkpoint folder, or smollm2): the sinks marked, the evicted tokens as one marker",
+    )
+    parser.add_argument("--window", type=int, help="with --cache: latest tokens kept (default: the context)")
+    parser.add_argument("--sinks", type=int, help="with --cache sinks: first tokens kept (default: 4)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=0, help="with --cache: first continue TEXT greedily (default: 0)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -40,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
     from selfattention.viz.sources import model_view
 
     try:
-        view = model_view(args.model, args.text, num_heads=args.heads, causal=args.causal, seed=args.seed)
+        if args.cache is not None:
+            view = _streaming_view(args)
+        else:
+            view = model_view(args.model, args.text, num_heads=args.heads, causal=args.causal, seed=args.seed)
     except ImportError as error:  # an optional model whose packages are not installed: say what to install
         raise ValueError(str(error)) from error
     page = view.to_html()
@@ -70,3 +89,37 @@ def serve(page: str, port: int, summary: str) -> None:
         print("stopped", file=sys.stderr)
     finally:
         server.server_close()
+
+
+def _streaming_view(args: argparse.Namespace) -> AttentionView:
+    """``--cache``: the prompt (and a greedy continuation) streamed through the cache; its last step."""
+    from pathlib import Path
+
+    import torch
+
+    from selfattention import examples
+    from selfattention.cli.generate import cache_policy
+    from selfattention.generate import generate
+    from selfattention.viz.stream_view import streaming_view
+
+    policy = cache_policy(args.cache, args.window, args.sinks)
+    model: Any
+    decode: Callable[[list[int]], str]
+    text = " ".join(examples.TOKENS) if args.text is None else args.text
+    if args.model == "smollm2":
+        from selfattention.loaders.gguf import load_smollm2
+
+        lm = load_smollm2()
+        model, ids, name, decode = lm.model, lm.encode(text), lm.name, lm.decode
+    elif Path(args.model).is_dir():
+        from selfattention.training.recipe import load_gpt
+
+        model, tokenizer = load_gpt(args.model)
+        ids, name, decode = tokenizer.encode(text), Path(args.model).name, tokenizer.decode
+    else:
+        raise ValueError(f"--cache views a checkpoint folder or smollm2, not --model {args.model!r}")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be at least 0, got {args.max_new_tokens}")
+    stream = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=0.0, cache=policy)[0]
+    pieces = [decode([int(i)]).replace("\n", "⏎").replace("\t", "⇥") or "∅" for i in stream]
+    return streaming_view(model, stream, pieces, policy, title=name)

@@ -49,3 +49,14 @@ def test_cache_flag_errors(checkpoints: dict[str, Path], run: str, flags: list[s
     assert main(["generate", "--checkpoint", str(checkpoints[run]), "To", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("selfattention generate: error: ") and message in err and err.count("\n") == 1
+
+
+def test_view_shows_the_last_streamed_step(checkpoints: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "stream.html"
+    argv = ["view", "To be", "--model", str(checkpoints["rope"]), "--cache", "sinks", "--window", "6"]
+    assert main([*argv, "--sinks", "2", "--max-new-tokens", "20", "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    page = out.read_text(encoding="utf-8")
+    assert "⋯ 17 evicted ⋯" in page and "⚓" in page  # 25 tokens streamed, 2 + 6 kept
+    assert main(["view", "To", "--cache", "window", "--out", str(out)]) == 2
+    assert "--cache views a checkpoint folder or smollm2, not --model 'example'" in capsys.readouterr().err
