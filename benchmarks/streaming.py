@@ -23,14 +23,17 @@ from __future__ import annotations
 import argparse
 import time
 from importlib.resources import files
+from typing import cast
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from selfattention.files import atomic_path
+from selfattention.generate import CausalLM
 from selfattention.kv_cache import CachePolicy
 from selfattention.loaders.gguf import load_smollm2
-from selfattention.streaming import stream_losses, window_losses
+from selfattention.streaming import feed, make_caches, window_losses
 from timing import report
 
 POLICIES = ("full", "recompute", "window", "sinks")
@@ -51,28 +54,51 @@ def main() -> None:
     text = files("selfattention").joinpath("data/shakespeare.txt").read_text(encoding="utf-8")
     ids = torch.tensor(lm.encode(text[: 8 * args.tokens]))[: args.tokens]
     steps = list(range(0, len(ids) - 1, args.every))
-    losses: dict[str, Tensor] = {}
-    speed: dict[str, float] = {}
-    memory: dict[str, tuple[int, float]] = {}
-    stream_losses(lm.model, ids[:16], CachePolicy("full"))  # warm-up, not timed
-    for name in POLICIES:
-        start = time.perf_counter()
-        if name == "recompute":
-            losses[name] = window_losses(lm.model, ids, args.window, steps)
-            speed[name] = len(steps) / (time.perf_counter() - start)
-            continue
-        policy = CachePolicy(name, window=args.window - args.sinks if name == "sinks" else args.window)
-        losses[name], caches = stream_losses(lm.model, ids, policy)
-        speed[name] = (len(ids) - 1) / (time.perf_counter() - start)
-        held = sum(cache.keys.nbytes + cache.values.nbytes for cache in caches) / 2**20
-        memory[name] = (caches[0].max_len, held)
-        print(f"{name}: {speed[name]:.1f} tokens/s", flush=True)
+    losses, speed, memory = _run(lm.model, ids, steps, args)
     sampled = {name: loss if name == "recompute" else loss[steps] for name, loss in losses.items()}
     rows = _table(sampled, steps, args.window, len(ids))
     rows += ["", *_summary(sampled, steps, speed, memory, args)]
     report(rows, args.markdown)
     if args.plot:
         _plot(losses, steps, args)
+
+
+@torch.no_grad()
+def _run(
+    model: torch.nn.Module, ids: Tensor, steps: list[int], args: argparse.Namespace
+) -> tuple[dict[str, Tensor], dict[str, float], dict[str, tuple[int, float]]]:
+    """Every policy on the same stream, interleaved token by token so that a shared machine's changing load
+    falls on all of them alike. Returns the losses, tokens/s and (KV positions, KV MiB) per policy."""
+    lm = cast(CausalLM, model)
+    policies = {
+        "full": CachePolicy("full"),
+        "window": CachePolicy("window", window=args.window),
+        "sinks": CachePolicy("sinks", window=args.window - args.sinks, sinks=args.sinks),
+    }
+    caches = {name: make_caches(lm, 1, policy, max_len=len(ids)) for name, policy in policies.items()}
+    losses = {name: torch.empty(len(ids) - 1) for name in policies}
+    losses["recompute"] = torch.empty(len(steps))
+    seconds = dict.fromkeys(POLICIES, 0.0)
+    window_losses(lm, ids, args.window, steps[:2])  # warm-up, not timed
+    sampled = iter(range(len(steps)))
+    for t in range(len(ids) - 1):
+        for name in policies:
+            start = time.perf_counter()
+            logits = feed(lm, ids[t : t + 1].view(1, 1), caches[name])[0, -1]
+            seconds[name] += time.perf_counter() - start
+            losses[name][t] = F.cross_entropy(logits.float(), ids[t + 1])
+        if t % args.every == 0:
+            start = time.perf_counter()
+            losses["recompute"][next(sampled)] = window_losses(lm, ids, args.window, [t])[0]
+            seconds["recompute"] += time.perf_counter() - start
+        if t % 128 == 127:
+            print(f"{t + 1} tokens", flush=True)
+    speed = {name: (len(steps) if name == "recompute" else len(ids) - 1) / seconds[name] for name in POLICIES}
+    memory = {
+        name: (layers[0].max_len, sum(c.keys.nbytes + c.values.nbytes for c in layers) / 2**20)
+        for name, layers in caches.items()
+    }
+    return losses, speed, memory
 
 
 def _table(sampled: dict[str, Tensor], steps: list[int], window: int, length: int) -> list[str]:
