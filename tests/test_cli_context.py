@@ -20,24 +20,24 @@ def test_default_run_prints_the_three_views(minilm: PretrainedEncoder, capsys: p
     header = lines.index('Cosine similarity of "bat" between sentences i-j, from the static embedding up:')
     assert lines[header + 1].split() == ["1-2", "1-3", "1-4", "2-3", "2-4", "3-4"]
     table = {line[:11].strip(): [float(v) for v in line[11:].split()] for line in lines[header + 2 : header + 10]}
-    assert list(table) == ["static", "embeddings"] + [f"layer {n}" for n in range(1, 7)]
+    assert list(table) == ["static", "embeddings"] + [f"layer {n}" for n in range(6)]
     assert table["static"] == [1.0] * 6
     expected = similarity_by_layer(word_in_context(minilm, "bat", DEFAULT_SENTENCES).vectors)[-1]
     pairs = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
-    assert table["layer 6"] == [round(float(expected[i, j]), 3) for i, j in pairs]
-    assert 'Vocabulary tokens nearest to "bat" in layer 6' in out
-    assert 'Tokens "bat" attends to in layer 6, per head (top 3 weights):' in out
+    assert table["layer 5"] == [round(float(expected[i, j]), 3) for i, j in pairs]
+    assert 'Vocabulary tokens nearest to "bat" in layer 5' in out
+    assert 'Tokens "bat" attends to in layer 5, per head (top 3 weights):' in out
     assert sum(line.strip().startswith("head ") for line in lines) == 4 * 12
 
 
 def test_plot_writes_a_chart_and_one_heatmap_per_sentence(minilm: PretrainedEncoder, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     folder = tmp_path / "pictures"
-    assert main(["context", "--layer", "2", "--plot", str(folder)]) == 0
+    assert main(["context", "--layer", "1", "--plot", str(folder)]) == 0
     names = sorted(p.name for p in folder.iterdir())
     assert names == ["context-attention-1.png", "context-attention-2.png", "context-attention-3.png",
                      "context-attention-4.png", "context-similarity.png"]  # fmt: skip
     assert all((folder / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
-    assert "in layer 2" in capsys.readouterr().out
+    assert "in layer 1" in capsys.readouterr().out
 
 
 def test_a_word_of_several_pieces_is_explained(minilm: PretrainedEncoder, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -57,7 +57,7 @@ def test_a_word_of_several_pieces_is_explained(minilm: PretrainedEncoder, capsys
             ["context", "A bat.", "bat " * 600],
             "text 2 has 602 word pieces ([CLS] and [SEP] included); the limit is 512",
         ),
-        (["context", "--layer", "0"], "--layer 0 is out of range: the model has layers 1-6"),
+        (["context", "--layer", "6"], "--layer 6 is out of range: the model has layers 0-5"),
         (["context", "--top", "0"], "--top must be at least 1, got 0"),
         (["context", "--word", "baseball bat"], "give one word, not 'baseball bat'"),
     ],

@@ -22,7 +22,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def test_default_walks_through_journey(minilm: PretrainedEncoder, capsys: pytest.CaptureFixture[str]) -> None:
     assert explain_model(parse(["--model", "minilm"])) == 0
     out = capsys.readouterr().out
-    assert out.startswith('all-MiniLM-L6-v2, layer 1, head 0 of 12: "[CLS] your journey starts with one step [SEP]"')
+    assert out.startswith('all-MiniLM-L6-v2, layer 0, head 0 of 12: "[CLS] your journey starts with one step [SEP]"')
     assert 'Query 2 "journey"' in out and "Scores are scaled by 1/sqrt(32) = 0.1768" in out
     walk = head_walkthrough(minilm, "Your journey starts with one step").walk
     row = next(line for line in out.splitlines() if line.startswith("   3  starts"))
@@ -32,10 +32,10 @@ def test_default_walks_through_journey(minilm: PretrainedEncoder, capsys: pytest
 
 def test_text_layer_head_json_and_plot(minilm: PretrainedEncoder, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     plot = tmp_path / "alpha.png"
-    argv = ["--model", "minilm", "The bat flew out of the cave", "--layer", "6", "--head", "11"]
+    argv = ["--model", "minilm", "The bat flew out of the cave", "--layer", "5", "--head", "11"]
     assert explain_model(parse([*argv, "--query", "bat", "--format", "json", "--plot", str(plot)])) == 0
     document = json.loads(capsys.readouterr().out)
-    assert (document["layer"], document["head"], document["walkthrough"]) == (6, 11, [{"index": 2, "token": "bat"}])
+    assert (document["layer"], document["head"], document["walkthrough"]) == (5, 11, [{"index": 2, "token": "bat"}])
     expected = head_walkthrough(minilm, "The bat flew out of the cave", layer=6, head=11).walk
     torch.testing.assert_close(torch.tensor(document["weights"]), expected.weights)
     assert len(document["projections"]["W_query"]) == 384 and len(document["biases"]["b_value"]) == 32
@@ -51,7 +51,7 @@ def test_other_text_without_query_takes_the_first_word_piece(minilm: PretrainedE
     ("argv", "error", "message"),
     [
         (["--model", "minilm", "--projections", "4"], UsageError, "--projections does not apply with --model"),
-        (["--model", "minilm", "--layer", "7"], ValueError, "layer 7 is out of range"),
+        (["--model", "minilm", "--layer", "6"], ValueError, "--layer 6 is out of range: the model has layers 0-5"),
         (["--model", "minilm", "--head", "-1"], ValueError, "head -1 is out of range"),
         (["--model", "minilm", "  "], ValueError, "text 1 is empty"),
         (["--model", "minilm", "a cave", "--query", "bat"], ValueError, "query 'bat' is not in the sentence"),

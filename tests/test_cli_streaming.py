@@ -59,4 +59,6 @@ def test_view_shows_the_last_streamed_step(checkpoints: dict[str, Path], tmp_pat
     page = out.read_text(encoding="utf-8")
     assert "⋯ 17 evicted ⋯" in page and "⚓" in page  # 25 tokens streamed, 2 + 6 kept
     assert main(["view", "To", "--cache", "window", "--out", str(out)]) == 2
-    assert "--cache views a checkpoint folder or smollm2, not --model 'example'" in capsys.readouterr().err
+    assert (
+        "--cache views a language model (smollm2, FILE.gguf or a checkpoint), not 'example'" in capsys.readouterr().err
+    )

@@ -54,7 +54,10 @@ def test_bad_input_leaves_an_existing_file_alone(capsys: pytest.CaptureFixture[s
     [
         (["--out", "/nonexistent-folder/x.html"], "folder /nonexistent-folder does not exist"),
         (["   "], "the text to view is empty"),
-        (["--model", "no-such-model"], "'no-such-model' is not 'example', 'minilm' or an existing checkpoint folder"),
+        (
+            ["--model", "no-such-model"],
+            "'no-such-model' is not 'example', 'minilm', 'smollm2', a .gguf file or an existing checkpoint",
+        ),
         (["--serve", "--port", "70000"], "--port must be in 0..65535, got 70000"),
     ],
 )

@@ -26,7 +26,7 @@ def test_every_head_of_every_layer(minilm: PretrainedEncoder) -> None:
     view = pretrained_view(minilm, TEXT)
     assert view.tokens == ["[CLS]", "the", "bat", "flew", "out", "of", "the", "cave", ".", "[SEP]"]
     assert [len(heads) for heads in view.layers] == [12] * 6
-    assert view.layer_names[0] == "layer 1 (layers.0.attention)" and not view.causal
+    assert view.layer_names[0] == "layer 0 (layers.0.attention)" and not view.causal
     assert view.scales == pytest.approx([1 / math.sqrt(32)] * 6)
     for heads in view.layers:
         for head in heads:

@@ -9,7 +9,8 @@ from pathlib import Path
 from torch import Tensor
 
 from selfattention.cli.errors import UsageError
-from selfattention.cli.pretrained_models import MODELS, load_model
+from selfattention.cli.models import MODEL_HELP, model_kind, refuse
+from selfattention.cli.pretrained_models import load_model
 from selfattention.contextual import (
     DEFAULT_SENTENCES,
     DEFAULT_WORD,
@@ -34,8 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("sentences", nargs="*", metavar="SENTENCE", help="two or more sentences containing WORD")
     parser.add_argument("--word", default=DEFAULT_WORD, help=f"the word to follow (default: {DEFAULT_WORD})")
-    parser.add_argument("--model", choices=sorted(MODELS), default="minilm", help="the model (default: minilm)")
-    parser.add_argument("--layer", type=int, help="layer for nearest tokens and attention (default: the last)")
+    parser.add_argument(
+        "--model", default="minilm", metavar="MODEL", help=f"{MODEL_HELP}; encoders only (default: minilm)"
+    )
+    parser.add_argument("--layer", type=int, help="layer for nearest tokens and attention, from 0 (default: the last)")
     parser.add_argument(
         "--top",
         type=int,
@@ -53,14 +56,21 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"give at least two sentences to compare, got {len(sentences)}")
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
+    refuse(
+        "context",
+        args.model,
+        model_kind(args.model),
+        ("encoder",),
+        "it compares a word's vectors in an encoder (minilm); use explain or view for a language model",
+    )
     model = load_model(args.model)
     layers = model.config.num_hidden_layers
-    layer = layers if args.layer is None else args.layer
-    if not 1 <= layer <= layers:
-        raise UsageError(f"--layer {layer} is out of range: the model has layers 1-{layers}")
+    layer = layers - 1 if args.layer is None else args.layer  # 0-based, as everywhere on the command line
+    if not 0 <= layer < layers:
+        raise UsageError(f"--layer {layer} is out of range: the model has layers 0-{layers - 1}")
     result = word_in_context(model, args.word, sentences)
     similarity = similarity_by_layer(result.vectors)
-    attention = word_attention(model, result, layer)
+    attention = word_attention(model, result, layer + 1)  # the library counts layers from 1
     lines = _header(model.name, result)
     lines += _similarity_table(result, similarity)
     lines += _nearest(model, result, layer, args.top)
@@ -85,17 +95,22 @@ def _header(name: str, result: WordInContext) -> list[str]:
     return lines
 
 
+def _names(result: WordInContext) -> list[str]:
+    """The depths as the command line numbers layers: ``static``, ``embeddings``, ``layer 0`` ... ``layer L-1``."""
+    return [f"layer {int(name.split()[1]) - 1}" if name.startswith("layer ") else name for name in result.layer_names]
+
+
 def _similarity_table(result: WordInContext, similarity: Tensor) -> list[str]:
     pairs = list(itertools.combinations(range(len(result.sentences)), 2))
     lines = ["", f'Cosine similarity of "{result.word}" between sentences i-j, from the static embedding up:']
     lines.append(f"{'':<11}" + "".join(f"{f'{i + 1}-{j + 1}':>7}" for i, j in pairs))
-    for name, matrix in zip(result.layer_names, similarity, strict=True):
+    for name, matrix in zip(_names(result), similarity, strict=True):
         lines.append(f"{name:<11}" + "".join(f"{float(matrix[i, j]):7.3f}" for i, j in pairs))
     return lines
 
 
 def _nearest(model: PretrainedEncoder, result: WordInContext, layer: int, top: int) -> list[str]:
-    depth = result.layer_names.index(f"layer {layer}")
+    depth = _names(result).index(f"layer {layer}")
     exclude = [result.word.lower(), *result.spans[0].pieces]
     lines = [
         "",
@@ -130,7 +145,7 @@ def _plots(result: WordInContext, similarity: Tensor, attention: list[Tensor], l
     series = {f"{i + 1}-{j + 1}": similarity[:, i, j].tolist() for i, j in pairs}
     chart = folder / "context-similarity.png"
     title = f'cosine similarity of "{result.word}" between sentences, per layer'
-    plot_lines(series, result.layer_names, chart, title=title, ylabel="cosine similarity")
+    plot_lines(series, _names(result), chart, title=title, ylabel="cosine similarity")
     written = [chart]
     for index, rows in enumerate(attention):
         path = folder / f"context-attention-{index + 1}.png"

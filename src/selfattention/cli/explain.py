@@ -13,6 +13,7 @@ from selfattention import examples
 from selfattention.cli.errors import UsageError
 from selfattention.cli.explain_checkpoint import add_checkpoint_arguments, explain_checkpoint
 from selfattention.cli.explain_model import add_model_arguments, explain_model
+from selfattention.cli.models import model_kind
 from selfattention.files import write_text
 from selfattention.inputs import load_embeddings
 from selfattention.inspect import capture_projections
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--heads", type=int, default=1, help="split the --projections width into this many heads (default: 1)"
     )
     parser.add_argument("--head", type=int, default=0, help="the head to walk through (0-based, default: 0)")
-    parser.add_argument("--layer", type=int, help="with --checkpoint or --model: the layer to show")
+    parser.add_argument("--layer", type=int, help="with --checkpoint or --model: the layer to show, from 0")
     parser.add_argument("text", nargs="?", help="with --checkpoint or --model: the text whose attention to show")
     parser.add_argument("--embeddings", metavar="FILE", help="your own token vectors: .json, .csv or .npy")
     parser.add_argument("--tokens", help="the tokens of a .npy file, separated by spaces")
@@ -59,9 +60,12 @@ def run(args: argparse.Namespace) -> int:
     """Compute the walk-through and print it; optionally save a heatmap."""
     if args.checkpoint and args.model:
         raise UsageError("choose one of --checkpoint DIR and --model NAME")
+    kind = model_kind(args.model) if args.model else None
+    if kind in ("checkpoint", "gguf"):
+        args.checkpoint = args.model
     if args.checkpoint:
         return explain_checkpoint(args)
-    if args.model:
+    if kind == "encoder":
         return explain_model(args)
     if args.text is not None or args.layer is not None:
         raise UsageError("TEXT and --layer are only used with --checkpoint DIR or --model NAME")

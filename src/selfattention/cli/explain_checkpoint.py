@@ -1,4 +1,4 @@
-"""``selfattention explain --checkpoint DIR "text"``: the attention weights a trained GPT gives real text.
+"""``selfattention explain --model DIR|smollm2|FILE.gguf "text"``: the attention weights a causal model gives text.
 
 ``explain`` calls :func:`add_checkpoint_arguments` on its parser and hands over to
 :func:`explain_checkpoint` when ``--checkpoint`` is given. The weights are read through
@@ -35,17 +35,19 @@ def token_labels(pieces: Sequence[str]) -> list[str]:
 def checkpoint_weights(directory: str, text: str, layer: int | None, head: int) -> tuple[list[str], Tensor, str]:
     """The tokens of ``text``, the weights α ``(T, T)`` of one head, and a description of where they come from.
 
+    ``directory`` is a checkpoint folder, ``smollm2`` or a ``.gguf`` file (any causal language model).
+
     Raises:
         ValueError: an empty text or one longer than the context, characters the tokenizer does not know,
             or a layer or head out of range (naming the valid range).
     """
     import torch
 
+    from selfattention.cli.models import load_causal
     from selfattention.inspect import capture
-    from selfattention.training.recipe import load_gpt
 
-    model, tokenizer = load_gpt(directory)
-    config = model.config
+    lm = load_causal(directory)
+    model, config = lm.model, lm.model.config
     if not text:
         raise ValueError('give the text to explain, e.g. explain --checkpoint DIR "To be, or not"')
     layer = config.num_layers - 1 if layer is None else layer
@@ -53,14 +55,14 @@ def checkpoint_weights(directory: str, text: str, layer: int | None, head: int) 
         raise ValueError(f"--layer {layer} out of range: the model has layers 0 to {config.num_layers - 1}")
     if not 0 <= head < config.num_heads:
         raise ValueError(f"--head {head} out of range: the model has heads 0 to {config.num_heads - 1}")
-    ids = tokenizer.encode(text)
+    ids = lm.encode(text)
     if len(ids) > config.context_length:
         raise ValueError(f"the text has {len(ids)} tokens, more than the context of {config.context_length}")
     with torch.no_grad(), capture(model) as cap:
         model(torch.tensor([ids], dtype=torch.long))
     weights = cap[f"blocks.{layer}.attn"].head(head).weights[0]  # (1, T, T) -> (T, T)
     where = f"layer {layer} of {config.num_layers}, head {head} of {config.num_heads}"
-    return token_labels([tokenizer.decode([i]) for i in ids]), weights, where
+    return token_labels([lm.decode([i]) for i in ids]), weights, where
 
 
 def explain_checkpoint(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """``selfattention explain --model minilm "TEXT"``: the walk-through on a real sentence with a real head.
 
 ``explain`` hands over to :func:`explain_model` when ``--model`` is given; :func:`add_model_arguments` adds
-``--model`` to its parser, whose ``--layer`` (here 1-6, default 1), ``--head`` (0-11) and positional ``TEXT``
+``--model`` to its parser, whose ``--layer`` (0-5, default 0; 0-based as everywhere on the command line, while
+:func:`head_walkthrough` counts from 1), ``--head`` (0-11) and positional ``TEXT``
 this module reads. ``--query``, ``--all``,
 ``--plot`` and ``--format`` keep their meaning from ``explain``; the options that choose the worked
 example's inputs or projections (``--embeddings``, ``--tokens``, ``--projections``, ``--causal``) do not apply,
@@ -20,7 +21,8 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from selfattention.cli.errors import UsageError
-from selfattention.cli.pretrained_models import MODELS, load_model
+from selfattention.cli.models import MODEL_HELP
+from selfattention.cli.pretrained_models import load_model
 from selfattention.models.walkthrough import HeadWalkthrough, head_walkthrough
 from selfattention.walkthrough import find_query
 
@@ -34,9 +36,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--model`` to ``explain``'s parser (``TEXT``, ``--layer`` and ``--head`` are ``explain``'s own)."""
     parser.add_argument(
         "--model",
-        choices=sorted(MODELS),
-        help="walk through one head of a real pretrained model (all-MiniLM-L6-v2) on TEXT instead; "
-        f'layers 1-6 (default 1), heads 0-11; TEXT defaults to "{DEFAULT_TEXT}"',
+        metavar="MODEL",
+        help=f"{MODEL_HELP}. minilm: walk through one head on TEXT (layers 0-5, default 0; heads 0-11; "
+        f'TEXT defaults to "{DEFAULT_TEXT}"); smollm2, FILE.gguf, DIR: what each token of TEXT attends to '
+        "(layers and heads from 0, default: the last layer)",
     )
 
 
@@ -47,8 +50,11 @@ def explain_model(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name} does not apply with --model: the model's own tokens and W^Q, W^K, W^V are used")
     text = DEFAULT_TEXT if args.text is None else args.text
     model = load_model(args.model)
-    layer = 1 if args.layer is None else args.layer
-    result = head_walkthrough(model, text, layer=layer, head=args.head)
+    layer = 0 if args.layer is None else args.layer  # 0-based here, as for every model of the command line
+    layers = model.config.num_hidden_layers
+    if not 0 <= layer < layers:
+        raise ValueError(f"--layer {layer} is out of range: the model has layers 0-{layers - 1}")
+    result = head_walkthrough(model, text, layer=layer + 1, head=args.head)
     tokens = result.walk.tokens
     query = getattr(args, "query", None) or DEFAULT_QUERY
     if query == DEFAULT_QUERY and DEFAULT_QUERY not in tokens:
@@ -58,7 +64,7 @@ def explain_model(args: argparse.Namespace) -> int:
     if plot:
         from selfattention.viz.heatmap import plot_weights
 
-        title = f"{result.model}, layer {result.layer}, head {result.head}: attention weights α"
+        title = f"{result.model}, layer {result.layer - 1}, head {result.head}: attention weights α"
         plot_weights(result.walk.weights, tokens, tokens, plot, title=title)
     if getattr(args, "format", "text") == "json":
         sys.stdout.write(to_json(result, indices))
@@ -79,11 +85,11 @@ def to_text(result: HeadWalkthrough, indices: Sequence[int]) -> str:
     walk = result.walk
     tokens = walk.tokens
     (length, width_in), width = walk.inputs.shape, walk.values.shape[1]
-    source = "the embedding output" if result.layer == 1 else f"the output of layer {result.layer - 1}"
+    source = "the embedding output" if result.layer == 1 else f"the output of layer {result.layer - 2}"
     first, last = result.head * width, (result.head + 1) * width - 1
     assert walk.projections is not None and walk.scale is not None
     lines = [
-        f'{result.model}, layer {result.layer}, head {result.head} of {result.num_heads}: "{" ".join(tokens)}"',
+        f'{result.model}, layer {result.layer - 1}, head {result.head} of {result.num_heads}: "{" ".join(tokens)}"',
         f"x: {length} word pieces, each a vector of width {width_in} ({source}).",
         f"The head's learned W^Q, W^K, W^V are ({width_in}, {width}) each, with biases b^Q, b^K, b^V of width "
         f"{width}: output features {first}-{last} of the layer's {width_in} x {width_in} projections.",
@@ -131,7 +137,7 @@ def to_json(result: HeadWalkthrough, indices: Sequence[int]) -> str:
     assert walk.projections is not None
     document = {
         "model": result.model,
-        "layer": result.layer,
+        "layer": result.layer - 1,
         "head": result.head,
         "tokens": walk.tokens,
         "inputs": walk.inputs.tolist(),

@@ -1,4 +1,4 @@
-"""``selfattention generate``: continue a prompt with a trained GPT checkpoint."""
+"""``selfattention generate``: continue a prompt with a language model: a trained GPT, SmolLM2 or a GGUF file."""
 
 from __future__ import annotations
 
@@ -9,25 +9,34 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from selfattention.kv_cache import CachePolicy
 
+from selfattention.cli.errors import UsageError
+from selfattention.cli.models import KINDS, load_causal, model_kind, refuse
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``generate`` command."""
     parser = sub.add_parser(
         "generate",
-        help="continue a prompt with a trained GPT",
-        description="Continue PROMPT with the model in --checkpoint, decoding with a KV cache.",
+        help="continue a prompt with a language model (a trained GPT, SmolLM2, a GGUF file)",
+        description="Continue PROMPT with the model given by --model (smollm2, FILE.gguf or a checkpoint folder "
+        "written by `train`), decoding with a KV cache.",
     )
     parser.add_argument("prompt", help="the text to continue")
-    parser.add_argument("--checkpoint", metavar="DIR", required=True, help="folder written by `train`")
+    parser.add_argument("--model", metavar="MODEL", help=f"{KINDS}; language models only")
+    parser.add_argument("--checkpoint", metavar="DIR", help="folder written by `train` (the same as --model DIR)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add (default: 200)")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     parser.add_argument("--no-cache", action="store_true", help="recompute every step without the KV cache")
     parser.add_argument(
+        "--chat", action="store_true", help="wrap PROMPT in the model's chat template (GGUF files that have one)"
+    )
+    parser.add_argument(
         "--no-slide",
         action="store_true",
-        help="fail when prompt + output exceed the context, instead of sliding the window",
+        help="a trained GPT: fail when prompt + output exceed the context, instead of sliding the window "
+        "(GGUF models never slide: they fail)",
     )
     parser.add_argument(
         "--cache",
@@ -46,43 +55,60 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from selfattention.generate import generate
-    from selfattention.training.recipe import load_gpt
 
     policy = cache_policy(args.cache, args.window, args.sinks)
-    model, tokenizer = load_gpt(args.checkpoint)
+    if bool(args.model) == bool(args.checkpoint):
+        raise UsageError("give the model: --model smollm2, --model FILE.gguf or --model CHECKPOINT_DIR")
+    spec = args.model or args.checkpoint
+    kind = model_kind(spec)
+    refuse(
+        "generate", spec, kind, ("gguf", "checkpoint"), "it is not a language model (give smollm2, FILE.gguf or DIR)"
+    )
     if not args.prompt:
         raise ValueError("the prompt is empty; give at least one character")
-    ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long)
+    lm = load_causal(spec)
+    prompt = args.prompt
+    if args.chat:
+        if lm.chat is None:
+            raise UsageError(f"--chat: {lm.name} has no chat template")
+        prompt = lm.chat(prompt)
+    ids = torch.tensor([lm.encode(prompt)], dtype=torch.long)
     generator = torch.Generator().manual_seed(args.seed)
+    shown_prompt = args.prompt + "\n" if args.chat else args.prompt
     new: list[int] = []
     shown = ""
 
     def stream(token: torch.Tensor) -> None:
         nonlocal shown
         if not new:
-            sys.stdout.write(args.prompt)  # only once the checks in generate() have passed
+            sys.stdout.write(shown_prompt)  # only once the checks in generate() have passed
         new.append(int(token[0, 0]))
-        text = tokenizer.decode(new)  # decode the whole tail: BPE tokens may split a character
+        if new[-1] == lm.eos_token_id:
+            return
+        text = lm.decode(new)  # decode the whole tail: BPE tokens may split a character
         if not text.endswith("\ufffd"):
             sys.stdout.write(text[len(shown) :])
             sys.stdout.flush()
             shown = text
 
     generate(
-        model,
+        lm.model,
         ids,
         args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         generator=generator,
         use_cache=not args.no_cache,
-        slide=not args.no_slide,
+        slide=kind == "checkpoint" and not args.no_slide,
         on_token=stream,
+        eos_token_id=lm.eos_token_id,
         cache=policy,
     )
     if not new:
-        sys.stdout.write(args.prompt)
-    sys.stdout.write(tokenizer.decode(new)[len(shown) :] + "\n")
+        sys.stdout.write(shown_prompt)
+    if new and new[-1] == lm.eos_token_id:
+        new.pop()
+    sys.stdout.write(lm.decode(new)[len(shown) :] + "\n")
     return 0
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from selfattention.files import write_text
 
@@ -29,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model",
         default="example",
         help="example (the worked example's embeddings, default), minilm (the pretrained encoder), "
-        "or a checkpoint folder of a trained GPT",
+        "smollm2 or FILE.gguf (a Llama-family language model), or a checkpoint folder of a trained GPT; "
+        "layers are numbered from 0",
     )
     parser.add_argument("--out", metavar="FILE.html", help=f"where to write the page (default: {DEFAULT_OUT})")
     parser.add_argument("--serve", action="store_true", help="serve the page on 127.0.0.1 until Ctrl-C")
@@ -40,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--cache",
         choices=["full", "window", "sinks"],
-        help="show the last step of TEXT streamed one token at a time through this KV cache (a rotary "
-        "checkpoint folder, or smollm2): the sinks marked, the evicted tokens as one marker",
+        help="show the last step of TEXT streamed one token at a time through this KV cache (smollm2, FILE.gguf "
+        "or a rotary checkpoint folder): the sinks marked, the evicted tokens as one marker",
     )
     parser.add_argument("--window", type=int, help="with --cache: latest tokens kept (default: the context)")
     parser.add_argument("--sinks", type=int, help="with --cache sinks: first tokens kept (default: 4)")
@@ -93,33 +93,21 @@ def serve(page: str, port: int, summary: str) -> None:
 
 def _streaming_view(args: argparse.Namespace) -> AttentionView:
     """``--cache``: the prompt (and a greedy continuation) streamed through the cache; its last step."""
-    from pathlib import Path
-
     import torch
 
     from selfattention import examples
     from selfattention.cli.generate import cache_policy
+    from selfattention.cli.models import load_causal, model_kind
     from selfattention.generate import generate
     from selfattention.viz.stream_view import streaming_view
 
     policy = cache_policy(args.cache, args.window, args.sinks)
-    model: Any
-    decode: Callable[[list[int]], str]
-    text = " ".join(examples.TOKENS) if args.text is None else args.text
-    if args.model == "smollm2":
-        from selfattention.loaders.gguf import load_smollm2
-
-        lm = load_smollm2()
-        model, ids, name, decode = lm.model, lm.encode(text), lm.name, lm.decode
-    elif Path(args.model).is_dir():
-        from selfattention.training.recipe import load_gpt
-
-        model, tokenizer = load_gpt(args.model)
-        ids, name, decode = tokenizer.encode(text), Path(args.model).name, tokenizer.decode
-    else:
-        raise ValueError(f"--cache views a checkpoint folder or smollm2, not --model {args.model!r}")
+    if model_kind(args.model) not in ("gguf", "checkpoint"):
+        raise ValueError(f"--cache views a language model (smollm2, FILE.gguf or a checkpoint), not {args.model!r}")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be at least 0, got {args.max_new_tokens}")
-    stream = generate(model, torch.tensor([ids]), args.max_new_tokens, temperature=0.0, cache=policy)[0]
-    pieces = [decode([int(i)]).replace("\n", "⏎").replace("\t", "⇥") or "∅" for i in stream]
-    return streaming_view(model, stream, pieces, policy, title=name)
+    lm = load_causal(args.model)
+    ids = lm.encode(" ".join(examples.TOKENS) if args.text is None else args.text)
+    stream = generate(lm.model, torch.tensor([ids]), args.max_new_tokens, temperature=0.0, cache=policy)[0]
+    pieces = [lm.decode([int(i)]).replace("\n", "⏎").replace("\t", "⇥") or "∅" for i in stream]
+    return streaming_view(lm.model, stream, pieces, policy, title=lm.name)

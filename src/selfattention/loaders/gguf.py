@@ -11,7 +11,7 @@ llama.cpp's converter applies to the query and key weights, and builds the token
 
 >>> lm = load_smollm2()                                               # doctest: +SKIP
 >>> lm.decode(lm.generate("The capital of France is", 8, temperature=0))  # doctest: +SKIP
-' Paris. It is located in the north'
+' Paris.\n\nThe answer is:'
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def pretrained_view(model: PretrainedEncoder, text: str) -> AttentionView:
         encoded = model.encode([text])
     tokens = encoded.batch.tokens(0)
     view = view_from_capture(cap, tokens, title=f"{model.name}: {text}")
-    names = [f"layer {n} ({name})" for n, name in enumerate(view.layer_names, start=1)]
+    names = [f"layer {n} ({name})" for n, name in enumerate(view.layer_names)]
     return replace(view, layer_names=names)
 
 
@@ -119,17 +119,38 @@ def checkpoint_view(directory: str | Path, text: str) -> AttentionView:
         raise ValueError(
             f"the text has {len(ids)} tokens, more than the model's context of {model.config.context_length}"
         )
+    pieces = [tokenizer.decode([i]).replace("\n", "⏎").replace("\t", "⇥") or "∅" for i in ids]
+    return _causal_view(model, ids, pieces, title=f"{Path(directory).name}: {text}")
+
+
+def gguf_view(path: str, text: str) -> AttentionView:
+    """Every head of every layer of a GGUF language model (``"smollm2"`` or a file) on ``text``, causal.
+
+    Raises:
+        ValueError: for a damaged file, empty text, or text longer than the model's context.
+    """
+    from selfattention.loaders.gguf import load_gguf, load_smollm2
+
+    lm = load_smollm2() if path == "smollm2" else load_gguf(path)
+    ids = lm.encode(text)
+    if len(ids) > lm.context_length:
+        raise ValueError(f"the text has {len(ids)} tokens, more than the model's context of {lm.context_length}")
+    return _causal_view(lm.model, ids, lm.tokens(ids), title=f"{lm.name}: {text}")
+
+
+def _causal_view(model: torch.nn.Module, ids: list[int], pieces: list[str], *, title: str) -> AttentionView:
+    """Run ``ids`` through ``model`` once while :func:`capture` records it; layers are named from 0."""
     with torch.no_grad(), capture(model) as cap:
         model(torch.tensor([ids], dtype=torch.long))
-    pieces = [tokenizer.decode([i]).replace("\n", "⏎").replace("\t", "⇥") or "∅" for i in ids]
-    view = view_from_capture(cap, pieces, title=f"{Path(directory).name}: {text}")
+    view = view_from_capture(cap, pieces, title=title)
     return replace(view, layer_names=[f"layer {n} ({name})" for n, name in enumerate(view.layer_names)])
 
 
 def model_view(
     model: str, text: str | None = None, *, num_heads: int = 4, causal: bool = False, seed: int = 123
 ) -> AttentionView:
-    """The view for ``selfattention view --model MODEL``: ``"example"``, ``"minilm"`` or a checkpoint folder.
+    """The view for ``selfattention view --model MODEL``: ``"example"``, ``"minilm"``, ``"smollm2"``, a ``.gguf``
+    file or a checkpoint folder.
 
     ``num_heads``, ``causal`` and ``seed`` apply to the example only; the pretrained encoder and a trained GPT
     read ``text`` (default: the worked example's sentence).
@@ -146,4 +167,8 @@ def model_view(
         return pretrained_view(load_minilm(), " ".join(examples.TOKENS) if text is None else text)
     if Path(model).is_dir():
         return checkpoint_view(model, " ".join(examples.TOKENS) if text is None else text)
-    raise ValueError(f"--model {model!r} is not 'example', 'minilm' or an existing checkpoint folder")
+    if model == "smollm2" or model.endswith(".gguf"):
+        return gguf_view(model, " ".join(examples.TOKENS) if text is None else text)
+    raise ValueError(
+        f"--model {model!r} is not 'example', 'minilm', 'smollm2', a .gguf file or an existing checkpoint folder"
+    )

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+QUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 TINY = {"vocab": 259, "width": 64, "layers": 2, "heads": 4, "kv_heads": 2, "hidden": 96, "context": 32}
 
 
@@ -115,7 +116,11 @@ def write_tiny_gguf(
             value = llama_cpp_permute(value, TINY["heads"])
         elif name.endswith("k_proj.weight"):
             value = llama_cpp_permute(value, TINY["kv_heads"])
-        if value.ndim == 1 or qtype == "F32":
+        if value.ndim == 2 and gguf.GGML_QUANT_SIZES[kind][0] > 1 and qtype not in QUANTIZABLE:
+            block, size = gguf.GGML_QUANT_SIZES[kind]  # a type gguf cannot write: zeros of the right size
+            zeros = np.zeros((value.shape[0], value.shape[1] // block * size), np.uint8)
+            writer.add_tensor(gguf_name(name), zeros, raw_dtype=kind)
+        elif value.ndim == 1 or qtype == "F32":
             writer.add_tensor(gguf_name(name), value)
         elif qtype == "F16":
             writer.add_tensor(gguf_name(name), value.astype(np.float16))
