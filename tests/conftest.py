@@ -10,6 +10,29 @@ import pytest
 import torch
 from torch import Tensor
 
+from selfattention.models.gpt import GPT, GPTConfig
+
+
+def tiny_rotary_gpt(**overrides: object) -> GPT:
+    """A random rotary, grouped-query GPT (4 query heads, 2 key/value heads, one layer unless overridden): the
+    Llama layout in miniature. Weights of std 0.5, far from the small initial ones, so that attention depends
+    on positions."""
+    torch.manual_seed(0)
+    values: dict[str, object] = {
+        "vocab_size": 13,
+        "context_length": 32,
+        "emb_dim": 16,
+        "num_layers": 1,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "rope": True,
+    }
+    model = GPT(GPTConfig(**{**values, **overrides})).eval()  # type: ignore[arg-type]
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.5)
+    return model
+
 
 def reference_attention(
     query: Tensor,

@@ -9,18 +9,24 @@ Context overflow: a prompt plus output longer than the model's ``context_length`
 ``slide=True``. Sliding without a cache conditions each step on the last ``context_length`` tokens; with a
 cache, when it is full it is refilled from the last ``context_length // 2`` tokens and decoding continues
 (so the two paths then see different amounts of context and may differ).
+
+Rolling caches (``cache="window"`` or ``"sinks"``, see :mod:`selfattention.kv_cache`) go past the context
+without refilling and without ``slide``: the cache keeps a constant number of tokens and evicts the oldest
+(after the sinks). They need a rotary model. The prompt goes through them in chunks of at most half the window
+(``prefill_chunk`` if smaller), so that every prompt token still sees at least half a window before it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
 
-from selfattention.modules import KVCache
+from selfattention.kv_cache import CachePolicy, KVCache, RollingKVCache
+from selfattention.streaming import feed, make_caches
 
 
 class CausalLM(Protocol):
@@ -113,6 +119,7 @@ def generate(
     slide: bool = False,
     on_token: Callable[[Tensor], None] | None = None,
     eos_token_id: int | None = None,
+    cache: CachePolicy | str = "full",
 ) -> Tensor:
     """Continue ``idx (B, T0)`` by ``max_new_tokens`` tokens; returns ``(B, T0 + max_new_tokens)``.
 
@@ -129,27 +136,36 @@ def generate(
         slide: allow output beyond the context (see the module docstring).
         on_token: called with each new ``(B, 1)`` token (for streaming output).
         eos_token_id: stop once every row has produced this token (the output is then shorter).
+        cache: the cache policy: ``"full"``, ``"window"``, ``"sinks"`` (defaults) or a :class:`CachePolicy`.
 
     Raises:
-        ValueError: an empty prompt, or prompt plus output beyond the context without ``slide``.
+        ValueError: an empty prompt, prompt plus output beyond the context without ``slide`` (full cache),
+            or a rolling cache without ``use_cache`` or for a model with learned positions.
     """
+    policy = cache if isinstance(cache, CachePolicy) else CachePolicy(cache)
+    rolling = policy.kind != "full"  # goes past the context by itself
     context = int(model.config.context_length)
     if idx.dim() != 2 or idx.shape[1] < 1:
         raise ValueError(f"the prompt must be (batch, tokens) with at least one token, got {tuple(idx.shape)}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
     total = idx.shape[1] + max_new_tokens
-    if total > context and not slide:
+    if total > context and not slide and not rolling:
         raise ValueError(
             f"prompt ({idx.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
             f"model's context_length={context}; shorten them or allow sliding"
         )
-    if idx.shape[1] > context and not slide:
+    if idx.shape[1] > context and not slide and not rolling:
         raise ValueError(f"the prompt has {idx.shape[1]} tokens, more than context_length={context}")
     cache_len = context if slide else min(context, total)
-    step = (
-        _cached_stepper(model, idx, context, prefill_chunk, cache_len) if use_cache else _full_stepper(model, context)
-    )
+    if rolling:
+        step = _rolling_stepper(model, idx.shape[0], policy, prefill_chunk, use_cache)
+    else:
+        step = (
+            _cached_stepper(model, idx, context, prefill_chunk, cache_len)
+            if use_cache
+            else _full_stepper(model, context)
+        )
     logits = step(idx, None)
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
@@ -174,6 +190,27 @@ def _full_stepper(model: CausalLM, context: int) -> Stepper:
 
     def step(idx: Tensor, new: Tensor | None) -> Tensor:
         return model(idx[:, -context:])[0][:, -1, :]
+
+    return step
+
+
+def _rolling_stepper(
+    model: CausalLM, batch_size: int, policy: CachePolicy, chunk: int | None, use_cache: bool
+) -> Stepper:
+    """The prompt in chunks of at most half the window, then one token per step, through rolling caches."""
+    if not use_cache:
+        raise ValueError(f"the {policy.kind!r} cache policy needs use_cache=True")
+    caches = make_caches(model, batch_size, policy)
+    window = cast(RollingKVCache, caches[0]).window
+    size = min(chunk or window, max(1, window // 2))
+
+    def step(idx: Tensor, new: Tensor | None) -> Tensor:
+        tokens = idx if new is None else new
+        logits = None
+        for begin in range(0, tokens.shape[1], size):
+            logits = feed(model, tokens[:, begin : begin + size], caches)
+        assert logits is not None
+        return logits[:, -1, :]
 
     return step
 

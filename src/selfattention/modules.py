@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from selfattention import checks
 from selfattention.backends import BACKENDS
 from selfattention.functional import attention, materialize_mask
+from selfattention.kv_cache import KVCache
 from selfattention.masks import MaskDescription
 
 if TYPE_CHECKING:
@@ -256,74 +257,6 @@ class CausalAttention(AttentionModule):
         return context.squeeze(-3)
 
 
-class KVCache:
-    """Preallocated keys and values for step-by-step decoding, ``(B, G, max_len, D)`` each.
-
-    :meth:`update` writes the new keys/values after the cached ones and returns all of them so far. Use it
-    under ``torch.no_grad()`` (the buffers are written in place).
-
-    >>> cache = KVCache(1, 2, 8, 4)
-    >>> k_all, v_all = cache.update(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4))
-    >>> k_all.shape, cache.length
-    (torch.Size([1, 2, 3, 4]), 3)
-    """
-
-    def __init__(
-        self,
-        batch_size: int,
-        num_kv_heads: int,
-        max_len: int,
-        head_dim: int,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> None:
-        for name, value in (("batch_size", batch_size), ("num_kv_heads", num_kv_heads), ("max_len", max_len)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
-
-    @property
-    def max_len(self) -> int:
-        """How many positions the cache holds."""
-        return self.keys.shape[2]
-
-    def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        """Append ``key``, ``value`` ``(B, G, T, D)``; return all keys and values so far, ``(B, G, S, D)``.
-
-        Raises:
-            ValueError: when the shapes do not match the cache, or the cache would overflow.
-        """
-        batch, heads, _, width = self.keys.shape
-        new = key.shape[-2]
-        for name, tensor in (("key", key), ("value", value)):
-            if tensor.dim() != 4 or (tensor.shape[0], tensor.shape[1], tensor.shape[3]) != (
-                batch,
-                heads,
-                width,
-            ):
-                raise ValueError(
-                    f"{name} of shape {tuple(tensor.shape)} does not fit a cache of shape "
-                    f"{tuple(self.keys.shape)} (batch, kv heads, max_len, head width)"
-                )
-        if self.length + new > self.max_len:
-            raise ValueError(
-                f"KV cache overflow: {self.length} cached + {new} new positions exceed max_len={self.max_len}"
-            )
-        end = self.length + new
-        self.keys[:, :, self.length : end] = key
-        self.values[:, :, self.length : end] = value
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
-
-    def reset(self) -> None:
-        """Forget the cached positions (the buffers are kept and overwritten)."""
-        self.length = 0
-
-
 class MultiHeadAttention(AttentionModule):
     """Multi-head self-attention with grouped-query heads, padding masks, a KV cache and PyTorch interop.
 
@@ -422,7 +355,8 @@ class MultiHeadAttention(AttentionModule):
                 :mod:`selfattention.masks`, which ``backend="auto"`` runs block-sparse when it is the only mask.
             kv_cache: a :class:`KVCache` (see :meth:`make_kv_cache`); the new keys and values are appended and
                 the queries attend to all of them. Use under ``torch.no_grad()``.
-            rope: a position hook applied to the new queries and keys before caching (see :data:`Rope`).
+            rope: a position hook applied to the new queries and keys before caching (see :data:`Rope`); a
+                rolling cache with RoPE tables rotates them itself (:class:`selfattention.kv_cache.RollingKVCache`).
             return_weights: also return the attention weights α ``(B, H, T, S)`` (eager backend).
 
         Returns:
@@ -458,11 +392,11 @@ class MultiHeadAttention(AttentionModule):
         q = q.view(batch, num_tokens, heads, width).transpose(1, 2)
         k = k.view(batch, num_tokens, kv_heads, width).transpose(1, 2)
         v = v.view(batch, num_tokens, kv_heads, width).transpose(1, 2)
-        if rope is not None:
+        if rope is not None and (kv_cache is None or kv_cache.rotary is None):
             q, k = rope(q, k, cached)
         # Everything that can refuse this call is checked before the cache is written: a refused call must
         # leave the cache as it was (its length and its keys/values up to that length).
-        num_keys = cached + num_tokens
+        num_keys = cached + num_tokens if kv_cache is None else kv_cache.length_after(num_tokens)
         mask = self._padding_mask(key_padding_mask, batch, num_keys, unbatched)
         if attn_mask is not None:
             checks.mask(attn_mask, (heads, num_tokens, num_keys) if unbatched else (batch, heads, num_tokens, num_keys))
@@ -470,11 +404,12 @@ class MultiHeadAttention(AttentionModule):
             checks.finite(name, tensor)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, G, S, D), S = cached + T
+            q = kv_cache.rotate_queries(q)  # a rolling cache rotates by the place in the cache (kv_cache.py)
         try:
             context, weights = self._attend_all(q, k, v, mask, attn_mask, unbatched, num_tokens, return_weights)
         except Exception:
             if kv_cache is not None:  # refused late (e.g. the scores overflowed): forget what was written
-                kv_cache.length = cached
+                kv_cache.undo(num_tokens)
             raise
         if unbatched:
             context = context.unsqueeze(0)

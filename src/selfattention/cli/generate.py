@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from selfattention.kv_cache import CachePolicy
 
 from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
@@ -36,6 +40,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a trained GPT: fail when prompt + output exceed the context, instead of sliding the window "
         "(GGUF models never slide: they fail)",
     )
+    parser.add_argument(
+        "--cache",
+        choices=["full", "window", "sinks"],
+        default="full",
+        help="full: refill past the context; window: keep the last --window tokens; sinks: also keep the first "
+        "--sinks tokens (StreamingLLM). window and sinks need a rotary model (default: full)",
+    )
+    parser.add_argument("--window", type=int, default=None, help="latest tokens kept (default: the context)")
+    parser.add_argument("--sinks", type=int, default=None, help="first tokens kept with --cache sinks (default: 4)")
     add_device_argument(parser, note="; the same --seed samples the same way on every device")
     parser.set_defaults(func=run)
 
@@ -47,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from selfattention.generate import generate
 
     device = resolve_device(args.device)  # before anything is read: a missing GPU is said at once
+    policy = cache_policy(args.cache, args.window, args.sinks)
     if bool(args.model) == bool(args.checkpoint):
         raise UsageError("give the model: --model smollm2, --model FILE.gguf or --model CHECKPOINT_DIR")
     spec = args.model or args.checkpoint
@@ -93,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         slide=kind == "checkpoint" and not args.no_slide,
         on_token=stream,
         eos_token_id=lm.eos_token_id,
+        cache=policy,
     )
     if not new:
         sys.stdout.write(shown_prompt)
@@ -100,3 +115,14 @@ def run(args: argparse.Namespace) -> int:
         new.pop()
     sys.stdout.write(lm.decode(new)[len(shown) :] + "\n")
     return 0
+
+
+def cache_policy(kind: str, window: int | None, sinks: int | None) -> CachePolicy:
+    """The cache policy of the flags; ``--window`` and ``--sinks`` only where they apply."""
+    from selfattention.kv_cache import CachePolicy
+
+    if kind == "full" and window is not None:
+        raise ValueError("--window applies to --cache window or sinks, not full")
+    if kind != "sinks" and sinks is not None:
+        raise ValueError(f"--sinks applies to --cache sinks, not {kind}")
+    return CachePolicy(kind, window=window, sinks=4 if sinks is None else sinks)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from selfattention.cli.errors import UsageError
 from selfattention.files import write_text
+
+if TYPE_CHECKING:
+    from selfattention.viz.html import AttentionView
 
 DEFAULT_OUT = "attention-view.html"
 MAX_TOKENS = 512
@@ -39,6 +43,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--heads", type=int, default=4, help="heads of the example's random layer (default: 4)")
     parser.add_argument("--causal", action="store_true", help="example: mask future tokens")
     parser.add_argument("--seed", type=int, default=123, help="example: seed of the random projections")
+    parser.add_argument(
+        "--cache",
+        choices=["full", "window", "sinks"],
+        help="show the last step of TEXT streamed one token at a time through this KV cache (smollm2, FILE.gguf "
+        "or a rotary checkpoint folder): the sinks marked, the evicted tokens as one marker",
+    )
+    parser.add_argument("--window", type=int, help="with --cache: latest tokens kept (default: the context)")
+    parser.add_argument("--sinks", type=int, help="with --cache sinks: first tokens kept (default: 4)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=0, help="with --cache: first continue TEXT greedily (default: 0)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -49,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
     if args.model == "example" and args.text and len(args.text.split()) > MAX_TOKENS:
         _too_long(len(args.text.split()))
     try:
-        view = model_view(args.model, args.text, num_heads=args.heads, causal=args.causal, seed=args.seed)
+        if args.cache is not None:
+            view = _streaming_view(args)
+        else:
+            view = model_view(args.model, args.text, num_heads=args.heads, causal=args.causal, seed=args.seed)
     except ImportError as error:  # an optional model whose packages are not installed: say what to install
         raise ValueError(str(error)) from error
     if len(view.tokens) > MAX_TOKENS:
@@ -88,3 +106,25 @@ def serve(page: str, port: int, summary: str) -> None:
         print("stopped", file=sys.stderr)
     finally:
         server.server_close()
+
+
+def _streaming_view(args: argparse.Namespace) -> AttentionView:
+    """``--cache``: the prompt (and a greedy continuation) streamed through the cache; its last step."""
+    import torch
+
+    from selfattention import examples
+    from selfattention.cli.generate import cache_policy
+    from selfattention.cli.models import load_causal, model_kind
+    from selfattention.generate import generate
+    from selfattention.viz.stream_view import streaming_view
+
+    policy = cache_policy(args.cache, args.window, args.sinks)
+    if model_kind(args.model) not in ("gguf", "checkpoint"):
+        raise ValueError(f"--cache views a language model (smollm2, FILE.gguf or a checkpoint), not {args.model!r}")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be at least 0, got {args.max_new_tokens}")
+    lm = load_causal(args.model)
+    ids = lm.encode(" ".join(examples.TOKENS) if args.text is None else args.text)
+    stream = generate(lm.model, torch.tensor([ids]), args.max_new_tokens, temperature=0.0, cache=policy)[0]
+    pieces = [lm.decode([int(i)]).replace("\n", "⏎").replace("\t", "⇥") or "∅" for i in stream]
+    return streaming_view(lm.model, stream, pieces, policy, title=lm.name)

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from selfattention.modules import KVCache, MultiHeadAttention
+from selfattention.kv_cache import KVCache, rotate_half
+from selfattention.modules import MultiHeadAttention
 
 
 @dataclass
@@ -106,12 +107,7 @@ class RotaryEmbedding(nn.Module):
         length = query.shape[-2]
         cos = self.cos[start : start + length].to(query.dtype)  # (T, D)
         sin = self.sin[start : start + length].to(query.dtype)
-        return _rotate(query, cos, sin), _rotate(key, cos, sin)
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
+        return rotate_half(query, cos, sin), rotate_half(key, cos, sin)
 
 
 class Block(nn.Module):
@@ -186,6 +182,11 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         """Trainable parameters, the tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
+
+    @property
+    def rotary(self) -> RotaryEmbedding | None:
+        """The RoPE tables (``cos``, ``sin``) with ``rope=True``; ``None`` with learned positions."""
+        return self.rope
 
     def make_kv_caches(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
         """One preallocated :class:`KVCache` per layer, ``max_len`` (default ``context_length``) positions."""
