@@ -39,8 +39,9 @@ from torch import Tensor
 from selfattention import checks, masks
 from selfattention.backends.tiled import merge_partials, tiled_backward, tiled_forward
 from selfattention.backends.tiles import batch_and_heads
-from selfattention.functional import ScoreMod, expand_kv_heads
+from selfattention.functional import expand_kv_heads
 from selfattention.masks import EMPTY, MaskDescription
+from selfattention.steps import ScoreMod
 
 Layout = Literal["contiguous", "zigzag"]
 LAYOUTS = ("contiguous", "zigzag")

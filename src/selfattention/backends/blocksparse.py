@@ -29,7 +29,7 @@ from torch import Tensor
 
 from selfattention.backends import flex
 from selfattention.backends.tiled import merge_partials, work_dtype
-from selfattention.backends.tiles import AnyMask, Tiles
+from selfattention.backends.tiles import AnyMask, Tiles, as_4d
 
 BLOCK = 256
 """Default tile size for queries and keys."""
@@ -42,22 +42,13 @@ def _fused() -> tuple[Any, Any]:
     return ops._scaled_dot_product_flash_attention_for_cpu, ops._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _as_4d(tensor: Tensor) -> Tensor:
-    """``(..., H, L, W)`` -> ``(B, H, L, W)`` with B the leading dims flattened (1 when absent)."""
-    if tensor.dim() == 4:
-        return tensor
-    if tensor.dim() < 4:
-        return tensor.reshape((1,) * (4 - tensor.dim()) + tuple(tensor.shape))
-    return tensor.reshape(-1, *tensor.shape[-3:])
-
-
 def _mask_as_4d(mask: AnyMask, query: Tensor) -> AnyMask:
     if not isinstance(mask, Tensor):
         return mask
     mask = mask.reshape((1,) * (query.dim() - mask.dim()) + tuple(mask.shape))
     if mask.dim() > 4:
         mask = mask.expand(*query.shape[:-3], *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
-    return _as_4d(mask)
+    return as_4d(mask)
 
 
 class _Run:
@@ -197,7 +188,7 @@ def attention(
     # The kernel takes one head width: zero columns added to q and k leave the scores as they are, zero
     # columns added to v give output columns that are cut off again.
     width = max(query.shape[-1], value.shape[-1])
-    q, k, v = (_as_4d(_widened(tensor, width)) for tensor in (query, key, value))
+    q, k, v = (as_4d(_widened(tensor, width)) for tensor in (query, key, value))
     options = {"scale": scale, "mask": _mask_as_4d(mask, query), "causal": causal, "block": block or BLOCK}
     context = _BlockSparseAttention.apply(q, k, v, options)[..., : value.shape[-1]]
     return context.reshape(*query.shape[:-1], value.shape[-1]), None

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from selfattention.functional import LOW_PRECISION
+from selfattention.checks import LOW_PRECISION
 
 
 def attention(

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from selfattention import checks
 from selfattention.backends.tiles import AnyMask, Tiles, apply_mask
-from selfattention.functional import ScoreMod
+from selfattention.steps import ScoreMod
 
 BLOCK_Q = 256
 """Default number of queries per tile."""
