@@ -74,14 +74,23 @@ def attention_weights(scores: Tensor, *, mask: Tensor | None = None, scale: floa
         x = x * scale
     if mask is not None:
         x = x.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else x + mask.to(x.dtype)
-    # A stable softmax that leaves fully masked rows at zero: subtract the row maximum (0 where the whole
-    # row is -inf, so that exp gives exact zeros), and divide by the row sum only where it is positive.
+    return softmax_rows(x).to(dtype)
+
+
+def softmax_rows(x: Tensor) -> Tensor:
+    """Softmax over the last dimension that leaves a row of only ``-inf`` at zero (no NaN, nor in its gradient).
+
+    A stable softmax: subtract the row maximum (0 where the whole row is -inf, so that exp gives exact
+    zeros), and divide by the row sum only where it is positive.
+
+    >>> softmax_rows(torch.tensor([[0.0, 0.0], [-math.inf, -math.inf]])).tolist()
+    [[0.5, 0.5], [0.0, 0.0]]
+    """
     row_max = x.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     exp = torch.exp(x - row_max)
     total = exp.sum(dim=-1, keepdim=True)
-    weights = exp / torch.where(total > 0, total, torch.ones_like(total))
-    return weights.to(dtype)
+    return exp / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def context_vectors(weights: Tensor, values: Tensor) -> Tensor:

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from selfattention import checks
 from selfattention.backends import flex
-from selfattention.backends.tiled import merge_partials, work_dtype
+from selfattention.backends.tiled import merge_partials
 from selfattention.backends.tiles import AnyMask, Tiles, as_4d
 
 BLOCK = 256
@@ -104,7 +105,7 @@ def blocksparse_forward(
     forward, _ = _fused()
     tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block, block_k=block)
     out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-    work = work_dtype(q)
+    work = checks.work_dtype(q.dtype)
     lse = torch.full(q.shape[:-1], -math.inf, dtype=work, device=q.device)
     for i, q0, q1 in tiles.query_blocks():
         q_i = q[..., q0:q1, :]
@@ -128,11 +129,9 @@ def blocksparse_backward(
     """``(dq, dk, dv)``: the fused backward of every run, given the merged ``out`` and ``lse``."""
     _, backward = _fused()
     tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block, block_k=block)
-    # a row with no key: weights exp(-inf) = 0; the kernel takes lse in float32 (float64 for float64)
-    lse = torch.where(torch.isfinite(lse), lse, math.inf).to(
-        torch.float64 if q.dtype == torch.float64 else torch.float32
-    )
-    work = work_dtype(q)
+    work = checks.work_dtype(q.dtype)
+    # a row with no key: weights exp(-inf) = 0; the kernel takes lse in the work dtype
+    lse = torch.where(torch.isfinite(lse), lse, math.inf).to(work)
     grad_out = grad_out.to(q.dtype).contiguous()
     dq = torch.zeros(q.shape, dtype=work, device=q.device)
     dk = torch.zeros(k.shape, dtype=work, device=q.device)

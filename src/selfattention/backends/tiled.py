@@ -52,10 +52,6 @@ BLOCK_K = 512
 """Default number of keys per tile."""
 
 
-def work_dtype(tensor: Tensor) -> torch.dtype:
-    return checks.work_dtype(tensor.dtype)
-
-
 def _tile_scores(
     tiles: Tiles,
     q_scaled: Tensor,
@@ -118,7 +114,7 @@ def tiled_forward(
     """
     tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block_q, block_k=block_k,
                   q_offset=q_offset, kv_offset=kv_offset, total=total)  # fmt: skip
-    work = work_dtype(q)
+    work = checks.work_dtype(q.dtype)
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
     out = torch.zeros(*lead, q.shape[-2], v.shape[-1], dtype=work, device=q.device)
     lse = torch.full((*lead, q.shape[-2]), -math.inf, dtype=work, device=q.device)
@@ -180,7 +176,7 @@ def tiled_backward(
     """
     tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block_q, block_k=block_k,
                   q_offset=q_offset, kv_offset=kv_offset, total=total)  # fmt: skip
-    work = work_dtype(q)
+    work = checks.work_dtype(q.dtype)
     grad_out, out = grad_out.to(work), out.to(work)
     delta = (grad_out * out).sum(dim=-1)  # D_i = rowsum(dO ∘ O), (..., T)
     lse = torch.where(torch.isfinite(lse), lse, math.inf).to(work)  # no key allowed: P = exp(-inf) = 0
