@@ -82,14 +82,24 @@ SMALL = 256 * 256
 
 AUTO: list[tuple[str, Callable[[Call], bool], str]] = [
     ("the weights are returned", lambda c: c.return_weights, "math"),
-    ("dropout", lambda c: c.dropout_p > 0, "sdpa"),
+    ("dropout", lambda c: c.dropout_p > 0, "math"),
     ("a score_mod", lambda c: c.score_mod, "tiled"),
     ("a mask description, T·S > 256²", lambda c: c.described_mask and c.shape[0] * c.shape[1] > SMALL, "blocksparse"),
     ("causal, T ≠ S, no tensor mask", lambda c: c.causal and not c.tensor_mask and c.shape[0] != c.shape[1],
      "blocksparse"),
     ("anything else (no mask, causal with T = S, a tensor mask, a small description)", lambda c: True, "sdpa"),
 ]  # fmt: skip
-"""The ``"auto"`` rules, first match wins (the README's table is this list)."""
+"""The ``"auto"`` rules, first match wins (``docs/fast-attention.md``'s table is this list). This is the only
+place that chooses a backend: the modules pass their ``backend`` through unchanged."""
+
+
+def check_name(name: str) -> None:
+    """Raise ValueError unless ``name`` is ``"auto"`` or a key of :data:`BACKENDS`.
+
+    >>> check_name("sdpa")
+    """
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {['auto', *BACKENDS]}")
 
 
 def choose_backend(
@@ -109,6 +119,9 @@ def choose_backend(
     computes every score a tensor mask covers; ``"blocksparse"`` runs the same kernel only on the tiles a
     mask description leaves non-empty, and never builds a ``(T, S)`` mask. Only ``"math"`` returns the
     weights, only ``"tiled"`` takes a ``score_mod``, and only the eager and fused kernels do dropout.
+    Dropout goes to ``"math"``: it then acts on the explicit weights α exactly as the reference defines it
+    (and as :func:`selfattention.capture` records it); ``backend="sdpa"`` keeps the fused kernel's own
+    dropout for speed.
 
     Raises:
         ValueError: for an unknown name, or a backend that cannot do what the call asks.
@@ -124,8 +137,7 @@ def choose_backend(
             shape=shape,
         )
         name = next(backend for _, applies, backend in AUTO if applies(call))
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {['auto', *BACKENDS]}")
+    check_name(name)
     backend = BACKENDS[name]
     if return_weights and not backend.returns_weights:
         raise ValueError(f"backend {name!r} cannot return the weights; use 'math' or 'auto'")
