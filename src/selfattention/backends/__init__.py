@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from selfattention.backends import blocksparse, loop, matrix, sdpa, tiled
+from selfattention.backends import blocksparse, loop, math, sdpa, tiled
 from selfattention.masks import MaskDescription
 
 BackendFn = Callable[..., tuple[Tensor, Tensor | None]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Backend:
     """A named attention implementation and what it can do."""
 
@@ -41,24 +41,42 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {
-    "loop": Backend("loop", loop.attention, True, False, "per-query Python loops, for reading"),
-    "math": Backend("math", matrix.attention, True, True, "matrix form, the reference"),
-    "sdpa": Backend("sdpa", sdpa.attention, False, True, "PyTorch's fused scaled_dot_product_attention"),
+    "loop": Backend(
+        name="loop",
+        fn=loop.attention,
+        returns_weights=True,
+        supports_dropout=False,
+        doc="per-query Python loops, for reading",
+    ),
+    "math": Backend(
+        name="math",
+        fn=math.attention,
+        returns_weights=True,
+        supports_dropout=True,
+        doc="matrix form, the reference",
+    ),
+    "sdpa": Backend(
+        name="sdpa",
+        fn=sdpa.attention,
+        returns_weights=False,
+        supports_dropout=True,
+        doc="PyTorch's fused scaled_dot_product_attention",
+    ),
     "tiled": Backend(
-        "tiled",
-        tiled.attention,
-        False,
-        False,
-        "flash-style online softmax over tiles in plain PyTorch, O(T + S) memory",
+        name="tiled",
+        fn=tiled.attention,
+        returns_weights=False,
+        supports_dropout=False,
+        doc="flash-style online softmax over tiles in plain PyTorch, O(T + S) memory",
         takes_mask_descriptions=True,
         supports_score_mod=True,
     ),
     "blocksparse": Backend(
-        "blocksparse",
-        blocksparse.attention,
-        False,
-        False,
-        "the fused kernel on the non-empty tiles only, O(T + S) memory",
+        name="blocksparse",
+        fn=blocksparse.attention,
+        returns_weights=False,
+        supports_dropout=False,
+        doc="the fused kernel on the non-empty tiles only, O(T + S) memory",
         takes_mask_descriptions=True,
     ),
 }
