@@ -29,6 +29,7 @@ from torch import Tensor
 
 from selfattention import checks
 from selfattention.backends import flex
+from selfattention.backends.recompute import recompute_attention
 from selfattention.backends.tiled import merge_partials
 from selfattention.backends.tiles import AnyMask, Tiles, as_4d
 
@@ -148,20 +149,6 @@ def blocksparse_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _BlockSparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, options: dict) -> Tensor:
-        out, lse = blocksparse_forward(q, k, v, **options)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = options
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, out, lse = ctx.saved_tensors
-        return (*blocksparse_backward(q, k, v, out, lse, grad_out, **ctx.options), None)
-
-
 def attention(
     query: Tensor,
     key: Tensor,
@@ -189,7 +176,8 @@ def attention(
     width = max(query.shape[-1], value.shape[-1])
     q, k, v = (as_4d(_widened(tensor, width)) for tensor in (query, key, value))
     options = {"scale": scale, "mask": _mask_as_4d(mask, query), "causal": causal, "block": block or BLOCK}
-    context = _BlockSparseAttention.apply(q, k, v, options)[..., : value.shape[-1]]
+    context = recompute_attention(q, k, v, forward=blocksparse_forward, backward=blocksparse_backward, options=options)
+    context = context[..., : value.shape[-1]]
     return context.reshape(*query.shape[:-1], value.shape[-1]), None
 
 
