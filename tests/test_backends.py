@@ -131,3 +131,27 @@ def test_auto_picks_the_fused_kernel_unless_weights_are_wanted() -> None:
 
     assert choose_backend("auto", return_weights=False, dropout_p=0.0, mask=None, causal=True).name == "sdpa"
     assert choose_backend("auto", return_weights=True, dropout_p=0.1, mask=None, causal=False).name == "math"
+
+
+def test_auto_sends_dropout_to_the_explicit_weights() -> None:
+    # One routing policy: the modules pass "auto" through, so their dropout in training acts on α as the
+    # reference does, and attention(..., dropout_p=p) draws exactly the mask that backend="math" draws.
+    from selfattention.backends import choose_backend
+
+    assert choose_backend("auto", return_weights=False, dropout_p=0.1, mask=None, causal=True).name == "math"
+    q, k, v = _inputs(2, 2, 2, 5, 5, 4, seed=3)
+    torch.manual_seed(11)
+    auto = attention(q, k, v, causal=True, dropout_p=0.3)
+    torch.manual_seed(11)
+    _, weights = attention(q, k, v, causal=True, dropout_p=0.3, backend="math", return_weights=True)
+    assert_close(auto, weights @ v)
+
+
+def test_an_unknown_backend_name_is_one_error_from_one_place() -> None:
+    from selfattention.backends import check_name
+
+    with pytest.raises(ValueError, match=r"unknown backend 'fast'; choose one of \['auto', 'loop'"):
+        check_name("fast")
+    x = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        attention(x, x, x, backend="fast")

@@ -8,7 +8,7 @@ import torch
 from selfattention.cli import main
 from selfattention.cli.device import resolve_device
 from selfattention.cli.errors import UsageError
-from selfattention.training import distributed
+from selfattention.training import ddp
 
 COMMANDS = {
     "train": ["train", "--out", "never-written", "--config", "tiny"],
@@ -48,5 +48,5 @@ def test_cpu_is_the_default_and_explain_takes_device_only_with_a_model(capsys):
 
 def test_one_process_trains_where_it_is_told(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert distributed.setup().device == torch.device("cpu")
-    assert distributed.setup(device="cuda:1").device == torch.device("cuda", 1)  # not touched until used
+    assert ddp.setup().device == torch.device("cpu")
+    assert ddp.setup(device="cuda:1").device == torch.device("cuda", 1)  # not touched until used

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -15,7 +16,7 @@ from selfattention import (
     capture,
     capture_projections,
 )
-from selfattention.backends import BACKENDS, Backend
+from selfattention.backends import BACKENDS
 from selfattention.examples import embeddings
 from selfattention.functional import causal_mask
 
@@ -76,7 +77,7 @@ def test_eager_only_while_active(monkeypatch):
             calls[_name] = calls.get(_name, 0) + 1
             return _fn(*args, **kwargs)
 
-        monkeypatch.setitem(BACKENDS, name, Backend(name, fn, backend.returns_weights, True, backend.doc))
+        monkeypatch.setitem(BACKENDS, name, dataclasses.replace(backend, fn=fn, supports_dropout=True))
     module = MultiHeadAttention(8, 8, 16, 0.0, 2).eval()
     x = torch.randn(1, 4, 8)
     with capture(module):

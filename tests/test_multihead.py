@@ -3,6 +3,7 @@ padding, dropout, the KV cache, the position hook, backend choice and errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from selfattention import KVCache, MultiHeadAttention
-from selfattention.backends import BACKENDS, Backend
+from selfattention.backends import BACKENDS
 from selfattention.functional import attention_scores, attention_weights, causal_mask, context_vectors
 
 
@@ -270,9 +271,7 @@ def spy(monkeypatch):
             calls[_name] = calls.get(_name, 0) + 1
             return _fn(*args, **kwargs)
 
-        monkeypatch.setitem(
-            BACKENDS, name, Backend(name, fn, backend.returns_weights, backend.supports_dropout, backend.doc)
-        )
+        monkeypatch.setitem(BACKENDS, name, dataclasses.replace(backend, fn=fn))
     return calls
 
 

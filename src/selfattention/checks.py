@@ -9,6 +9,9 @@ from torch import Tensor
 
 from selfattention.masks import MaskDescription
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+"""Dtypes that attention computes in float32 (see :func:`work_dtype`)."""
+
 
 def floating(name: str, tensor: Tensor) -> None:
     """Raise TypeError unless ``tensor`` is a floating-point tensor with at least two dimensions."""
@@ -128,7 +131,7 @@ def leading(query: Tensor, key: Tensor) -> tuple[int, ...]:
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype attention is computed in: float32 for half and bfloat16, else the dtype itself."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
 def _largest(tensor: Tensor) -> float:

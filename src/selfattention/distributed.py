@@ -39,8 +39,9 @@ from torch import Tensor
 from selfattention import checks, masks
 from selfattention.backends.tiled import merge_partials, tiled_backward, tiled_forward
 from selfattention.backends.tiles import batch_and_heads
-from selfattention.functional import ScoreMod, expand_kv_heads
+from selfattention.functional import expand_kv_heads
 from selfattention.masks import EMPTY, MaskDescription
+from selfattention.steps import ScoreMod
 
 Layout = Literal["contiguous", "zigzag"]
 LAYOUTS = ("contiguous", "zigzag")
@@ -405,7 +406,7 @@ class _RingAttention(torch.autograd.Function):
 
 def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring, attend: _Attend) -> tuple[Tensor, Tensor]:
     """Every rank's key/value block visits, one per step; partial results merge by log-sum-exp."""
-    acc = _accumulation_dtype(q.dtype)
+    acc = checks.work_dtype(q.dtype)
     out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=acc)  # (..., T_local, E)
     lse = q.new_full(q.shape[:-1], -math.inf, dtype=acc)  # (..., T_local)
     block = (k.contiguous(), v.contiguous())  # the keys and values held at this step
@@ -434,7 +435,7 @@ def _ring_backward(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, ring: _Ring, attend: _Attend
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Key/value blocks go round again, each followed by the gradient of its keys and values so far."""
-    acc = _accumulation_dtype(q.dtype)
+    acc = checks.work_dtype(q.dtype)
     dq = torch.zeros_like(q, dtype=acc)
     block = (k.contiguous(), v.contiguous())
     grads_in: tuple[Tensor, ...] = ()  # dK, dV of the held block from the ranks it visited before
@@ -514,10 +515,6 @@ def _all_lengths(length: int, group: dist.ProcessGroup | None) -> list[int]:
 def _without_length(shapes: Any) -> Any:
     q, k, v, dtype = shapes
     return (q[:-2] + q[-1:], k[:-2] + k[-1:], v[:-2] + v[-1:], dtype)
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _empty_block(k: Tensor, v: Tensor, length: int, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:

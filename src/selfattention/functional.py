@@ -28,117 +28,30 @@ scaled scores. A query whose keys are all masked gets all-zero weights and a zer
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Literal, overload
 
 import torch
 from torch import Tensor
 
 from selfattention import checks
+from selfattention.backends import choose_backend
+from selfattention.backends.tiles import materialize_mask
+from selfattention.checks import LOW_PRECISION
 from selfattention.masks import MaskDescription, is_causal
+from selfattention.steps import ScoreMod, attention_scores, attention_weights, causal_mask, context_vectors
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
-"""``score_mod(score, b, h, q_idx, kv_idx) -> score``: an elementwise change of the scaled scores."""
-
-
-def attention_scores(queries: Tensor, keys: Tensor) -> Tensor:
-    """Step 1: the dot product of every query with every key, ω = Q Kᵀ.
-
-    Args:
-        queries: ``(..., T, D)``.
-        keys: ``(..., S, D)``.
-
-    Returns:
-        Scores ω of shape ``(..., T, S)``; ``ω[..., i, j] = Q_i · K_j``.
-
-    Raises:
-        ValueError: when the query and key widths differ.
-
-    >>> attention_scores(torch.ones(2, 3), torch.ones(4, 3)).shape
-    torch.Size([2, 4])
-    """
-    checks.same_width(queries, keys)
-    return queries @ keys.transpose(-2, -1)  # (..., T, D) @ (..., D, S) -> (..., T, S)
-
-
-def attention_weights(scores: Tensor, *, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
-    """Step 2: turn scores into weights, α = softmax over the keys of ``ω · scale`` with ``mask`` applied.
-
-    ``scale=None`` means no scaling (the worked example's unscaled softmax); :func:`attention` passes
-    ``1/sqrt(D)`` by default. Each row of α sums to 1, except a row whose keys are all masked: it is all
-    zeros, and neither it nor its gradient contains NaN. Half and bfloat16 scores are computed in float32
-    and returned in their own dtype.
-
-    Args:
-        scores: ω, ``(..., T, S)``.
-        mask: boolean (``True`` = may attend) or float (added to the scaled scores), broadcastable to
-            ``scores``.
-        scale: multiplies the scores before the softmax.
-
-    Returns:
-        Weights α, ``(..., T, S)``, in the dtype of ``scores``.
-
-    Raises:
-        TypeError: for an integer mask. ValueError: for a mask that does not broadcast to the scores.
-
-    >>> attention_weights(torch.tensor([[0.0, 0.0]])).tolist()
-    [[0.5, 0.5]]
-    """
-    if mask is not None:
-        checks.mask(mask, tuple(scores.shape))
-    dtype = scores.dtype
-    x = scores.float() if dtype in LOW_PRECISION else scores
-    if scale is not None:
-        x = x * scale
-    if mask is not None:
-        x = x.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else x + mask.to(x.dtype)
-    # A stable softmax that leaves fully masked rows at zero: subtract the row maximum (0 where the whole
-    # row is -inf, so that exp gives exact zeros), and divide by the row sum only where it is positive.
-    row_max = x.amax(dim=-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    exp = torch.exp(x - row_max)
-    total = exp.sum(dim=-1, keepdim=True)
-    weights = exp / torch.where(total > 0, total, torch.ones_like(total))
-    return weights.to(dtype)
-
-
-def context_vectors(weights: Tensor, values: Tensor) -> Tensor:
-    """Step 3: each query's context vector is the weighted sum of the values, z_i = Σ_j α_ij V_j.
-
-    Args:
-        weights: α, ``(..., T, S)``.
-        values: ``(..., S, E)``.
-
-    Returns:
-        Context vectors z, ``(..., T, E)``: one per query, as wide as a value vector (not as long as the
-        sequence).
-
-    Raises:
-        ValueError: when the number of weights per query differs from the number of values.
-    """
-    if weights.shape[-1] != values.shape[-2]:
-        raise ValueError(f"weights have {weights.shape[-1]} keys per query but values have {values.shape[-2]} rows")
-    return weights @ values.to(weights.dtype)  # (..., T, S) @ (..., S, E) -> (..., T, E)
-
-
-def causal_mask(num_queries: int, num_keys: int, *, device: torch.device | str | None = None) -> Tensor:
-    """The causal mask aligned bottom-right: query ``i`` may attend to key ``j`` when ``j <= i + S - T``.
-
-    With ``T == S`` this is the usual lower triangle. With fewer queries than keys (decoding with a KV
-    cache) the last query sees every key. With more queries than keys, the first ``T - S`` queries see no
-    key at all and get zero context vectors.
-
-    Returns:
-        Boolean ``(T, S)``, ``True`` = may attend.
-
-    >>> causal_mask(2, 3).tolist()
-    [[True, True, False], [True, True, True]]
-    """
-    rows = torch.arange(num_queries, device=device).unsqueeze(-1)
-    cols = torch.arange(num_keys, device=device)
-    return cols <= rows + (num_keys - num_queries)
+__all__ = [
+    "LOW_PRECISION",
+    "ScoreMod",
+    "attention",
+    "attention_scores",
+    "attention_weights",
+    "broadcast_inputs",
+    "causal_mask",
+    "context_vectors",
+    "expand_kv_heads",
+    "materialize_mask",
+]
 
 
 @overload
@@ -234,8 +147,6 @@ def attention(
     >>> attention(x, x, x, scale=1.0).shape
     torch.Size([2, 2])
     """
-    from selfattention.backends import choose_backend
-
     largest = checks.qkv(query, key, value)
     query, key, value = broadcast_inputs(query, key, value)
     if mask is not None:
@@ -309,18 +220,6 @@ def _without_work(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Te
         tie = 0.0 * (query.sum() + key.sum() + value.sum())
         context, weights = context + tie, weights + tie
     return context, weights
-
-
-def materialize_mask(mask: MaskDescription, query: Tensor, num_keys: int) -> Tensor:
-    """The boolean tensor of a mask description for ``query (..., H, T, D)``, broadcastable to the scores.
-
-    The description's ``b`` indexes the dimensions before ``H`` flattened, ``h`` indexes ``H``.
-    """
-    from selfattention.backends.tiles import batch_and_heads, to_rank
-
-    batch, heads = batch_and_heads(query)
-    tensor = mask.materialize(batch, heads, query.shape[-2], num_keys, device=query.device)
-    return to_rank(tensor, query)
 
 
 def expand_kv_heads(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:

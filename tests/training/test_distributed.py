@@ -84,15 +84,15 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path: Path) -> Non
 
 
 def test_environment_without_torchrun_is_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    from selfattention.training import distributed
+    from selfattention.training import ddp
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    info = distributed.setup()
+    info = ddp.setup()
     assert (info.rank, info.world_size, info.is_main) == (0, 1, True)
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE='two' must be integers"):
-        distributed.setup()
+        ddp.setup()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "5")
     with pytest.raises(ValueError, match=r"RANK \(5\) must be in \[0, WORLD_SIZE=2\)"):
-        distributed.setup()
+        ddp.setup()

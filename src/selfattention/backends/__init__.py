@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from selfattention.backends import blocksparse, loop, matrix, sdpa, tiled
+from selfattention.backends import blocksparse, loop, math, sdpa, tiled
 from selfattention.masks import MaskDescription
 
 BackendFn = Callable[..., tuple[Tensor, Tensor | None]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Backend:
     """A named attention implementation and what it can do."""
 
@@ -41,24 +41,42 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {
-    "loop": Backend("loop", loop.attention, True, False, "per-query Python loops, for reading"),
-    "math": Backend("math", matrix.attention, True, True, "matrix form, the reference"),
-    "sdpa": Backend("sdpa", sdpa.attention, False, True, "PyTorch's fused scaled_dot_product_attention"),
+    "loop": Backend(
+        name="loop",
+        fn=loop.attention,
+        returns_weights=True,
+        supports_dropout=False,
+        doc="per-query Python loops, for reading",
+    ),
+    "math": Backend(
+        name="math",
+        fn=math.attention,
+        returns_weights=True,
+        supports_dropout=True,
+        doc="matrix form, the reference",
+    ),
+    "sdpa": Backend(
+        name="sdpa",
+        fn=sdpa.attention,
+        returns_weights=False,
+        supports_dropout=True,
+        doc="PyTorch's fused scaled_dot_product_attention",
+    ),
     "tiled": Backend(
-        "tiled",
-        tiled.attention,
-        False,
-        False,
-        "flash-style online softmax over tiles in plain PyTorch, O(T + S) memory",
+        name="tiled",
+        fn=tiled.attention,
+        returns_weights=False,
+        supports_dropout=False,
+        doc="flash-style online softmax over tiles in plain PyTorch, O(T + S) memory",
         takes_mask_descriptions=True,
         supports_score_mod=True,
     ),
     "blocksparse": Backend(
-        "blocksparse",
-        blocksparse.attention,
-        False,
-        False,
-        "the fused kernel on the non-empty tiles only, O(T + S) memory",
+        name="blocksparse",
+        fn=blocksparse.attention,
+        returns_weights=False,
+        supports_dropout=False,
+        doc="the fused kernel on the non-empty tiles only, O(T + S) memory",
         takes_mask_descriptions=True,
     ),
 }
@@ -82,14 +100,24 @@ SMALL = 256 * 256
 
 AUTO: list[tuple[str, Callable[[Call], bool], str]] = [
     ("the weights are returned", lambda c: c.return_weights, "math"),
-    ("dropout", lambda c: c.dropout_p > 0, "sdpa"),
+    ("dropout", lambda c: c.dropout_p > 0, "math"),
     ("a score_mod", lambda c: c.score_mod, "tiled"),
     ("a mask description, T·S > 256²", lambda c: c.described_mask and c.shape[0] * c.shape[1] > SMALL, "blocksparse"),
     ("causal, T ≠ S, no tensor mask", lambda c: c.causal and not c.tensor_mask and c.shape[0] != c.shape[1],
      "blocksparse"),
     ("anything else (no mask, causal with T = S, a tensor mask, a small description)", lambda c: True, "sdpa"),
 ]  # fmt: skip
-"""The ``"auto"`` rules, first match wins (the README's table is this list)."""
+"""The ``"auto"`` rules, first match wins (``docs/fast-attention.md``'s table is this list). This is the only
+place that chooses a backend: the modules pass their ``backend`` through unchanged."""
+
+
+def check_name(name: str) -> None:
+    """Raise ValueError unless ``name`` is ``"auto"`` or a key of :data:`BACKENDS`.
+
+    >>> check_name("sdpa")
+    """
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {['auto', *BACKENDS]}")
 
 
 def choose_backend(
@@ -109,6 +137,9 @@ def choose_backend(
     computes every score a tensor mask covers; ``"blocksparse"`` runs the same kernel only on the tiles a
     mask description leaves non-empty, and never builds a ``(T, S)`` mask. Only ``"math"`` returns the
     weights, only ``"tiled"`` takes a ``score_mod``, and only the eager and fused kernels do dropout.
+    Dropout goes to ``"math"``: it then acts on the explicit weights α exactly as the reference defines it
+    (and as :func:`selfattention.capture` records it); ``backend="sdpa"`` keeps the fused kernel's own
+    dropout for speed.
 
     Raises:
         ValueError: for an unknown name, or a backend that cannot do what the call asks.
@@ -124,8 +155,7 @@ def choose_backend(
             shape=shape,
         )
         name = next(backend for _, applies, backend in AUTO if applies(call))
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {['auto', *BACKENDS]}")
+    check_name(name)
     backend = BACKENDS[name]
     if return_weights and not backend.returns_weights:
         raise ValueError(f"backend {name!r} cannot return the weights; use 'math' or 'auto'")

@@ -27,9 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from selfattention import checks
 from selfattention.backends import flex
-from selfattention.backends.tiled import merge_partials, work_dtype
-from selfattention.backends.tiles import AnyMask, Tiles
+from selfattention.backends.recompute import recompute_attention
+from selfattention.backends.tiled import merge_partials
+from selfattention.backends.tiles import AnyMask, Tiles, as_4d
 
 BLOCK = 256
 """Default tile size for queries and keys."""
@@ -42,22 +44,13 @@ def _fused() -> tuple[Any, Any]:
     return ops._scaled_dot_product_flash_attention_for_cpu, ops._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _as_4d(tensor: Tensor) -> Tensor:
-    """``(..., H, L, W)`` -> ``(B, H, L, W)`` with B the leading dims flattened (1 when absent)."""
-    if tensor.dim() == 4:
-        return tensor
-    if tensor.dim() < 4:
-        return tensor.reshape((1,) * (4 - tensor.dim()) + tuple(tensor.shape))
-    return tensor.reshape(-1, *tensor.shape[-3:])
-
-
 def _mask_as_4d(mask: AnyMask, query: Tensor) -> AnyMask:
     if not isinstance(mask, Tensor):
         return mask
     mask = mask.reshape((1,) * (query.dim() - mask.dim()) + tuple(mask.shape))
     if mask.dim() > 4:
         mask = mask.expand(*query.shape[:-3], *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
-    return _as_4d(mask)
+    return as_4d(mask)
 
 
 class _Run:
@@ -113,7 +106,7 @@ def blocksparse_forward(
     forward, _ = _fused()
     tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block, block_k=block)
     out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-    work = work_dtype(q)
+    work = checks.work_dtype(q.dtype)
     lse = torch.full(q.shape[:-1], -math.inf, dtype=work, device=q.device)
     for i, q0, q1 in tiles.query_blocks():
         q_i = q[..., q0:q1, :]
@@ -137,11 +130,9 @@ def blocksparse_backward(
     """``(dq, dk, dv)``: the fused backward of every run, given the merged ``out`` and ``lse``."""
     _, backward = _fused()
     tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block, block_k=block)
-    # a row with no key: weights exp(-inf) = 0; the kernel takes lse in float32 (float64 for float64)
-    lse = torch.where(torch.isfinite(lse), lse, math.inf).to(
-        torch.float64 if q.dtype == torch.float64 else torch.float32
-    )
-    work = work_dtype(q)
+    work = checks.work_dtype(q.dtype)
+    # a row with no key: weights exp(-inf) = 0; the kernel takes lse in the work dtype
+    lse = torch.where(torch.isfinite(lse), lse, math.inf).to(work)
     grad_out = grad_out.to(q.dtype).contiguous()
     dq = torch.zeros(q.shape, dtype=work, device=q.device)
     dk = torch.zeros(k.shape, dtype=work, device=q.device)
@@ -156,20 +147,6 @@ def blocksparse_backward(
             dk[..., k0:k1, :] += dk_r
             dv[..., k0:k1, :] += dv_r
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-class _BlockSparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, options: dict) -> Tensor:
-        out, lse = blocksparse_forward(q, k, v, **options)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = options
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, out, lse = ctx.saved_tensors
-        return (*blocksparse_backward(q, k, v, out, lse, grad_out, **ctx.options), None)
 
 
 def attention(
@@ -197,9 +174,10 @@ def attention(
     # The kernel takes one head width: zero columns added to q and k leave the scores as they are, zero
     # columns added to v give output columns that are cut off again.
     width = max(query.shape[-1], value.shape[-1])
-    q, k, v = (_as_4d(_widened(tensor, width)) for tensor in (query, key, value))
+    q, k, v = (as_4d(_widened(tensor, width)) for tensor in (query, key, value))
     options = {"scale": scale, "mask": _mask_as_4d(mask, query), "causal": causal, "block": block or BLOCK}
-    context = _BlockSparseAttention.apply(q, k, v, options)[..., : value.shape[-1]]
+    context = recompute_attention(q, k, v, forward=blocksparse_forward, backward=blocksparse_backward, options=options)
+    context = context[..., : value.shape[-1]]
     return context.reshape(*query.shape[:-1], value.shape[-1]), None
 
 

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 
 from selfattention.backends import sdpa, tiled
-from selfattention.backends.tiles import AnyMask, Tiles
-from selfattention.functional import materialize_mask
+from selfattention.backends.tiles import AnyMask, Tiles, as_4d, materialize_mask
 from selfattention.masks import FULL, PARTIAL, MaskDescription, MaskFn
+from selfattention.masks import causal as causal_rule
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -63,8 +63,6 @@ def mask_mod(mask: MaskDescription | None, causal: bool, num_queries: int, num_k
     """``mask`` and the bottom-right causal rule together, as one FlexAttention ``mask_mod`` (None: no rule)."""
     rules = [rule.mask_mod(num_queries, num_keys, device) for rule in (mask,) if rule is not None]
     if causal:
-        from selfattention.masks import causal as causal_rule
-
         rules.append(causal_rule().mask_mod(num_queries, num_keys, device))
     if len(rules) < 2:
         return rules[0] if rules else None
@@ -147,9 +145,7 @@ def attention(
         context, _ = sdpa.attention(query, key, value, mask=mask, causal=causal, scale=scale, dropout_p=0.0,
                                     return_weights=False)  # fmt: skip
         return context, None
-    from selfattention.backends.blocksparse import _as_4d
-
-    q, k, v = _as_4d(query), _as_4d(key), _as_4d(value)
+    q, k, v = as_4d(query), as_4d(key), as_4d(value)
     if not supported(q, k, v):
         return tiled.attention(query, key, value, mask=mask, causal=causal, scale=scale, dropout_p=0.0,
                                return_weights=False)  # fmt: skip

@@ -11,7 +11,8 @@ import math
 import torch
 from torch import Tensor
 
-from selfattention.functional import LOW_PRECISION
+from selfattention.checks import LOW_PRECISION
+from selfattention.steps import softmax_rows
 
 
 def attention(
@@ -46,11 +47,7 @@ def attention(
                 score = score.masked_fill(~m, -math.inf) if m.dtype == torch.bool else score + m
             scores_i.append(score.expand(lead))
         omega = torch.stack(scores_i, dim=-1)  # (..., S)
-        best = omega.amax(-1, keepdim=True).detach()
-        best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
-        exp = torch.exp(omega - best)
-        total = exp.sum(-1, keepdim=True)
-        alpha = exp / torch.where(total > 0, total, torch.ones_like(total))  # α_i: sums to 1 (0 if masked)
+        alpha = softmax_rows(omega)  # α_i: sums to 1 (0 if every key is masked)
         z_i = torch.zeros(*lead, value.shape[-1], dtype=value.dtype, device=value.device)
         for j in range(num_keys):
             z_i = z_i + alpha[..., j : j + 1] * value[..., j, :]  # z_i += α_ij v_j

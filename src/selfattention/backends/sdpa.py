@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfattention.backends.matrix import combined_mask
+from selfattention.backends.math import combined_mask
 
 
 def attention(

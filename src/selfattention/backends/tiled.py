@@ -37,23 +37,19 @@ tensors it closes over (such as learnable slopes) receive no gradient.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from selfattention import checks
+from selfattention.backends.recompute import recompute_attention
 from selfattention.backends.tiles import AnyMask, Tiles, apply_mask
-from selfattention.functional import ScoreMod
+from selfattention.steps import ScoreMod
 
 BLOCK_Q = 256
 """Default number of queries per tile."""
 BLOCK_K = 512
 """Default number of keys per tile."""
-
-
-def work_dtype(tensor: Tensor) -> torch.dtype:
-    return checks.work_dtype(tensor.dtype)
 
 
 def _tile_scores(
@@ -118,7 +114,7 @@ def tiled_forward(
     """
     tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block_q, block_k=block_k,
                   q_offset=q_offset, kv_offset=kv_offset, total=total)  # fmt: skip
-    work = work_dtype(q)
+    work = checks.work_dtype(q.dtype)
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
     out = torch.zeros(*lead, q.shape[-2], v.shape[-1], dtype=work, device=q.device)
     lse = torch.full((*lead, q.shape[-2]), -math.inf, dtype=work, device=q.device)
@@ -180,7 +176,7 @@ def tiled_backward(
     """
     tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block_q, block_k=block_k,
                   q_offset=q_offset, kv_offset=kv_offset, total=total)  # fmt: skip
-    work = work_dtype(q)
+    work = checks.work_dtype(q.dtype)
     grad_out, out = grad_out.to(work), out.to(work)
     delta = (grad_out * out).sum(dim=-1)  # D_i = rowsum(dO ∘ O), (..., T)
     lse = torch.where(torch.isfinite(lse), lse, math.inf).to(work)  # no key allowed: P = exp(-inf) = 0
@@ -232,23 +228,6 @@ def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -
     return out.to(out_a.dtype), lse
 
 
-class _TiledAttention(torch.autograd.Function):
-    """Autograd for :func:`tiled_forward`: saves q, k, v, out and lse, recomputes the rest."""
-
-    @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, options: dict) -> Tensor:
-        out, lse = tiled_forward(q, k, v, **options)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = options
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = tiled_backward(q, k, v, out, lse, grad_out, **ctx.options)
-        return dq, dk, dv, None
-
-
 def attention(
     query: Tensor,
     key: Tensor,
@@ -265,4 +244,4 @@ def attention(
     assert dropout_p == 0 and not return_weights, "checked by choose_backend"
     options = {"scale": scale, "mask": mask, "causal": causal, "score_mod": score_mod,
                "block_q": BLOCK_Q, "block_k": BLOCK_K}  # fmt: skip
-    return _TiledAttention.apply(query, key, value, options), None
+    return recompute_attention(query, key, value, forward=tiled_forward, backward=tiled_backward, options=options), None

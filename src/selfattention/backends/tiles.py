@@ -149,6 +149,25 @@ class Tiles:
         return b, h, q_idx, kv_idx
 
 
+def materialize_mask(mask: MaskDescription, query: Tensor, num_keys: int) -> Tensor:
+    """The boolean tensor of a mask description for ``query (..., H, T, D)``, broadcastable to the scores.
+
+    The description's ``b`` indexes the dimensions before ``H`` flattened, ``h`` indexes ``H``.
+    """
+    batch, heads = batch_and_heads(query)
+    tensor = mask.materialize(batch, heads, query.shape[-2], num_keys, device=query.device)
+    return to_rank(tensor, query)
+
+
+def as_4d(tensor: Tensor) -> Tensor:
+    """``(..., H, L, W)`` -> ``(B, H, L, W)`` with B the leading dims flattened (1 when absent)."""
+    if tensor.dim() == 4:
+        return tensor
+    if tensor.dim() < 4:
+        return tensor.reshape((1,) * (4 - tensor.dim()) + tuple(tensor.shape))
+    return tensor.reshape(-1, *tensor.shape[-3:])
+
+
 def apply_mask(scores: Tensor, tile: Tensor | None) -> Tensor:
     """Scores with a tile's mask applied: -inf where a boolean mask forbids, a float mask added."""
     if tile is None:

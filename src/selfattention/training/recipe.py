@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from selfattention.models.gpt import GPT, GPTConfig
-from selfattention.training import distributed
+from selfattention.training import ddp
 from selfattention.training.checkpoint import (
     Checkpoint,
     check_weights,
@@ -113,17 +113,17 @@ def train_gpt(options: RunOptions) -> RunResult:
     Raises:
         ValueError: a bad corpus, preset or checkpoint, or a resume on a different corpus.
     """
-    info = distributed.setup(device=options.device)
+    info = ddp.setup(device=options.device)
     try:
         result = _train(options, info)
     except BaseException:
-        distributed.teardown(info, wait=False)
+        ddp.teardown(info, wait=False)
         raise
-    distributed.teardown(info)
+    ddp.teardown(info)
     return result
 
 
-def _train(options: RunOptions, info: distributed.DistInfo) -> RunResult:
+def _train(options: RunOptions, info: ddp.DistInfo) -> RunResult:
     text = read_corpus(options.corpus)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if options.resume and (options.model or options.train):
@@ -202,7 +202,7 @@ def _train(options: RunOptions, info: distributed.DistInfo) -> RunResult:
             plot_losses(history.train, history.val, Path(options.out) / LOSS_CURVE, title=title)
 
     trainer = Trainer(
-        distributed.wrap(model, info),
+        ddp.wrap(model, info),
         train_config,
         train_batch,
         val_batch,

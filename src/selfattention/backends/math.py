@@ -5,13 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from selfattention.functional import (
-    LOW_PRECISION,
-    attention_scores,
-    attention_weights,
-    causal_mask,
-    context_vectors,
-)
+from selfattention.checks import LOW_PRECISION
+from selfattention.steps import attention_scores, attention_weights, causal_mask, context_vectors
 
 
 def combined_mask(
