@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfattention import checks
-from selfattention.backends import BACKENDS
+from selfattention.backends import BACKENDS, check_name
 from selfattention.functional import attention, materialize_mask
 from selfattention.kv_cache import KVCache
 from selfattention.masks import MaskDescription
@@ -50,11 +50,6 @@ Rope = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
 is the position of the first new token (the number of tokens already in the KV cache, else 0)."""
 
 Recorder = Callable[..., None]
-
-
-def _check_backend(backend: str) -> None:
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {['auto', *BACKENDS]}")
 
 
 def _check_input(x: Tensor, d_in: int, context_length: int | None, cached: int = 0) -> None:
@@ -78,7 +73,7 @@ class AttentionModule(nn.Module):
         super().__init__()
         checks.dropout(dropout)
         checks.scale(scale)
-        _check_backend(backend)
+        check_name(backend)
         self.dropout = float(dropout)
         self.backend = backend
         self.scale = scale
@@ -102,7 +97,6 @@ class AttentionModule(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         recorder = self._recorder
         if recorder is None and not return_weights:
-            backend = "math" if self.backend == "auto" and dropout_p > 0 else self.backend
             context = attention(
                 query,
                 key,
@@ -111,7 +105,7 @@ class AttentionModule(nn.Module):
                 causal=causal,
                 scale=self.scale,
                 dropout_p=dropout_p,
-                backend=backend,
+                backend=self.backend,
             )
             return context, None
         if isinstance(mask, MaskDescription):  # the eager path records and returns tensors
