@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from selfattention.kv_cache import rotate_half
 from selfattention.modules import KVCache, MultiHeadAttention
 
 
@@ -111,11 +112,7 @@ class PositionedRope:
 
     def __call__(self, query: Tensor, key: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """``(query, key)`` rotated."""
-        return self._rotate(query), self._rotate(key)
-
-    def _rotate(self, x: Tensor) -> Tensor:
-        first, second = x.chunk(2, dim=-1)  # (..., D) -> two (..., D/2)
-        return x * self.cos + torch.cat([-second, first], dim=-1) * self.sin
+        return rotate_half(query, self.cos, self.sin), rotate_half(key, self.cos, self.sin)
 
 
 class LlamaAttention(MultiHeadAttention):
