@@ -53,15 +53,23 @@ def same_width(queries: Tensor, keys: Tensor) -> None:
         )
 
 
-def qkv(query: Tensor, key: Tensor, value: Tensor) -> tuple[float, float, float]:
+def qkv(
+    query: Tensor, key: Tensor, value: Tensor, bounds: tuple[float, float, float] | None = None
+) -> tuple[float, float, float]:
     """Check the inputs of :func:`selfattention.attention`: types, dtypes, widths, lengths and finiteness.
 
     The whole input contract is written down in ``docs/input-contract.md``; :func:`leading` checks the
     leading (batch and head) dimensions and :func:`magnitudes` the overflow limits.
 
+    Args:
+        bounds: finite upper bounds on ``max |query|``, ``max |key|``, ``max |value|`` that the caller
+            already established (a module whose KV cache checked every entry as it was written); the
+            tensors are then not scanned again. Anything else (a NaN, an infinity, a negative number) is
+            refused.
+
     Returns:
         The largest absolute entry of query, key and value (one reduction each, which also shows they are
-        finite), for :func:`magnitudes`.
+        finite), or ``bounds``, for :func:`magnitudes`.
     """
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         floating(name, tensor)
@@ -86,8 +94,21 @@ def qkv(query: Tensor, key: Tensor, value: Tensor) -> tuple[float, float, float]
         raise ValueError(
             f"key and value must have the same leading dimensions: key {tuple(key.shape)}, value {tuple(value.shape)}"
         )
-    largest = (_largest(query), _largest(key), _largest(value))
-    for name, tensor, found in zip(("query", "key", "value"), (query, key, value), largest, strict=True):
+    if bounds is not None:
+        if len(bounds) != 3 or not all(math.isfinite(b) and b >= 0 for b in bounds):
+            raise ValueError(f"bounds must be three finite numbers >= 0 (max |q|, |k|, |v|), got {bounds}")
+        return bounds
+    largest_query, largest_key, largest_value = largest_finite(query=query, key=key, value=value)
+    return largest_query, largest_key, largest_value
+
+
+def largest_finite(**tensors: Tensor) -> tuple[float, ...]:
+    """``max |tensor|`` of each named tensor, in order; raise ValueError naming the first non-finite entry.
+
+    One reduction per tensor both bounds the entries (for :func:`magnitudes`) and shows they are finite.
+    """
+    largest = tuple(_largest(tensor) for tensor in tensors.values())
+    for (name, tensor), found in zip(tensors.items(), largest, strict=True):
         if not math.isfinite(found):
             finite(name, tensor)  # names the first non-finite entry
     return largest

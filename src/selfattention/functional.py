@@ -67,6 +67,7 @@ def attention(
     backend: str = ...,
     return_weights: Literal[False] = ...,
     score_mod: ScoreMod | None = ...,
+    bounds: tuple[float, float, float] | None = ...,
 ) -> Tensor: ...
 @overload
 def attention(
@@ -81,6 +82,7 @@ def attention(
     backend: str = ...,
     return_weights: Literal[True],
     score_mod: ScoreMod | None = ...,
+    bounds: tuple[float, float, float] | None = ...,
 ) -> tuple[Tensor, Tensor]: ...
 def attention(
     query: Tensor,
@@ -94,6 +96,7 @@ def attention(
     backend: str = "auto",
     return_weights: bool = False,
     score_mod: ScoreMod | None = None,
+    bounds: tuple[float, float, float] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Scaled dot-product attention: ``softmax(Q Kᵀ · scale + mask) V``, through a chosen backend.
 
@@ -133,6 +136,9 @@ def attention(
         return_weights: also return α (after dropout) from an eager backend.
         score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` applied to the scaled scores before
             the mask (ALiBi, soft-capping); only the ``"tiled"`` backend takes it.
+        bounds: ``(max |query|, max |key|, max |value|)`` when the caller has already checked the inputs
+            (finite upper bounds, as a module with a KV cache keeps them); the inputs are then not scanned
+            again. Bounds that are too small could let an overflow through: pass only measured ones.
 
     Returns:
         Context ``(..., H, T, E)`` with the broadcast leading dimensions; with ``return_weights=True``,
@@ -147,12 +153,16 @@ def attention(
     >>> attention(x, x, x, scale=1.0).shape
     torch.Size([2, 2])
     """
-    largest = checks.qkv(query, key, value)
-    query, key, value = broadcast_inputs(query, key, value)
+    largest = checks.qkv(query, key, value, bounds)
+    num_queries, num_keys = query.shape[-2], key.shape[-2]
     if mask is not None:
-        checks.mask(mask, (*query.shape[:-1], key.shape[-2]))
-    if is_causal(mask, query.shape[-2], key.shape[-2]):
+        checks.mask(mask, (*checks.leading(query, key), num_queries, num_keys))
+    if is_causal(mask, num_queries, num_keys):
         mask, causal = None, True  # the same mask, and the fused kernel has a fast path for the flag
+    folded = _foldable(query, key, mask, causal, score_mod)
+    if folded:  # grouped-query heads read their shared keys as rows of one query block: no copy of K, V
+        causal, query = False, fold_query_groups(query, key.shape[-3])
+    query, key, value = broadcast_inputs(query, key, value)
     checks.dropout(dropout_p)
     checks.scale(scale)
     if scale is None:
@@ -186,6 +196,9 @@ def attention(
             **extra,
         )
     checks.overflowed("the attention output", context)
+    if folded:
+        context = unfold_query_groups(context, num_queries)
+        weights = None if weights is None else unfold_query_groups(weights, num_queries)
     if return_weights:
         assert weights is not None, f"backend {chosen.name!r} returned no weights"
         return context, weights
@@ -206,6 +219,40 @@ def broadcast_inputs(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor,
         key, value = expand_kv_heads(query, key, value)  # grouped-query heads: (..., G, S, D) -> (..., H, S, D)
     query, key, value = (x if x.shape[:-2] == lead else x.expand(*lead, *x.shape[-2:]) for x in (query, key, value))
     return query, key, value
+
+
+def _foldable(
+    query: Tensor, key: Tensor, mask: Tensor | MaskDescription | None, causal: bool, score_mod: ScoreMod | None
+) -> bool:
+    """Whether :func:`fold_query_groups` computes the same as repeating the key/value heads.
+
+    Only when every query row of a head sees the same keys: no causal mask (or a single query, for which
+    the bottom-right causal mask allows every key), a mask that is the same for every head and query
+    (``(..., 1, 1, S)``, a padding mask) or none, and no ``score_mod`` (it reads the head index).
+    """
+    if query.dim() < 3 or key.dim() < 3 or score_mod is not None or isinstance(mask, MaskDescription):
+        return False
+    heads, kv_heads, num_queries = query.shape[-3], key.shape[-3], query.shape[-2]
+    if not 1 < kv_heads < heads or heads % kv_heads or num_queries == 0 or (causal and num_queries > 1):
+        return False
+    return mask is None or all(size == 1 for size in mask.shape[-3:-1])  # (S,), (1, S), (..., 1, 1, S)
+
+
+def fold_query_groups(query: Tensor, kv_heads: int) -> Tensor:
+    """``(..., H, T, D)`` -> ``(..., G, H/G * T, D)``: the query heads that share a key/value head, as rows.
+
+    Query head ``h`` reads key/value head ``h // (H // G)``, so heads ``g * H/G .. (g + 1) * H/G - 1`` stack
+    into the rows of group ``g``; attention of each row is computed alone, hence the same numbers as with the
+    key/value heads repeated, without copying them (decoding reads the whole KV cache every step).
+    """
+    *lead, heads, num_queries, width = query.shape
+    return query.reshape(*lead, kv_heads, heads // kv_heads * num_queries, width)
+
+
+def unfold_query_groups(rows: Tensor, num_queries: int) -> Tensor:
+    """Undo :func:`fold_query_groups` on any per-row result: ``(..., G, H/G * T, X)`` -> ``(..., H, T, X)``."""
+    *lead, kv_heads, folded, width = rows.shape
+    return rows.reshape(*lead, kv_heads * (folded // num_queries), num_queries, width)
 
 
 def _without_work(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:

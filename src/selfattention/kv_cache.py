@@ -35,10 +35,13 @@ Use the caches under ``torch.no_grad()`` (the buffers are written in place).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from selfattention import checks
 
 POLICIES = ("full", "window", "sinks")
 """The cache policies, in the order ``generate --cache`` lists them."""
@@ -85,6 +88,7 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
+        self._largest = (0.0, 0.0)  # max |key|, max |value| of everything written since the last reset
 
     @property
     def max_len(self) -> int:
@@ -113,15 +117,36 @@ class KVCache:
             raise ValueError(
                 f"KV cache overflow: {self.length} cached + {new} new positions exceed max_len={self.max_len}"
             )
+        largest_key, largest_value = checks.largest_finite(key=key, value=value)
+        fits = torch.finfo(self.keys.dtype).max
+        if max(largest_key, largest_value) > fits:
+            raise ValueError(
+                f"keys up to {largest_key:.3g} and values up to {largest_value:.3g} do not fit a cache of "
+                f"{self.keys.dtype} (largest {fits:.3g})"
+            )
         end = self.length + new
         self.keys[:, :, self.length : end] = key
         self.values[:, :, self.length : end] = value
+        self._largest = (max(self._largest[0], largest_key), max(self._largest[1], largest_value))
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
     def rotate_queries(self, query: Tensor) -> Tensor:
         """The new queries ``(B, H, T, D)`` as attention should see them: unchanged (see :class:`RollingKVCache`)."""
         return query
+
+    def bounds(self, largest_query: float) -> tuple[float, float, float]:
+        """Upper bounds on ``max |q|``, ``max |k|``, ``max |v|`` of what attention reads after :meth:`update`.
+
+        ``largest_query`` is ``max |q|`` of the new queries before :meth:`rotate_queries`. Every key and value
+        was checked finite when it was written, and the cache keeps the largest it has seen (tokens since
+        evicted or undone included, so the bounds may be loose, never too small): attention need not scan
+        the whole cache again at every decoding step (:func:`selfattention.attention`'s ``bounds``).
+        Rotation by RoPE mixes pairs of entries, ``|x1 cos - x2 sin| <= sqrt(2) max(|x1|, |x2|)``, so
+        rotated queries and keys are bounded by ``sqrt(2)`` times the unrotated ones.
+        """
+        growth = 1.0 if self.rotary is None else math.sqrt(2.0)
+        return largest_query * growth, self._largest[0] * growth, self._largest[1]
 
     def length_after(self, num_new: int) -> int:
         """How many positions :meth:`update` with ``num_new`` new ones will return (the keys attended to)."""
@@ -134,6 +159,7 @@ class KVCache:
     def reset(self) -> None:
         """Forget the cached positions (the buffers are kept and overwritten)."""
         self.length = 0
+        self._largest = (0.0, 0.0)
 
 
 class RollingKVCache(KVCache):

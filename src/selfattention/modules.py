@@ -88,11 +88,13 @@ class AttentionModule(nn.Module):
         mask: Tensor | MaskDescription | None = None,
         causal: bool = False,
         return_weights: bool = False,
+        bounds: tuple[float, float, float] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attention over ``query (..., H, T, D)``, ``key (..., G, S, D)``, ``value (..., G, S, E)``.
 
         Returns ``(context (..., H, T, E), weights (..., H, T, S) or None)``; the weights are computed
         (by an eager backend) only when asked for or when :func:`capture` is recording this module.
+        ``bounds``: as for :func:`selfattention.attention`, when the caller checked the inputs already.
         """
         dropout_p = self.dropout if self.training else 0.0
         recorder = self._recorder
@@ -106,6 +108,7 @@ class AttentionModule(nn.Module):
                 scale=self.scale,
                 dropout_p=dropout_p,
                 backend=self.backend,
+                bounds=bounds,
             )
             return context, None
         if isinstance(mask, MaskDescription):  # the eager path records and returns tensors
@@ -121,6 +124,7 @@ class AttentionModule(nn.Module):
             dropout_p=dropout_p,
             backend=eager,
             return_weights=True,
+            bounds=bounds,
         )
         if recorder is not None:
             scale = self.scale if self.scale is not None else 1.0 / math.sqrt(query.shape[-1])
@@ -394,13 +398,14 @@ class MultiHeadAttention(AttentionModule):
         mask = self._padding_mask(key_padding_mask, batch, num_keys, unbatched)
         if attn_mask is not None:
             checks.mask(attn_mask, (heads, num_tokens, num_keys) if unbatched else (batch, heads, num_tokens, num_keys))
-        for name, tensor in (("query", q), ("key", k), ("value", v)):
-            checks.finite(name, tensor)
+        largest_query, largest_key, largest_value = checks.largest_finite(query=q, key=k, value=v)
+        bounds = (largest_query, largest_key, largest_value)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, G, S, D), S = cached + T
             q = kv_cache.rotate_queries(q)  # a rolling cache rotates by the place in the cache (kv_cache.py)
+            bounds = kv_cache.bounds(largest_query)  # what was written was checked: attention need not rescan
         try:
-            context, weights = self._attend_all(q, k, v, mask, attn_mask, unbatched, num_tokens, return_weights)
+            context, weights = self._attend_all(q, k, v, mask, attn_mask, unbatched, num_tokens, return_weights, bounds)
         except Exception:
             if kv_cache is not None:  # refused late (e.g. the scores overflowed): forget what was written
                 kv_cache.undo(num_tokens)
@@ -426,8 +431,12 @@ class MultiHeadAttention(AttentionModule):
         unbatched: bool,
         num_tokens: int,
         return_weights: bool,
+        bounds: tuple[float, float, float] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Attention of ``q (B, H, T, D)`` over ``k, v (B, G, S, D)`` with the masks; ``(B, H, T, D)`` out."""
+        """Attention of ``q (B, H, T, D)`` over ``k, v (B, G, S, D)`` with the masks; ``(B, H, T, D)`` out.
+
+        ``bounds``: ``max |q|, |k|, |v|`` already checked by :meth:`forward` (see :func:`selfattention.attention`).
+        """
         # Bottom-right causal with a single query is no mask at all: skip building one while decoding.
         causal = self.causal and num_tokens > 1
         if unbatched:
@@ -437,7 +446,9 @@ class MultiHeadAttention(AttentionModule):
             context, weights = self.context_parallel.attend(q, k, v, causal=self.causal, scale=self.scale), None
         else:
             combined = _with_attn_mask(mask, attn_mask, q, k.shape[-2])
-            context, weights = self.attend(q, k, v, mask=combined, causal=causal, return_weights=return_weights)
+            context, weights = self.attend(
+                q, k, v, mask=combined, causal=causal, return_weights=return_weights, bounds=bounds
+            )
         return context, weights
 
     def _project(self, x: Tensor) -> tuple[Tensor, ...]:

@@ -1,0 +1,92 @@
+"""Grouped-query heads computed as rows of one query block (``functional.fold_query_groups``).
+
+When every query row of a head sees the same keys (one query, or no causal mask; a mask the same for every head
+and row), the query heads sharing a key/value head are stacked as rows instead of repeating K and V. These
+tests compare that path with the float64 reference that repeats the heads, and check the cases that must not
+take it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import reference_attention
+from selfattention import attention
+from selfattention.backends import BACKENDS
+from selfattention.functional import _foldable, fold_query_groups, unfold_query_groups
+
+NAMES = [name for name in BACKENDS if name != "flex"]
+TOL = {"atol": 2e-6, "rtol": 1e-5}  # float32 against float64: a few ulps of the results (|z| < 3)
+
+
+def _qkv(batch: int, heads: int, kv_heads: int, t: int, s: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, heads, t, 8, generator=g),
+        torch.randn(batch, kv_heads, s, 8, generator=g),
+        torch.randn(batch, kv_heads, s, 8, generator=g),
+    )
+
+
+def test_fold_puts_the_heads_of_a_group_in_its_rows_and_unfold_undoes_it() -> None:
+    q = torch.arange(2 * 6 * 3 * 4.0).reshape(2, 6, 3, 4)  # (B, H, T, D), H = 6 heads in G = 2 groups
+    folded = fold_query_groups(q, 2)
+    assert folded.shape == (2, 2, 9, 4)
+    assert torch.equal(folded[1, 1, 3:6], q[1, 4])  # group 1 holds heads 3, 4, 5: its rows 3..5 are head 4
+    assert torch.equal(unfold_query_groups(folded, 3), q)
+
+
+@pytest.mark.parametrize("backend", NAMES)
+def test_decoding_step_with_a_padding_mask_equals_repeated_heads(backend: str) -> None:
+    q, k, v = _qkv(2, 6, 2, 1, 13, seed=1)
+    padding = torch.ones(2, 1, 1, 13, dtype=torch.bool)
+    padding[1, ..., :4] = False  # the second row of the batch starts with 4 padding tokens
+    assert _foldable(q, k, padding, True, None)
+    want, want_weights = reference_attention(q, k, v, mask=padding, causal=True)
+    assert_close(attention(q, k, v, mask=padding, causal=True, backend=backend), want.float(), **TOL)
+    if BACKENDS[backend].returns_weights:
+        _, weights = attention(q, k, v, mask=padding, causal=True, backend=backend, return_weights=True)
+        assert weights.shape == (2, 6, 1, 13)
+        assert_close(weights, want_weights.float(), **TOL)
+
+
+@pytest.mark.parametrize("backend", NAMES)
+def test_several_queries_without_a_causal_mask_equal_repeated_heads(backend: str) -> None:
+    q, k, v = _qkv(1, 4, 2, 5, 7, seed=2)
+    assert _foldable(q, k, None, False, None)
+    assert_close(attention(q, k, v, backend=backend), reference_attention(q, k, v)[0].float(), **TOL)
+
+
+@pytest.mark.parametrize(
+    ("t", "causal", "mask_shape"),
+    [
+        (5, True, None),  # rows of a causal mask see different keys
+        (1, False, (1, 4, 1, 7)),  # a mask per head
+        (3, False, (1, 1, 3, 7)),  # a mask per query row
+    ],
+)
+def test_masks_that_differ_between_rows_keep_the_heads_apart(t: int, causal: bool, mask_shape: tuple | None) -> None:
+    q, k, v = _qkv(1, 4, 2, t, 7, seed=3)
+    mask = None
+    if mask_shape is not None:
+        mask = torch.rand(mask_shape, generator=torch.Generator().manual_seed(4)) > 0.4
+        mask[..., -1] = True
+    assert not _foldable(q, k, mask, causal, None)
+    want = reference_attention(q, k, v, mask=mask, causal=causal)[0].float()
+    assert_close(attention(q, k, v, mask=mask, causal=causal, backend="math"), want, **TOL)
+
+
+def test_folding_leaves_gradients_unchanged() -> None:
+    grads = []
+    for heads_repeated in (False, True):
+        q, k, v = (x.requires_grad_() for x in _qkv(1, 6, 3, 1, 9, seed=5))
+        if heads_repeated:  # the old way, G = H after repeating: nothing to fold
+            out = attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), backend="math")
+        else:
+            out = attention(q, k, v, backend="math")
+        out.pow(2).sum().backward()
+        grads.append([x.grad for x in (q, k, v)])
+    for folded, repeated in zip(*grads, strict=True):
+        assert_close(folded, repeated, atol=1e-6, rtol=1e-5)
