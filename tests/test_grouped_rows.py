@@ -90,3 +90,10 @@ def test_folding_leaves_gradients_unchanged() -> None:
         grads.append([x.grad for x in (q, k, v)])
     for folded, repeated in zip(*grads, strict=True):
         assert_close(folded, repeated, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bounds", [(float("nan"), 1.0, 1.0), (1.0, float("inf"), 1.0), (1.0, -1.0, 1.0), (1.0, 1.0)])
+def test_bounds_that_cannot_be_bounds_are_refused(bounds: tuple[float, ...]) -> None:
+    q, k, v = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match=r"bounds must be three finite numbers >= 0"):
+        attention(q, k, v, bounds=bounds)  # type: ignore[arg-type]

@@ -176,3 +176,51 @@ def test_a_refused_call_leaves_a_rolling_cache_consistent() -> None:
         mha(torch.randn(1, 1, 4), kv_cache=cache)  # the next good call appends after the kept tokens
         assert (cache.length, cache.kept()) == (4, [0, 2, 3, 4])
         assert_close(cache.keys[:, :, :3], before)
+
+
+def _rope_tables(positions: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.arange(positions)[:, None] * 10000 ** (-torch.arange(width // 2) / (width // 2))
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("rolling", [False, True])
+def test_cache_bounds_are_never_below_what_attention_reads(rolling: bool) -> None:
+    """The bounds a cache hands to attention hold for the keys it returns, rotated ones included."""
+    generator = torch.Generator().manual_seed(3)
+    cache: KVCache = (
+        RollingKVCache(2, 1, 8, window=5, sinks=2, rotary=_rope_tables(7, 8)) if rolling else KVCache(2, 1, 16, 8)
+    )
+    for step in range(12 if rolling else 4):
+        scale = 1.0 + 4 * (step == 1)  # one loud step early: the bound must remember it after eviction
+        key = torch.randn(2, 1, 1, 8, generator=generator) * scale
+        value = torch.randn(2, 1, 1, 8, generator=generator) * scale
+        query = torch.randn(2, 1, 1, 8, generator=generator)
+        keys, values = cache.update(key, value)
+        rotated = cache.rotate_queries(query)
+        bound_q, bound_k, bound_v = cache.bounds(query.abs().max().item())
+        assert rotated.abs().max().item() <= bound_q
+        assert keys.abs().max().item() <= bound_k and values.abs().max().item() <= bound_v
+    assert bound_v >= 5 * 0.5  # the loud step is remembered (loose, never too small)
+    cache.reset()
+    assert cache.bounds(0.0) == (0.0, 0.0, 0.0)
+
+
+def test_a_cache_refuses_what_its_buffers_cannot_hold() -> None:
+    cache = KVCache(1, 1, 4, 2, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"do not fit a cache of torch.float16 \(largest 6.55e\+04\)"):
+        cache.update(torch.full((1, 1, 1, 2), 7e4), torch.zeros(1, 1, 1, 2))
+    with pytest.raises(ValueError, match="key contains a non-finite value nan"):
+        cache.update(torch.full((1, 1, 1, 2), float("nan")), torch.zeros(1, 1, 1, 2))
+    assert cache.length == 0
+
+
+def test_overflow_is_still_refused_when_the_cache_supplies_the_bounds() -> None:
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(4, 4, 16, 0.0, num_heads=2, num_kv_heads=1).eval()
+    cache = KVCache(1, 1, 16, 2)
+    with torch.no_grad():
+        mha(torch.randn(1, 3, 4), kv_cache=cache)
+        with pytest.raises(ValueError, match="overflow"):
+            mha(torch.full((1, 1, 4), 3e19), kv_cache=cache)
+    assert cache.length == 3
