@@ -107,8 +107,12 @@ def _pre_hook(num_heads: int, edit: HeadEdit) -> Callable[[nn.Module, tuple[Any,
     return hook
 
 
-def _check_heads(model: nn.Module, heads: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
-    """``{layer: [head, ...]}`` of ``heads``, checked against the model."""
+def check_heads(model: nn.Module, heads: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
+    """``{layer: [head, ...]}`` of ``(layer, head)`` pairs, checked against the model.
+
+    Raises:
+        ValueError: a layer or head out of range, naming the model's range.
+    """
     modules = attention_modules(model)
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
@@ -135,7 +139,7 @@ def ablate_heads(
         ValueError: a layer or head out of range.
     """
     edits: dict[int, HeadEdit] = {}
-    for layer, chosen in _check_heads(model, heads).items():
+    for layer, chosen in check_heads(model, heads).items():
         fill = None if means is None else means[layer][chosen]  # (h, E)
 
         def edit(z: Tensor, chosen: list[int] = chosen, fill: Tensor | None = fill) -> Tensor:
@@ -179,7 +183,7 @@ def patch_heads(model: nn.Module, heads: Sequence[tuple[int, int]], source: Sequ
         ValueError: a layer or head out of range.
     """
     edits: dict[int, HeadEdit] = {}
-    for layer, chosen in _check_heads(model, heads).items():
+    for layer, chosen in check_heads(model, heads).items():
 
         def edit(z: Tensor, chosen: list[int] = chosen, clean: Tensor = source[layer]) -> Tensor:
             z[:, :, chosen] = clean[:, :, chosen].to(z.dtype)
