@@ -92,14 +92,14 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "json":
         sys.stdout.write(json_text(_document(result, tokens, lm.name, args)))
         return 0
-    sys.stdout.write(to_text(result, tokens, lm.name, args))
+    sys.stdout.write(to_text(result, tokens, lm.name, args, token_labels([lm.decode([i]) for i in clean])))
     if args.plot:
         print(f"\nheatmaps written to {args.plot}/patch_heads.png and patch_residual.png")
     return 0
 
 
-def to_text(result: Any, tokens: list[str], name: str, args: argparse.Namespace) -> str:
-    """The tables the command prints."""
+def to_text(result: Any, tokens: list[str], name: str, args: argparse.Namespace, clean: list[str]) -> str:
+    """The tables the command prints (``tokens``: the corrupted prompt's, ``clean``: the clean prompt's)."""
     metric = f"logit({args.answer!r}) - logit({args.wrong!r})"
     lines = [
         f"{name}: {metric} at the last position",
@@ -111,11 +111,12 @@ def to_text(result: Any, tokens: list[str], name: str, args: argparse.Namespace)
     restored = result.restored(result.heads)
     values, flat = restored.flatten().topk(min(args.top, restored.numel()))
     width = restored.shape[1]
-    lines += [f"  {i // width}.{i % width:<4} {float(v):+.3f}" for v, i in zip(values, flat.tolist(), strict=True)]
+    lines += [f"  {f'{i // width}.{i % width}':<6} {float(v):+.3f}" for v, i in zip(values, flat.tolist(), strict=True)]
     if not args.no_residual:
         residual = result.restored(result.residual)
-        label = max(6, *(len(t) for t in tokens))
+        label = max(6, *(len(t) for t in tokens + clean))
         lines += ["", "residual stream entering each layer, patched at one position (fraction restored):"]
+        lines.append("  clean " + "".join(f"{t[:label]:>{label + 1}}" for t in clean))
         lines.append("  layer " + "".join(f"{t[:label]:>{label + 1}}" for t in tokens))
         for layer, row in enumerate(residual):
             lines.append(f"  {layer:>5} " + "".join(f"{float(v):>{label + 1}.2f}" for v in row))
