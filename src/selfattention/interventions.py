@@ -138,12 +138,26 @@ def ablate_heads(
     Raises:
         ValueError: a layer or head out of range.
     """
+    with replace_heads(model, heads, lambda layer, chosen: 0.0 if means is None else means[layer][chosen]):
+        yield
+
+
+@contextmanager
+def replace_heads(
+    model: nn.Module, heads: Sequence[tuple[int, int]], value: Callable[[int, list[int]], Tensor | float]
+) -> Iterator[None]:
+    """Run ``model`` with the outputs of ``heads`` set to ``value(layer, chosen)``, the replacement of
+    ``z[:, :, chosen]`` (``(B, T, h, E)`` or anything that broadcasts to it) for the heads ``chosen`` of a layer.
+
+    Raises:
+        ValueError: a layer or head out of range.
+    """
     edits: dict[int, HeadEdit] = {}
     for layer, chosen in check_heads(model, heads).items():
-        fill = None if means is None else means[layer][chosen]  # (h, E)
+        replacement = value(layer, chosen)
 
-        def edit(z: Tensor, chosen: list[int] = chosen, fill: Tensor | None = fill) -> Tensor:
-            z[:, :, chosen] = 0.0 if fill is None else fill.to(z.dtype)
+        def edit(z: Tensor, chosen: list[int] = chosen, new: Tensor | float = replacement) -> Tensor:
+            z[:, :, chosen] = new.to(z.dtype) if isinstance(new, Tensor) else new
             return z
 
         edits[layer] = edit
@@ -182,15 +196,7 @@ def patch_heads(model: nn.Module, heads: Sequence[tuple[int, int]], source: Sequ
     Raises:
         ValueError: a layer or head out of range.
     """
-    edits: dict[int, HeadEdit] = {}
-    for layer, chosen in check_heads(model, heads).items():
-
-        def edit(z: Tensor, chosen: list[int] = chosen, clean: Tensor = source[layer]) -> Tensor:
-            z[:, :, chosen] = clean[:, :, chosen].to(z.dtype)
-            return z
-
-        edits[layer] = edit
-    with edit_heads(model, edits):
+    with replace_heads(model, heads, lambda layer, chosen: source[layer][:, :, chosen]):
         yield
 
 
