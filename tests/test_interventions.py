@@ -144,3 +144,24 @@ def test_bad_heads_and_prompts_are_named() -> None:
         patching_effects(model, IDS[:1], IDS[:1, :7], 1, 2)
     with pytest.raises(ValueError, match="answer token 99 is outside the vocabulary 0-22"):
         patching_effects(model, IDS[:1], IDS[1:], 99, 2)
+
+
+@torch.no_grad()
+def test_edits_keep_the_attention_on_its_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import selfattention.modules as modules
+
+    model = random_gpt(num_layers=2)
+    eager_calls = []
+    fast = modules.attention
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        eager_calls.append(kwargs.get("return_weights", False))
+        return fast(*args, **kwargs)
+
+    monkeypatch.setattr(modules, "attention", watched)
+    source = head_outputs(model, IDS[:1])
+    with ablate_heads(model, [(0, 1)]), patch_heads(model, [(1, 2)], source):
+        model(IDS[1:])
+    with patch_residual(model, 1, residual_inputs(model, IDS[:1])[1]):
+        model(IDS[1:])
+    assert len(eager_calls) == 2 * 4 and not any(eager_calls)  # 4 runs of 2 layers, none asking for α
