@@ -21,7 +21,7 @@ from selfattention.cli.options import float32_number, json_text
 from selfattention.walkthrough import walk
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMAND_NAMES = ["explain", "train", "generate", "context", "view"]
+COMMAND_NAMES = ["explain", "train", "generate", "context", "view", "heads", "patch"]
 
 
 def test_no_command_lists_the_commands_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,12 +21,12 @@ import sys
 from collections.abc import Sequence
 
 from selfattention import __version__
-from selfattention.cli import context, explain, generate, train, view
+from selfattention.cli import context, explain, generate, heads, patch, train, view
 from selfattention.cli.errors import UsageError
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 
-COMMANDS = [explain, train, generate, context, view]
+COMMANDS = [explain, train, generate, context, view, heads, patch]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint = args.model
     if args.device != "cpu" and kind != "encoder":
         raise UsageError(f"--device {args.device} is only used with --model minilm (an encoder)")
+    if args.logit_lens and not args.checkpoint:
+        raise UsageError("--logit-lens needs a causal language model: --model smollm2, FILE.gguf or a CHECKPOINT_DIR")
     if args.checkpoint:
         return explain_checkpoint(args)
     if kind == "encoder":

@@ -26,6 +26,11 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint", metavar="DIR", help="a trained GPT (folder written by `train`); layers 0-based, default last"
     )
+    parser.add_argument(
+        "--logit-lens",
+        action="store_true",
+        help="with a causal --model or --checkpoint: the next token each layer's residual stream predicts",
+    )
 
 
 def token_labels(pieces: Sequence[str]) -> list[str]:
@@ -72,6 +77,10 @@ def explain_checkpoint(args: argparse.Namespace) -> int:
     Reads ``args.checkpoint``, ``args.text``, ``args.layer``, ``args.head``, and, when present,
     ``args.plot`` (a PNG path) and ``args.format`` (``"json"``: tokens and the full α as JSON).
     """
+    if getattr(args, "logit_lens", False):
+        from selfattention.cli.explain_lens import explain_lens
+
+        return explain_lens(args)
     tokens, weights, where = checkpoint_weights(args.checkpoint, args.text or "", args.layer, args.head)
     if getattr(args, "format", "text") == "json":
         sys.stdout.write(json_text({"where": where, "tokens": tokens, "weights": weights}, indent=None))
