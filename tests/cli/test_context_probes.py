@@ -104,3 +104,17 @@ def test_probe_words_need_a_sense_on_your_own_sentences(capsys: pytest.CaptureFi
         main(["context", "--sense", "one"])
     assert exit_info.value.code == 2
     assert "--sense: give sentence numbers separated by commas, got 'one'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_runs_with_the_default_probes(smollm2, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import selfattention.loaders.gguf as loader
+
+    monkeypatch.setattr(loader, "load_smollm2", lambda: smollm2)  # the session's model stands in for a load
+    assert main(["context", "--model", "smollm2"]) == 0
+    table = probe_table(capsys.readouterr().out)
+    assert list(table) == ["static"] + [f"layer {n}" for n in range(30)]
+    vectors = word_in_language_model(smollm2.model, smollm2.encode, smollm2.decode, "bat", DEFAULT_SENTENCES).vectors
+    probes = probe_vectors(smollm2.model.tok_emb.weight, [smollm2.encode(" " + w) for w in PROBES])
+    expected = sense_shift(vectors, [False, False, True, True], probes)[-1]
+    assert table["layer 29"][:9] == [round(float(v), 3) for v in expected]
