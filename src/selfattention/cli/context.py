@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from selfattention.cli.context_probes import add_probe_arguments, follow_in_language_model, probe_lines, probe_words
 from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.cli.models import MODEL_HELP, model_kind, refuse
@@ -22,6 +23,7 @@ from selfattention.contextual import (
     word_in_context,
 )
 from selfattention.pretrained import PretrainedEncoder
+from selfattention.probes import probe_vectors
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,13 +33,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="how a pretrained model's layers pull one word toward its sentence's meaning",
         description="Follow one word through the layers of a pretrained encoder (all-MiniLM-L6-v2): the cosine "
         "similarity of its vectors across the sentences at each layer, the vocabulary tokens nearest to its "
-        "contextual vector, and the tokens it attends to in each head of one layer. With no sentences, "
-        f"compares {DEFAULT_WORD!r} in two baseball and two animal sentences.",
+        "contextual vector, and the tokens it attends to in each head of one layer; with --toward/--away, how "
+        "far the word moves toward each probe word (docs/probes.md). With no sentences, compares "
+        f"{DEFAULT_WORD!r} in two baseball and two animal sentences, probed toward cave, wings... and away from "
+        "hit, swing... A causal language model (smollm2, FILE.gguf, DIR) gets the similarity and probe views.",
     )
     parser.add_argument("sentences", nargs="*", metavar="SENTENCE", help="two or more sentences containing WORD")
     parser.add_argument("--word", default=DEFAULT_WORD, help=f"the word to follow (default: {DEFAULT_WORD})")
     parser.add_argument(
-        "--model", default="minilm", metavar="MODEL", help=f"{MODEL_HELP}; encoders only (default: minilm)"
+        "--model",
+        default="minilm",
+        metavar="MODEL",
+        help=f"{MODEL_HELP}; a language model gets the similarity and probe views only (default: minilm)",
     )
     parser.add_argument("--layer", type=int, help="layer for nearest tokens and attention, from 0 (default: the last)")
     parser.add_argument(
@@ -47,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="nearest tokens to list (default: 5); attention lists the top min(TOP, 3) per head",
     )
     parser.add_argument("--plot", metavar="DIR", help="also save a line chart and per-sentence heatmaps in DIR")
+    add_probe_arguments(parser)
     add_device_argument(parser)
     parser.set_defaults(func=run)
 
@@ -58,13 +66,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"give at least two sentences to compare, got {len(sentences)}")
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
-    refuse(
-        "context",
-        args.model,
-        model_kind(args.model),
-        ("encoder",),
-        "it compares a word's vectors in an encoder (minilm); use explain or view for a language model",
-    )
+    kind = model_kind(args.model)
+    refuse("context", args.model, kind, ("encoder", "gguf", "checkpoint"), "it follows a word through a model's layers")
+    probes = probe_words(args, sentences)
+    if kind != "encoder":
+        return _language_model(args, sentences, probes)
     model = load_model(args.model, resolve_device(args.device))
     layers = model.config.num_hidden_layers
     layer = layers - 1 if args.layer is None else args.layer  # 0-based, as everywhere on the command line
@@ -74,9 +80,16 @@ def run(args: argparse.Namespace) -> int:
     similarity = similarity_by_layer(result.vectors)
     attention = word_attention(model, result, layer + 1)  # the library counts layers from 1
     lines = _header(model.name, result)
-    lines += _similarity_table(result, similarity)
+    lines += _similarity_table(result.word, _names(result), similarity)
     lines += _nearest(model, result, layer, args.top)
     lines += _attention(result, attention, layer, args.top)
+    if probes is not None:
+        table = model.encoder.embeddings.word.weight
+
+        def static(words: list[str]) -> Tensor:
+            return probe_vectors(table, [model.tokenizer.encode(w, add_special_tokens=False).ids for w in words])
+
+        lines += probe_lines(result.word, _names(result), result.vectors, probes, static, f"layer {layer}")
     if args.plot:
         lines += _plots(result, similarity, attention, layer, Path(args.plot))
     print("\n".join(lines))
@@ -102,13 +115,35 @@ def _names(result: WordInContext) -> list[str]:
     return [f"layer {int(name.split()[1]) - 1}" if name.startswith("layer ") else name for name in result.layer_names]
 
 
-def _similarity_table(result: WordInContext, similarity: Tensor) -> list[str]:
-    pairs = list(itertools.combinations(range(len(result.sentences)), 2))
-    lines = ["", f'Cosine similarity of "{result.word}" between sentences i-j, from the static embedding up:']
+def _similarity_table(word: str, names: list[str], similarity: Tensor) -> list[str]:
+    pairs = list(itertools.combinations(range(similarity.shape[-1]), 2))
+    lines = ["", f'Cosine similarity of "{word}" between sentences i-j, from the static embedding up:']
     lines.append(f"{'':<11}" + "".join(f"{f'{i + 1}-{j + 1}':>7}" for i, j in pairs))
-    for name, matrix in zip(_names(result), similarity, strict=True):
+    for name, matrix in zip(names, similarity, strict=True):
         lines.append(f"{name:<11}" + "".join(f"{float(matrix[i, j]):7.3f}" for i, j in pairs))
     return lines
+
+
+def _language_model(
+    args: argparse.Namespace, sentences: list[str], probes: tuple[list[str], list[str], list[bool]] | None
+) -> int:
+    """The similarity table and the probe view for a causal language model."""
+    for name, value in (("--device", args.device != "cpu"), ("--plot", args.plot)):
+        if value:
+            raise UsageError(f"{name} is only used with --model minilm (an encoder)")
+    followed = follow_in_language_model(args.model, args.word, sentences)
+    layers = len(followed.depths) - 1
+    layer = layers - 1 if args.layer is None else args.layer
+    if not 0 <= layer < layers:
+        raise UsageError(f"--layer {layer} is out of range: the model has layers 0-{layers - 1}")
+    lines = [f'{followed.name}: "{args.word}" in {len(sentences)} sentences (causal: each copy sees only the '
+             "tokens before it)"]  # fmt: skip
+    lines += [f"  {index}  {sentence}" for index, sentence in enumerate(sentences, start=1)]
+    lines += _similarity_table(args.word, followed.depths, similarity_by_layer(followed.vectors))
+    if probes is not None:
+        lines += probe_lines(args.word, followed.depths, followed.vectors, probes, followed.static, f"layer {layer}")
+    print("\n".join(lines))
+    return 0
 
 
 def _nearest(model: PretrainedEncoder, result: WordInContext, layer: int, top: int) -> list[str]:

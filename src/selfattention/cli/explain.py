@@ -12,6 +12,7 @@ from selfattention import examples
 from selfattention.cli.errors import UsageError
 from selfattention.cli.explain_checkpoint import add_checkpoint_arguments, explain_checkpoint
 from selfattention.cli.explain_model import add_model_arguments, explain_model
+from selfattention.cli.explain_rollout import add_rollout_arguments, explain_rollout
 from selfattention.cli.models import model_kind
 from selfattention.cli.options import at_least, figure_path, json_text
 from selfattention.inputs import load_embeddings
@@ -56,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
     add_checkpoint_arguments(parser)
     add_model_arguments(parser)
+    add_rollout_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -63,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     """Compute the walk-through and print it; optionally save a heatmap."""
     if args.checkpoint and args.model:
         raise UsageError("choose one of --checkpoint DIR and --model NAME")
+    if args.rollout or args.flow:
+        return explain_rollout(args)
     kind = model_kind(args.model) if args.model else None
     if kind in ("checkpoint", "gguf"):
         args.checkpoint = args.model
