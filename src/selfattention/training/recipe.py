@@ -25,6 +25,9 @@ import torch
 from selfattention.models.gpt import GPT, GPTConfig
 from selfattention.training import ddp
 from selfattention.training.checkpoint import (
+    CONFIG,
+    TOKENIZER,
+    WEIGHTS,
     Checkpoint,
     check_weights,
     clean_leftovers,
@@ -146,7 +149,7 @@ def _train(options: RunOptions, info: ddp.DistInfo) -> RunResult:
             )
         tokenizer = checkpoint.tokenizer
         model_config = checked_model_config(checkpoint)
-        where = f"{checkpoint.directory / 'config.json'}: trainer.config"
+        where = f"{checkpoint.directory / CONFIG}: trainer.config"
         if "config" not in trainer_json:
             raise ValueError(f"{where} is missing")
         train_config = _typed(TrainConfig, trainer_json["config"], where)
@@ -164,7 +167,7 @@ def _train(options: RunOptions, info: ddp.DistInfo) -> RunResult:
     torch.manual_seed(train_config.seed)
     model = GPT(model_config).to(info.device)
     if checkpoint is not None:
-        load_weights(model, checkpoint.weights, checkpoint.directory / "model.safetensors")
+        load_weights(model, checkpoint.weights, checkpoint.directory / WEIGHTS)
     batch = train_config.batch_size
     train_ids, val_ids = train_ids.to(info.device), val_ids.to(info.device)
 
@@ -230,10 +233,10 @@ def load_gpt(directory: str | Path) -> tuple[GPT, Tokenizer]:
     checkpoint = load_checkpoint(directory)
     config = checked_model_config(checkpoint)
     model = GPT(config)
-    load_weights(model, checkpoint.weights, checkpoint.directory / "model.safetensors")
+    load_weights(model, checkpoint.weights, checkpoint.directory / WEIGHTS)
     if checkpoint.tokenizer.vocab_size != config.vocab_size:
         raise ValueError(
-            f"{checkpoint.directory / 'tokenizer.json'} has {checkpoint.tokenizer.vocab_size} tokens but the "
+            f"{checkpoint.directory / TOKENIZER} has {checkpoint.tokenizer.vocab_size} tokens but the "
             f"model {config.vocab_size}"
         )
     return model.eval(), checkpoint.tokenizer
@@ -248,7 +251,7 @@ def checked_model_config(checkpoint: Checkpoint) -> GPTConfig:
     Raises:
         ValueError: naming ``config.json``, for a bad type or value, or a config that does not match the weights.
     """
-    path = checkpoint.directory / "config.json"
+    path = checkpoint.directory / CONFIG
     values = dict(checkpoint.config["model"])
     kind = values.pop("type", "gpt")
     if kind != "gpt":
@@ -256,12 +259,12 @@ def checked_model_config(checkpoint: Checkpoint) -> GPTConfig:
     config = _typed(GPTConfig, values, f"{path}: model")
     if config.num_layers > len(checkpoint.weights):
         raise ValueError(
-            f"{path}: model.num_layers is {config.num_layers} but model.safetensors holds only "
+            f"{path}: model.num_layers is {config.num_layers} but {WEIGHTS} holds only "
             f"{len(checkpoint.weights)} tensors"
         )
     with torch.device("meta"):
         skeleton = GPT(config)
-    check_weights(skeleton, checkpoint.weights, f"{path} with {checkpoint.directory / 'model.safetensors'}")
+    check_weights(skeleton, checkpoint.weights, f"{path} with {checkpoint.directory / WEIGHTS}")
     saved = set(skeleton.state_dict())
     extra = sum(b.numel() * b.element_size() for n, b in skeleton.named_buffers() if n not in saved)
     if extra > MAX_UNSAVED_BUFFER_BYTES:
