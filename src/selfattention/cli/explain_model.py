@@ -25,7 +25,7 @@ from selfattention.cli.formatting import matrix, projections_document, steps_doc
 from selfattention.cli.models import MODEL_HELP
 from selfattention.cli.options import json_text
 from selfattention.cli.pretrained_models import load_model
-from selfattention.models.walkthrough import HeadWalkthrough, head_walkthrough
+from selfattention.models.head_walkthrough import HeadWalkthrough, head_walkthrough
 from selfattention.walkthrough import find_query
 
 DEFAULT_TEXT = "Your journey starts with one step"

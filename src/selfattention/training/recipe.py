@@ -2,7 +2,7 @@
 
 :func:`train_gpt` reads the corpus, builds or loads the tokenizer and model, runs the model-agnostic
 :class:`~selfattention.training.loop.Trainer` (data-parallel under ``torchrun``), and writes checkpoints and
-the loss curve into the output folder. The presets:
+the loss curve into the output folder. The configs (``--config``):
 
 =========  ===============================================================================================
 ``tiny``   2 layers, 2 heads, width 32, context 32, 300 steps of batch 8: seconds, for tests and demos
@@ -41,7 +41,7 @@ from selfattention.training.data import check_length, read_corpus, sample_batch,
 from selfattention.training.loop import History, TrainConfig, Trainer
 from selfattention.training.tokenizer import Tokenizer, train_tokenizer
 
-PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "tiny": (
         {"context_length": 32, "emb_dim": 32, "num_layers": 2, "num_heads": 2},
         {
@@ -69,11 +69,11 @@ PLOT_EVERY_S = 60.0
 
 @dataclass
 class RunOptions:
-    """What ``selfattention train`` asks for. ``model``/``train`` override the preset's values by name."""
+    """What ``selfattention train`` asks for. ``model``/``train`` override the named config's values by name."""
 
     out: Path
     corpus: str | None = None
-    preset: str = "small"
+    config: str = "small"
     tokenizer: str = "char"
     bpe_vocab_size: int = 512
     resume: bool = False
@@ -98,14 +98,14 @@ class RunResult:
 
 
 def configs(options: RunOptions, vocab_size: int) -> tuple[GPTConfig, TrainConfig]:
-    """The preset named in ``options`` with its overrides applied.
+    """The config named in ``options`` with its overrides applied.
 
     Raises:
-        ValueError: for an unknown preset.
+        ValueError: for an unknown config name.
     """
-    if options.preset not in PRESETS:
-        raise ValueError(f"unknown config {options.preset!r}; choose one of {list(PRESETS)}")
-    model, train = PRESETS[options.preset]
+    if options.config not in CONFIGS:
+        raise ValueError(f"unknown config {options.config!r}; choose one of {list(CONFIGS)}")
+    model, train = CONFIGS[options.config]
     model_config = GPTConfig(vocab_size=vocab_size, **{**model, **options.model})
     return model_config, TrainConfig(**{**train, **options.train})
 
@@ -114,7 +114,7 @@ def train_gpt(options: RunOptions) -> RunResult:
     """Train (or, with ``options.resume``, continue training) a GPT; see the module docstring.
 
     Raises:
-        ValueError: a bad corpus, preset or checkpoint, or a resume on a different corpus.
+        ValueError: a bad corpus, config name or checkpoint, or a resume on a different corpus.
     """
     info = ddp.setup(device=options.device)
     try:
