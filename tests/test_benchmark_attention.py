@@ -34,7 +34,7 @@ def test_flex_column_masks_are_the_descriptions(bench, kind):  # type: ignore[no
 def test_every_other_column_computes_the_same_attention(bench, kind):  # type: ignore[no-untyped-def]
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 320, bench.D, generator=gen) for _ in range(3))
-    impls = {*bench.IMPLS.get(kind, bench.MASKED_IMPLS)} - {"flex"}  # compiled: see tests/test_flex.py
+    impls = {*bench.IMPLS.get(kind, bench.MASKED_IMPLS)} - {"flex"}  # compiled: see tests/backends/test_flex.py
     outputs = {impl: bench.call(impl, kind, q, k, v)() for impl in impls}
     for impl, out in outputs.items():
         torch.testing.assert_close(out, outputs["book"], atol=2e-5, rtol=1e-4, msg=impl)

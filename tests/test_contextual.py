@@ -15,7 +15,7 @@ from selfattention.contextual import (
     word_in_context,
 )
 from selfattention.inspect import capture
-from selfattention.models.walkthrough import head_walkthrough
+from selfattention.models.head_walkthrough import head_walkthrough
 from selfattention.pretrained import PretrainedEncoder
 
 

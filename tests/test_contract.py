@@ -24,7 +24,7 @@ from selfattention import BACKENDS, attention, masks
 
 NAMES = [*BACKENDS, "auto"]
 # Float32 against float64: rounding of sums over at most 9 keys and 6 widths of values of order 1; the
-# observed error is ~1e-6 (as in test_backends.py).
+# observed error is ~1e-6 (as in backends/test_backends.py).
 TOLERANCE = {
     torch.float32: {"atol": 2e-5, "rtol": 1e-5},
     torch.float64: {"atol": 1e-10, "rtol": 1e-10},

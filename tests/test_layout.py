@@ -53,3 +53,49 @@ def test_the_math_imports_its_own_package_at_module_level(where: str) -> None:
     for path in _files(where):
         inner = [name for name, in_function in _imports(path) if in_function]
         assert not inner, f"{path.relative_to(SRC)} imports {inner} inside a function"
+
+
+TESTS = Path(__file__).resolve().parent
+
+# Imports of the package inside a function that are there on purpose: a heavy optional dependency
+# imported only where it is used, so that importing the library stays fast (STYLE.md).
+LAZY_ON_PURPOSE = {
+    ("training/recipe.py", "selfattention.viz.loss_curve"),  # matplotlib, only when a loss curve is drawn
+}
+
+
+def test_every_subpackage_has_its_test_folder() -> None:
+    packages = sorted(path.parent.name for path in SRC.glob("*/__init__.py"))
+    assert "cli" in packages  # the glob found the source tree
+    missing = [name for name in packages if not (TESTS / name).is_dir() or not any((TESTS / name).glob("test_*.py"))]
+    assert not missing, f"src/selfattention/{missing} have no tests/<name>/ folder with tests: mirror src/"
+
+
+def test_no_test_module_of_a_subpackage_is_left_flat() -> None:
+    # tests/test_cli_x.py belongs in tests/cli/test_x.py, and so on for every subpackage
+    prefixes = tuple(f"test_{path.parent.name}_" for path in SRC.glob("*/__init__.py"))
+    flat = sorted(path.name for path in TESTS.glob("test_*.py") if path.name.startswith(prefixes))
+    assert not flat, f"{flat} test a subpackage: move them into its folder under tests/"
+
+
+def test_the_library_imports_its_own_package_at_module_level() -> None:
+    # cli/ and viz/ may import lazily (commands and plots load what they need); the rest of the library may
+    # not, except for the heavy optional imports listed above.
+    inner = []
+    for path in sorted(SRC.rglob("*.py")):
+        where = path.relative_to(SRC).as_posix()
+        if where.startswith(("cli/", "viz/")):
+            continue
+        inner += [(where, name) for name, in_function in _imports(path) if in_function]
+    allowed = {
+        (where, name) for where, name in inner if any(where == w and name.startswith(m) for w, m in LAZY_ON_PURPOSE)
+    }
+    assert set(inner) - allowed == set(), f"imports inside functions: {sorted(set(inner) - allowed)}"
+
+
+def test_the_layout_page_names_every_module_and_subpackage() -> None:
+    page = (TESTS.parent / "docs" / "layout.md").read_text()
+    names = [p.name for p in SRC.glob("*.py") if p.stem not in ("__init__", "__main__")]
+    names += [f"{p.parent.name}/" for p in SRC.glob("*/__init__.py")]
+    missing = sorted(name for name in names if name not in page)
+    assert not missing, f"docs/layout.md does not say where {missing} belong"

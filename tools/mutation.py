@@ -27,7 +27,7 @@ OWN_TESTS: dict[str, list[str]] = {
     "functional": ["tests/test_functional.py"],
     "masks": ["tests/test_masks.py"],
     "modules": ["tests/test_modules.py", "tests/test_multihead.py", "tests/test_modules_masks.py"],
-    "backends/tiled": ["tests/test_tiled.py"],
+    "backends/tiled": ["tests/backends/test_tiled.py"],
     "backends/blocksparse": ["tests/test_fast_attention.py"],
     "training/checkpoint": [
         "tests/training/test_checkpoint.py",

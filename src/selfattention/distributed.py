@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,9 @@ from selfattention.backends.tiles import batch_and_heads
 from selfattention.functional import expand_kv_heads
 from selfattention.masks import EMPTY, MaskDescription
 from selfattention.steps import ScoreMod
+
+if TYPE_CHECKING:
+    from selfattention.modules import AttentionModule
 
 Layout = Literal["contiguous", "zigzag"]
 LAYOUTS = ("contiguous", "zigzag")
@@ -254,7 +257,9 @@ def ring_attention(
 
 @dataclass(frozen=True)
 class ContextParallel:
-    """The option that makes :class:`~selfattention.modules.MultiHeadAttention` run as ring attention.
+    """The strategy that makes :class:`~selfattention.modules.MultiHeadAttention` run as ring attention.
+
+    An :class:`selfattention.strategies.AttendStrategy`, as :class:`~selfattention.strategies.LocalAttention`.
 
     ``MultiHeadAttention(..., context_parallel=ContextParallel(layout="zigzag"))``: each rank then passes
     only its own tokens, ``x_local (B, T_local, d_in)`` cut with ``shard_sequence(x, layout="zigzag", dim=1)``,
@@ -285,9 +290,28 @@ class ContextParallel:
         if dropout > 0:
             raise ValueError(f"context_parallel does not support dropout in training (dropout={dropout})")
 
-    def attend(self, query: Tensor, key: Tensor, value: Tensor, *, causal: bool, scale: float | None) -> Tensor:
-        """:func:`ring_attention` with this option's layout and group."""
-        return ring_attention(query, key, value, causal=causal, scale=scale, layout=self.layout, group=self.group)
+    def attend(
+        self,
+        module: AttentionModule,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        *,
+        mask: Tensor | MaskDescription | None,
+        causal: bool,
+        return_weights: bool,
+        bounds: tuple[float, float, float] | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """:func:`ring_attention` with this option's layout and group and the module's scale.
+
+        ``query``, ``key``, ``value`` are this rank's slice; ``causal`` holds over the whole sequence. A mask
+        and ``return_weights`` were refused by :meth:`check_call`; ``bounds`` is not needed (each rank checks
+        its own blocks).
+        """
+        context = ring_attention(
+            query, key, value, causal=causal, scale=module.scale, layout=self.layout, group=self.group
+        )
+        return context, None
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,10 @@ classes can be swapped in; every addition is keyword-only:
 :class:`SelfAttentionV1`    ``W_query``, ``W_key``, ``W_value`` as ``(d_in, d_out)`` parameters
 :class:`SelfAttention`      the same with ``nn.Linear`` layers (weights are the transposed matrices)
 :class:`CausalAttention`    batched, causal mask, dropout on the weights in training
-:class:`MultiHeadAttention` heads, grouped-query attention, padding masks, a KV cache, interop with
-                            ``torch.nn.MultiheadAttention``, and the fused kernel when it can
+:class:`MultiHeadAttention` heads, grouped-query attention, padding masks, a KV cache
+                            (:mod:`selfattention.kv_cache`), interop with ``torch.nn.MultiheadAttention``
+                            (:mod:`selfattention.interop`), ring attention passed in as a strategy
+                            (:mod:`selfattention.strategies`), and the fused kernel when it can
 ==========================  ==============================================================================
 
 The modules hold weights and call :func:`selfattention.functional.attention`; the math lives there. Each
@@ -36,11 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfattention import checks
+from selfattention import checks, interop
 from selfattention.backends import BACKENDS, check_name
 from selfattention.functional import attention, materialize_mask
 from selfattention.kv_cache import KVCache
 from selfattention.masks import MaskDescription
+from selfattention.strategies import AttendStrategy, LocalAttention
 
 if TYPE_CHECKING:
     from selfattention.distributed import ContextParallel
@@ -274,7 +277,9 @@ class MultiHeadAttention(AttentionModule):
         scale: multiplies the scores; ``None`` means ``1/sqrt(D)``.
         out_bias: give ``out_proj`` a bias (``True`` as in the chapter-3 class).
         context_parallel: a :class:`selfattention.distributed.ContextParallel`: each rank passes its own
-            slice of the tokens and attention runs as ring attention across the ranks.
+            slice of the tokens and attention runs as ring attention across the ranks. It becomes
+            :attr:`strategy` (default :class:`selfattention.strategies.LocalAttention`), which the module
+            calls to check the call and to attend, without branching on where attention runs.
         device, dtype: where and how the parameters are created.
 
     Raises:
@@ -315,7 +320,7 @@ class MultiHeadAttention(AttentionModule):
         self.d_in, self.d_out, self.context_length = d_in, d_out, context_length
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, d_out // num_heads
         self.causal = causal
-        self.context_parallel = context_parallel
+        self.strategy: AttendStrategy = context_parallel if context_parallel is not None else LocalAttention()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         kv_width = num_kv_heads * self.head_dim
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias, **factory)
@@ -364,18 +369,17 @@ class MultiHeadAttention(AttentionModule):
             ValueError: wrong input width, too many tokens for ``context_length``, a bad mask shape.
             TypeError: a non-float input or a non-boolean mask.
         """
-        if self.context_parallel is not None:
-            self.context_parallel.check_call(
-                dropout=self.dropout if self.training else 0.0,
-                unsupported={
-                    "kv_cache": kv_cache,
-                    "key_padding_mask": key_padding_mask,
-                    "attn_mask": attn_mask,
-                    "rope": rope,
-                    "return_weights": return_weights,
-                    "capture": self._recorder,
-                },
-            )
+        self.strategy.check_call(
+            dropout=self.dropout if self.training else 0.0,
+            unsupported={
+                "kv_cache": kv_cache,
+                "key_padding_mask": key_padding_mask,
+                "attn_mask": attn_mask,
+                "rope": rope,
+                "return_weights": return_weights,
+                "capture": self._recorder,
+            },
+        )
         unbatched = x.dim() == 2
         if unbatched:
             x = x.unsqueeze(0)  # (T, d_in) -> (1, T, d_in)
@@ -405,7 +409,7 @@ class MultiHeadAttention(AttentionModule):
             q = kv_cache.rotate_queries(q)  # a rolling cache rotates by the place in the cache (kv_cache.py)
             bounds = kv_cache.bounds(largest_query)  # what was written was checked: attention need not rescan
         try:
-            context, weights = self._attend_all(q, k, v, mask, attn_mask, unbatched, num_tokens, return_weights, bounds)
+            context, weights = self._attend_all(q, k, v, mask, attn_mask, unbatched, return_weights, bounds)
         except Exception:
             if kv_cache is not None:  # refused late (e.g. the scores overflowed): forget what was written
                 kv_cache.undo(num_tokens)
@@ -429,27 +433,21 @@ class MultiHeadAttention(AttentionModule):
         mask: Tensor | None,
         attn_mask: Tensor | MaskDescription | None,
         unbatched: bool,
-        num_tokens: int,
         return_weights: bool,
         bounds: tuple[float, float, float] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Attention of ``q (B, H, T, D)`` over ``k, v (B, G, S, D)`` with the masks; ``(B, H, T, D)`` out.
+        """Attention of ``q (B, H, T, D)`` over ``k, v (B, G, S, D)`` with the masks, by :attr:`strategy`.
 
         ``bounds``: ``max |q|, |k|, |v|`` already checked by :meth:`forward` (see :func:`selfattention.attention`).
+        Returns ``(B, H, T, D)`` (``(H, T, D)`` when ``unbatched``) and the weights or ``None``.
         """
-        # Bottom-right causal with a single query is no mask at all: skip building one while decoding.
-        causal = self.causal and num_tokens > 1
         if unbatched:
             q, k, v = q[0], k[0], v[0]
             mask = None if mask is None else mask[0]
-        if self.context_parallel is not None:  # x is this rank's slice; causal over the whole sequence
-            context, weights = self.context_parallel.attend(q, k, v, causal=self.causal, scale=self.scale), None
-        else:
-            combined = _with_attn_mask(mask, attn_mask, q, k.shape[-2])
-            context, weights = self.attend(
-                q, k, v, mask=combined, causal=causal, return_weights=return_weights, bounds=bounds
-            )
-        return context, weights
+        combined = _with_attn_mask(mask, attn_mask, q, k.shape[-2])
+        return self.strategy.attend(
+            self, q, k, v, mask=combined, causal=self.causal, return_weights=return_weights, bounds=bounds
+        )
 
     def _project(self, x: Tensor) -> tuple[Tensor, ...]:
         """``x W_query``, ``x W_key``, ``x W_value`` as one matrix product with the three weights stacked.
@@ -514,89 +512,23 @@ class MultiHeadAttention(AttentionModule):
         context_length: int | None = None,
         backend: str = "auto",
     ) -> MultiHeadAttention:
-        """A module with the weights of ``torch.nn.MultiheadAttention`` (copied), computing the same outputs.
+        """A module with the weights of ``torch.nn.MultiheadAttention`` (copied): :func:`interop.from_torch`.
 
-        PyTorch's module is not causal unless given a mask, hence ``causal=False`` here by default. Its
-        ``batch_first=False`` layout is ``(T, B, C)``; this module always takes ``(B, T, C)``. Its
-        ``key_padding_mask`` is ``True`` = ignore: pass ``~mask`` to this module.
+        Not causal by default, as PyTorch's module; it takes ``(B, T, C)`` and a ``key_padding_mask`` with
+        ``True`` = may attend (pass ``~mask`` from PyTorch).
 
         Raises:
-            ValueError: for configurations this module does not have: different key/value widths
-                (``kdim``/``vdim``), ``add_bias_kv`` or ``add_zero_attn``.
+            ValueError: ``kdim``/``vdim`` other than ``embed_dim``, ``add_bias_kv`` or ``add_zero_attn``.
         """
-        if not module._qkv_same_embed_dim:
-            raise ValueError(
-                f"only self-attention with kdim == vdim == embed_dim ({module.embed_dim}) converts; "
-                f"got kdim={module.kdim}, vdim={module.vdim}"
-            )
-        if module.bias_k is not None or module.add_zero_attn:
-            raise ValueError("add_bias_kv and add_zero_attn have no counterpart in MultiHeadAttention")
-        width = module.embed_dim
-        weight = module.in_proj_weight
-        bias = module.in_proj_bias
-        ours = cls(
-            width,
-            width,
-            context_length,
-            module.dropout,
-            module.num_heads,
-            qkv_bias=bias is not None,
-            causal=causal,
-            backend=backend,
-            out_bias=module.out_proj.bias is not None,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
-        with torch.no_grad():
-            # in_proj_weight stacks W^Q, W^K, W^V: (3C, C) -> three (C, C) blocks, Linear layout (out, in)
-            for linear, w in zip((ours.W_query, ours.W_key, ours.W_value), weight.chunk(3), strict=True):
-                linear.weight.copy_(w)
-            if bias is not None:
-                for linear, b in zip((ours.W_query, ours.W_key, ours.W_value), bias.chunk(3), strict=True):
-                    linear.bias.copy_(b)
-            ours.out_proj.weight.copy_(module.out_proj.weight)
-            if module.out_proj.bias is not None:
-                ours.out_proj.bias.copy_(module.out_proj.bias)
-        return ours.train(module.training)
+        return interop.from_torch(module, cls, causal=causal, context_length=context_length, backend=backend)
 
     def to_torch(self) -> nn.MultiheadAttention:
-        """A ``torch.nn.MultiheadAttention(batch_first=True)`` with these weights (copied).
-
-        PyTorch's module has one ``bias`` switch for the input and output projections; a missing bias on
-        either side becomes zeros there, which computes the same thing. Causality is not part of PyTorch's
-        module: pass ``attn_mask`` (``True`` = ignore) or ``is_causal`` to its forward.
+        """A ``torch.nn.MultiheadAttention(batch_first=True)`` with these weights: :func:`interop.to_torch`.
 
         Raises:
-            ValueError: for configurations PyTorch's module does not have: ``d_in != d_out``,
-                ``num_kv_heads != num_heads``, or a custom ``scale``.
+            ValueError: ``d_in != d_out``, ``num_kv_heads != num_heads``, or a custom ``scale``.
         """
-        if self.d_in != self.d_out or self.num_kv_heads != self.num_heads or self.scale is not None:
-            raise ValueError(
-                "torch.nn.MultiheadAttention needs d_in == d_out, num_kv_heads == num_heads and the default "
-                f"scale; got d_in={self.d_in}, d_out={self.d_out}, num_heads={self.num_heads}, "
-                f"num_kv_heads={self.num_kv_heads}, scale={self.scale}"
-            )
-        linears = (self.W_query, self.W_key, self.W_value)
-        has_bias = linears[0].bias is not None or self.out_proj.bias is not None
-        weight = self.W_query.weight
-        module = nn.MultiheadAttention(
-            self.d_out,
-            self.num_heads,
-            dropout=self.dropout,
-            bias=has_bias,
-            batch_first=True,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
-        with torch.no_grad():
-            module.in_proj_weight.copy_(torch.cat([linear.weight for linear in linears]))
-            module.out_proj.weight.copy_(self.out_proj.weight)
-            if has_bias:
-                zeros = torch.zeros_like(weight[:, 0])
-                module.in_proj_bias.copy_(torch.cat([lin.bias if lin.bias is not None else zeros for lin in linears]))
-                out_bias = self.out_proj.bias
-                module.out_proj.bias.copy_(out_bias if out_bias is not None else zeros)
-        return module.train(self.training)
+        return interop.to_torch(self)
 
 
 def _with_attn_mask(

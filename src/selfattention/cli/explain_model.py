@@ -21,10 +21,11 @@ from torch import Tensor
 
 from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
+from selfattention.cli.formatting import matrix, projections_document, steps_document, vector
 from selfattention.cli.models import MODEL_HELP
 from selfattention.cli.options import json_text
 from selfattention.cli.pretrained_models import load_model
-from selfattention.models.walkthrough import HeadWalkthrough, head_walkthrough
+from selfattention.models.head_walkthrough import HeadWalkthrough, head_walkthrough
 from selfattention.walkthrough import find_query
 
 DEFAULT_TEXT = "Your journey starts with one step"
@@ -77,9 +78,8 @@ def explain_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _vector(values: Tensor, shown: int = SHOWN) -> str:
-    cells = ", ".join(f"{float(v):.4f}" for v in values[:shown])
-    return f"[{cells}, ...] ({values.numel()} numbers)" if values.numel() > shown else f"[{cells}]"
+def _vector(values: Tensor) -> str:
+    return vector(values, shown=SHOWN)
 
 
 def to_text(result: HeadWalkthrough, indices: Sequence[int]) -> str:
@@ -108,10 +108,7 @@ def to_text(result: HeadWalkthrough, indices: Sequence[int]) -> str:
     for i in indices:
         lines += _one_query(result, i)
     lines += ["", "Attention weights α (row: query, column: key; each row sums to 1):"]
-    label = max(8, *(len(t) + 1 for t in tokens))
-    lines.append(" " * label + "".join(f"{t[:8]:>9}" for t in tokens))
-    for token, row in zip(tokens, walk.weights, strict=True):
-        lines.append(f"{token:<{label}}" + "".join(f"{float(v):9.4f}" for v in row))
+    lines += matrix(walk.weights, tokens, tokens)
     lines += [
         "",
         f"Each z_i ({width} numbers) is joined with the other {result.num_heads - 1} heads' into a vector of "
@@ -143,16 +140,9 @@ def to_json(result: HeadWalkthrough, indices: Sequence[int]) -> str:
         "head": result.head,
         "tokens": walk.tokens,
         "inputs": walk.inputs.tolist(),
-        "projections": dict(zip(("W_query", "W_key", "W_value"), (w.tolist() for w in walk.projections), strict=True)),
+        "projections": projections_document(walk.projections),
         "biases": dict(zip(("b_query", "b_key", "b_value"), (b.tolist() for b in result.biases), strict=True)),
-        "queries": walk.queries.tolist(),
-        "keys": walk.keys.tolist(),
-        "values": walk.values.tolist(),
-        "scale": walk.scale,
-        "causal": False,
-        "scores": walk.scores.tolist(),
-        "weights": walk.weights.tolist(),
-        "context": walk.context.tolist(),
+        **steps_document(walk),
         "walkthrough": [{"index": i, "token": walk.tokens[i]} for i in indices],
     }
     return json_text(document)

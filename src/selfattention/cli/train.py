@@ -11,7 +11,7 @@ from typing import Any
 from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.cli.options import at_least, positive_number, probability
-from selfattention.training.recipe import PRESETS, RunOptions, configs
+from selfattention.training.recipe import CONFIGS, RunOptions, configs
 
 Option = tuple[str, Callable[[str], Any], str]
 # option name -> (GPTConfig or TrainConfig field, type, help); the types check each value on its own, so that
@@ -46,9 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--corpus", metavar="FILE", help="UTF-8 text file (default: the shipped Shakespeare)")
     parser.add_argument("--out", metavar="DIR", default="gpt-out", help="checkpoint folder (default: gpt-out)")
-    parser.add_argument(
-        "--config", choices=list(PRESETS), default="small", help="model and schedule preset (default: small)"
-    )
+    parser.add_argument("--config", choices=list(CONFIGS), default="small", help="model and schedule (default: small)")
     parser.add_argument("--tokenizer", choices=["char", "bpe"], default="char", help="default: char")
     parser.add_argument("--vocab-size", type=at_least(257), default=512, help="BPE vocabulary size (default: 512)")
     parser.add_argument("--rope", action="store_true", default=None, help="rotary positions instead of learned")
@@ -91,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     options = RunOptions(
         out=Path(args.out),
         corpus=args.corpus,
-        preset=args.config,
+        config=args.config,
         tokenizer=args.tokenizer,
         bpe_vocab_size=args.vocab_size,
         resume=args.resume,
@@ -129,7 +127,7 @@ def _check_together(options: RunOptions) -> None:
     The configs name their fields (``emb_dim``); the message names the options instead (``--width``).
 
     Raises:
-        UsageError: when the preset with these options is not a valid model or schedule.
+        UsageError: when the config with these options is not a valid model or schedule.
     """
     import torch
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from selfattention.loaders.gguf_file import INSTALL_HINT, GGUFNotInstalledError, TensorInfo, import_gguf, read_gguf
+from selfattention.loaders.gguf_tokenizer import build_tokenizer
 from selfattention.loaders.language_model import LanguageModel
 from selfattention.models.llama import Llama, LlamaConfig, Rotary
 
@@ -73,8 +74,6 @@ def load_gguf(path: str | Path, *, name: str | None = None, backend: str = "auto
         ValueError: not a GGUF file or a truncated one, another architecture than Llama (named), a tensor
             type that cannot be dequantized (named), weights that do not fit the hyper-parameters.
     """
-    from selfattention.loaders.gguf_tokenizer import build_tokenizer
-
     metadata, infos = read_gguf(path)
     tensors = {tensor.name: tensor for tensor in infos}
     config = config_from_metadata(metadata, tied="output.weight" not in tensors, backend=backend)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from selfattention.generate import generate
 from selfattention.models.llama import Llama
 
 
@@ -137,8 +138,6 @@ class LanguageModel:
         Raises:
             ValueError: an empty prompt, or prompt plus ``max_new_tokens`` beyond the context.
         """
-        from selfattention.generate import generate
-
         ids = torch.tensor([self.encode(prompt)], dtype=torch.long)
         out = generate(
             self.model,

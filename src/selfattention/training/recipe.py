@@ -2,7 +2,7 @@
 
 :func:`train_gpt` reads the corpus, builds or loads the tokenizer and model, runs the model-agnostic
 :class:`~selfattention.training.loop.Trainer` (data-parallel under ``torchrun``), and writes checkpoints and
-the loss curve into the output folder. The presets:
+the loss curve into the output folder. The configs (``--config``):
 
 =========  ===============================================================================================
 ``tiny``   2 layers, 2 heads, width 32, context 32, 300 steps of batch 8: seconds, for tests and demos
@@ -25,6 +25,9 @@ import torch
 from selfattention.models.gpt import GPT, GPTConfig
 from selfattention.training import ddp
 from selfattention.training.checkpoint import (
+    CONFIG,
+    TOKENIZER,
+    WEIGHTS,
     Checkpoint,
     check_weights,
     clean_leftovers,
@@ -38,7 +41,7 @@ from selfattention.training.data import check_length, read_corpus, sample_batch,
 from selfattention.training.loop import History, TrainConfig, Trainer
 from selfattention.training.tokenizer import Tokenizer, train_tokenizer
 
-PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "tiny": (
         {"context_length": 32, "emb_dim": 32, "num_layers": 2, "num_heads": 2},
         {
@@ -66,11 +69,11 @@ PLOT_EVERY_S = 60.0
 
 @dataclass
 class RunOptions:
-    """What ``selfattention train`` asks for. ``model``/``train`` override the preset's values by name."""
+    """What ``selfattention train`` asks for. ``model``/``train`` override the named config's values by name."""
 
     out: Path
     corpus: str | None = None
-    preset: str = "small"
+    config: str = "small"
     tokenizer: str = "char"
     bpe_vocab_size: int = 512
     resume: bool = False
@@ -95,14 +98,14 @@ class RunResult:
 
 
 def configs(options: RunOptions, vocab_size: int) -> tuple[GPTConfig, TrainConfig]:
-    """The preset named in ``options`` with its overrides applied.
+    """The config named in ``options`` with its overrides applied.
 
     Raises:
-        ValueError: for an unknown preset.
+        ValueError: for an unknown config name.
     """
-    if options.preset not in PRESETS:
-        raise ValueError(f"unknown config {options.preset!r}; choose one of {list(PRESETS)}")
-    model, train = PRESETS[options.preset]
+    if options.config not in CONFIGS:
+        raise ValueError(f"unknown config {options.config!r}; choose one of {list(CONFIGS)}")
+    model, train = CONFIGS[options.config]
     model_config = GPTConfig(vocab_size=vocab_size, **{**model, **options.model})
     return model_config, TrainConfig(**{**train, **options.train})
 
@@ -111,7 +114,7 @@ def train_gpt(options: RunOptions) -> RunResult:
     """Train (or, with ``options.resume``, continue training) a GPT; see the module docstring.
 
     Raises:
-        ValueError: a bad corpus, preset or checkpoint, or a resume on a different corpus.
+        ValueError: a bad corpus, config name or checkpoint, or a resume on a different corpus.
     """
     info = ddp.setup(device=options.device)
     try:
@@ -125,7 +128,37 @@ def train_gpt(options: RunOptions) -> RunResult:
 
 def _train(options: RunOptions, info: ddp.DistInfo) -> RunResult:
     text = read_corpus(options.corpus)
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    _check_options(options)
+    if info.rank == 0:
+        clean_leftovers(options.out)  # what a save interrupted by a kill left behind
+    setup = _resumed(options, text) if options.resume else _fresh(options, text)
+    batches = _Batches(setup, info)
+    torch.manual_seed(setup.train_config.seed)
+    model = GPT(setup.model_config).to(info.device)
+    if setup.checkpoint is not None:
+        load_weights(model, setup.checkpoint.weights, setup.checkpoint.directory / WEIGHTS)
+    trainer = Trainer(
+        ddp.wrap(model, info),
+        setup.train_config,
+        batches.train,
+        batches.val,
+        checkpoint=_Saver(options, setup, model, info.world_size),
+        rank=info.rank,
+        world_size=info.world_size,
+        progress=options.progress,
+    )
+    if setup.checkpoint is not None:
+        assert setup.checkpoint.trainer_tensors is not None
+        trainer.load_state(setup.checkpoint.trainer_tensors, setup.checkpoint.config["trainer"])
+    start = time.perf_counter()
+    history = trainer.run()
+    return RunResult(
+        history, trainer.step, time.perf_counter() - start, model.num_parameters(), Path(options.out), info.rank
+    )
+
+
+def _check_options(options: RunOptions) -> None:
+    """Refuse settings that contradict each other or would replace a checkpoint unasked."""
     if options.resume and (options.model or options.train):
         names = sorted({**options.model, **options.train})
         raise ValueError(f"--resume continues the saved configuration; do not also set {names}")
@@ -133,92 +166,112 @@ def _train(options: RunOptions, info: ddp.DistInfo) -> RunResult:
         raise ValueError(
             f"{options.out} already holds a checkpoint; pass --resume to continue it or --overwrite to replace it"
         )
-    if info.rank == 0:
-        clean_leftovers(options.out)  # what a save interrupted by a kill left behind
-    checkpoint = load_checkpoint(options.out, need_trainer=True) if options.resume else None
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What a run trains: the tokenizer, the two configs, the run id, the corpus and (resuming) the checkpoint."""
+
     tokenizer: Tokenizer
-    if checkpoint is not None:
-        trainer_json = checkpoint.config["trainer"]
-        saved = trainer_json.get("data", {}).get("sha256") if isinstance(trainer_json.get("data"), dict) else None
-        if saved != digest:
-            raise ValueError(
-                f"cannot resume {options.out}: it was trained on a different corpus (sha256 {saved}, this one {digest})"
-            )
-        tokenizer = checkpoint.tokenizer
-        model_config = checked_model_config(checkpoint)
-        where = f"{checkpoint.directory / 'config.json'}: trainer.config"
-        if "config" not in trainer_json:
-            raise ValueError(f"{where} is missing")
-        train_config = _typed(TrainConfig, trainer_json["config"], where)
-        run = checkpoint.run
-    else:
-        tokenizer = train_tokenizer(options.tokenizer, text, vocab_size=options.bpe_vocab_size)
-        model_config, train_config = configs(options, tokenizer.vocab_size)
-        run = new_run_id()
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    train_ids, val_ids = split(ids)
-    block = model_config.context_length
-    check_length("training", train_ids, block)
-    check_length("validation", val_ids, block)
+    model_config: GPTConfig
+    train_config: TrainConfig
+    run: str
+    text: str
+    data: dict[str, Any]
+    """``{"corpus", "sha256", "tokens"}``, saved with the trainer's state; ``tokens`` is filled by :class:`_Batches`."""
+    checkpoint: Checkpoint | None = None
 
-    torch.manual_seed(train_config.seed)
-    model = GPT(model_config).to(info.device)
-    if checkpoint is not None:
-        load_weights(model, checkpoint.weights, checkpoint.directory / "model.safetensors")
-    batch = train_config.batch_size
-    train_ids, val_ids = train_ids.to(info.device), val_ids.to(info.device)
 
-    def train_batch(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return sample_batch(train_ids, batch, block, generator, rank=info.rank, world_size=info.world_size)
+def _corpus_record(options: RunOptions, text: str) -> dict[str, Any]:
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return {"corpus": options.corpus or "<shipped shakespeare.txt>", "sha256": digest}
 
-    def val_batch(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        # rank 0 validates alone, on the global batch: the same numbers as a single process
-        return sample_batch(val_ids, batch * info.world_size, block, generator)
 
-    data = {"corpus": options.corpus or "<shipped shakespeare.txt>", "sha256": digest, "tokens": len(ids)}
+def _fresh(options: RunOptions, text: str) -> _Setup:
+    """A new run: a tokenizer trained on ``text``, the chosen config with its overrides, a new run id."""
+    tokenizer = train_tokenizer(options.tokenizer, text, vocab_size=options.bpe_vocab_size)
+    model_config, train_config = configs(options, tokenizer.vocab_size)
+    return _Setup(tokenizer, model_config, train_config, new_run_id(), text, _corpus_record(options, text))
 
-    last_plot = [time.monotonic()]
 
-    def save(trainer: Trainer) -> None:
-        from selfattention.viz.loss_curve import plot_losses
+def _resumed(options: RunOptions, text: str) -> _Setup:
+    """The run saved in ``options.out``, checked to have been trained on this ``text``."""
+    checkpoint = load_checkpoint(options.out, need_trainer=True)
+    data = _corpus_record(options, text)
+    trainer_json = checkpoint.config["trainer"]
+    saved = trainer_json.get("data", {}).get("sha256") if isinstance(trainer_json.get("data"), dict) else None
+    if saved != data["sha256"]:
+        raise ValueError(
+            f"cannot resume {options.out}: it was trained on a different corpus "
+            f"(sha256 {saved}, this one {data['sha256']})"
+        )
+    model_config = checked_model_config(checkpoint)
+    where = f"{checkpoint.directory / CONFIG}: trainer.config"
+    if "config" not in trainer_json:
+        raise ValueError(f"{where} is missing")
+    train_config = _typed(TrainConfig, trainer_json["config"], where)
+    return _Setup(checkpoint.tokenizer, model_config, train_config, checkpoint.run, text, data, checkpoint)
 
-        state = {**trainer.state_json(), "data": data, "world_size": info.world_size}
+
+class _Batches:
+    """The tokenized corpus split into training and validation, and a batch of each on demand."""
+
+    def __init__(self, setup: _Setup, info: ddp.DistInfo) -> None:
+        ids = torch.tensor(setup.tokenizer.encode(setup.text), dtype=torch.long)
+        setup.data["tokens"] = len(ids)
+        train_ids, val_ids = split(ids)
+        self.block = setup.model_config.context_length
+        check_length("training", train_ids, self.block)
+        check_length("validation", val_ids, self.block)
+        self.train_ids, self.val_ids = train_ids.to(info.device), val_ids.to(info.device)
+        self.batch, self.info = setup.train_config.batch_size, info
+
+    def train(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of a training batch: ``(inputs, targets)``, each ``(batch, block)``."""
+        info = self.info
+        return sample_batch(
+            self.train_ids, self.batch, self.block, generator, rank=info.rank, world_size=info.world_size
+        )
+
+    def val(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A validation batch: rank 0 validates alone, on the global batch (the numbers of one process)."""
+        return sample_batch(self.val_ids, self.batch * self.info.world_size, self.block, generator)
+
+
+class _Saver:
+    """The trainer's checkpoint hook: saves the run and redraws the loss curve now and then."""
+
+    def __init__(self, options: RunOptions, setup: _Setup, model: GPT, world_size: int) -> None:
+        self.out, self.setup, self.model, self.world_size = Path(options.out), setup, model, world_size
+        self.last_plot = time.monotonic()
+
+    def __call__(self, trainer: Trainer) -> None:
+        """Save a checkpoint of ``trainer``'s step, then the loss curve if it is due."""
+        setup = self.setup
+        state = {**trainer.state_json(), "data": setup.data, "world_size": self.world_size}
         save_checkpoint(
-            options.out,
-            model=model,
-            model_config=model_config.to_dict(),
-            tokenizer=tokenizer,
+            self.out,
+            model=self.model,
+            model_config=setup.model_config.to_dict(),
+            tokenizer=setup.tokenizer,
             step=trainer.step,
-            run=run,
+            run=setup.run,
             trainer_tensors=trainer.state_tensors(),
             trainer_json=state,
         )
-        history = trainer.history
+        final = trainer.step == setup.train_config.max_steps or trainer.stopping
         now = time.monotonic()
-        final = trainer.step == train_config.max_steps or trainer.stopping
-        if history.train and (final or now - last_plot[0] > PLOT_EVERY_S):
-            last_plot[0] = now
-            title = f"{model.num_parameters():,} parameters, {tokenizer.kind} tokens, step {trainer.step}"
-            plot_losses(history.train, history.val, Path(options.out) / LOSS_CURVE, title=title)
+        if trainer.history.train and (final or now - self.last_plot > PLOT_EVERY_S):
+            self.last_plot = now
+            self._plot(trainer)
 
-    trainer = Trainer(
-        ddp.wrap(model, info),
-        train_config,
-        train_batch,
-        val_batch,
-        checkpoint=save,
-        rank=info.rank,
-        world_size=info.world_size,
-        progress=options.progress,
-    )
-    if checkpoint is not None:
-        assert checkpoint.trainer_tensors is not None
-        trainer.load_state(checkpoint.trainer_tensors, checkpoint.config["trainer"])
-    start = time.perf_counter()
-    history = trainer.run()
-    return RunResult(
-        history, trainer.step, time.perf_counter() - start, model.num_parameters(), Path(options.out), info.rank
-    )
+    def _plot(self, trainer: Trainer) -> None:
+        # matplotlib is heavy and optional for the library: imported only when a curve is drawn
+        from selfattention.viz.loss_curve import plot_losses
+
+        history, setup = trainer.history, self.setup
+        title = f"{self.model.num_parameters():,} parameters, {setup.tokenizer.kind} tokens, step {trainer.step}"
+        plot_losses(history.train, history.val, self.out / LOSS_CURVE, title=title)
 
 
 def load_gpt(directory: str | Path) -> tuple[GPT, Tokenizer]:
@@ -230,10 +283,10 @@ def load_gpt(directory: str | Path) -> tuple[GPT, Tokenizer]:
     checkpoint = load_checkpoint(directory)
     config = checked_model_config(checkpoint)
     model = GPT(config)
-    load_weights(model, checkpoint.weights, checkpoint.directory / "model.safetensors")
+    load_weights(model, checkpoint.weights, checkpoint.directory / WEIGHTS)
     if checkpoint.tokenizer.vocab_size != config.vocab_size:
         raise ValueError(
-            f"{checkpoint.directory / 'tokenizer.json'} has {checkpoint.tokenizer.vocab_size} tokens but the "
+            f"{checkpoint.directory / TOKENIZER} has {checkpoint.tokenizer.vocab_size} tokens but the "
             f"model {config.vocab_size}"
         )
     return model.eval(), checkpoint.tokenizer
@@ -248,7 +301,7 @@ def checked_model_config(checkpoint: Checkpoint) -> GPTConfig:
     Raises:
         ValueError: naming ``config.json``, for a bad type or value, or a config that does not match the weights.
     """
-    path = checkpoint.directory / "config.json"
+    path = checkpoint.directory / CONFIG
     values = dict(checkpoint.config["model"])
     kind = values.pop("type", "gpt")
     if kind != "gpt":
@@ -256,12 +309,12 @@ def checked_model_config(checkpoint: Checkpoint) -> GPTConfig:
     config = _typed(GPTConfig, values, f"{path}: model")
     if config.num_layers > len(checkpoint.weights):
         raise ValueError(
-            f"{path}: model.num_layers is {config.num_layers} but model.safetensors holds only "
+            f"{path}: model.num_layers is {config.num_layers} but {WEIGHTS} holds only "
             f"{len(checkpoint.weights)} tensors"
         )
     with torch.device("meta"):
         skeleton = GPT(config)
-    check_weights(skeleton, checkpoint.weights, f"{path} with {checkpoint.directory / 'model.safetensors'}")
+    check_weights(skeleton, checkpoint.weights, f"{path} with {checkpoint.directory / WEIGHTS}")
     saved = set(skeleton.state_dict())
     extra = sum(b.numel() * b.element_size() for n, b in skeleton.named_buffers() if n not in saved)
     if extra > MAX_UNSAVED_BUFFER_BYTES:

@@ -23,7 +23,7 @@ from selfattention.viz import AttentionView, HeadData, to_html, view_from_captur
 from selfattention.viz.sources import embed_words, example_view
 from selfattention.walkthrough import walk
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def page_data(page: str) -> dict[str, Any]:

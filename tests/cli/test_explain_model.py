@@ -10,7 +10,7 @@ import torch
 
 from selfattention.cli import UsageError, build_parser, main
 from selfattention.cli.explain_model import explain_model
-from selfattention.models.walkthrough import head_walkthrough
+from selfattention.models.head_walkthrough import head_walkthrough
 from selfattention.pretrained import PretrainedEncoder
 
 

@@ -20,7 +20,7 @@ from selfattention.cli import COMMANDS, main
 from selfattention.cli.options import float32_number, json_text
 from selfattention.walkthrough import walk
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMAND_NAMES = ["explain", "train", "generate", "context", "view", "heads", "patch"]
 
 
