@@ -129,6 +129,22 @@ def _check(query: Tensor, key: Tensor, lse: Tensor, rows: Rows | None) -> Rows:
     return rows
 
 
+def _weight_chunks(
+    query: Tensor, key: Tensor, lse: Tensor, *, scale: float, causal: bool, mask: Any, heads: Tensor | None, rows: Rows
+) -> Iterator[Tensor]:
+    """α of the chosen heads, one chunk of rows after another, ``(..., h, r_chunk, S)`` each."""
+    for part in _chunks(query, key, rows, heads):
+        scores = masked_scores(query, key, scale=scale, causal=causal, mask=mask, rows=part, heads=heads)
+        yield _weights(scores, _lse_part(lse, heads, part))
+
+
+def _empty(query: Tensor, heads: Tensor | None, width: int) -> Tensor:
+    """A result with no rows, ``(..., h, 0, width)``."""
+    work = torch.float64 if query.dtype == torch.float64 else torch.float32
+    count = () if heads is None else (len(heads),)
+    return query.new_zeros((*query.shape[:-3], *count, 0, width), dtype=work)
+
+
 def exact_weights(
     query: Tensor,
     key: Tensor,
@@ -151,18 +167,9 @@ def exact_weights(
     """
     rows = _check(query, key, lse, rows)
     chosen = _heads(query, heads)
-    parts = [
-        _weights(
-            masked_scores(query, key, scale=scale, causal=causal, mask=mask, rows=part, heads=chosen),
-            _lse_part(lse, chosen, part),
-        )
-        for part in _chunks(query, key, rows, chosen)
-    ]
-    if not parts:
-        work = torch.float64 if query.dtype == torch.float64 else torch.float32
-        count = () if chosen is None else (len(chosen),)
-        return query.new_zeros((*query.shape[:-3], *count, 0, key.shape[-2]), dtype=work)
-    return torch.cat(parts, dim=-2)
+    options = {"scale": scale, "causal": causal, "mask": mask, "heads": chosen, "rows": rows}
+    parts = list(_weight_chunks(query, key, lse, **options))
+    return torch.cat(parts, dim=-2) if parts else _empty(query, chosen, key.shape[-2])
 
 
 def exact_top_k(
@@ -192,20 +199,12 @@ def exact_top_k(
     rows = _check(query, key, lse, rows)
     chosen = _heads(query, heads)
     k = min(k, key.shape[-2])
-    values, indices = [], []
-    for part in _chunks(query, key, rows, chosen):
-        weights = _weights(
-            masked_scores(query, key, scale=scale, causal=causal, mask=mask, rows=part, heads=chosen),
-            _lse_part(lse, chosen, part),
-        )
-        top = torch.topk(weights, k, dim=-1)
-        values.append(top.values)
-        indices.append(top.indices)
-    if not values:
-        work = torch.float64 if query.dtype == torch.float64 else torch.float32
-        count = () if chosen is None else (len(chosen),)
-        empty = query.new_zeros((*query.shape[:-3], *count, 0, k), dtype=work)
+    options = {"scale": scale, "causal": causal, "mask": mask, "heads": chosen, "rows": rows}
+    tops = [torch.topk(weights, k, dim=-1) for weights in _weight_chunks(query, key, lse, **options)]
+    if not tops:
+        empty = _empty(query, chosen, k)
         return empty, empty.long(), empty[..., 0]
+    values, indices = [top.values for top in tops], [top.indices for top in tops]
     top_values, top_indices = torch.cat(values, dim=-2), torch.cat(indices, dim=-2)
     row_lse = _lse_part(lse, chosen, rows)
     rest = torch.where(torch.isfinite(row_lse), (1.0 - top_values.sum(-1)).clamp_min(0.0), 0.0)
