@@ -172,6 +172,33 @@ def exact_weights(
     return torch.cat(parts, dim=-2) if parts else _empty(query, chosen, key.shape[-2])
 
 
+def exact_context(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    lse: Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+    mask: Any = None,
+    heads: Tensor | None = None,
+    rows: Rows | None = None,
+) -> Tensor:
+    """z = α V for the chosen heads and rows, ``(..., h, r, E)``, with α recomputed a chunk of rows at a time;
+    ``value`` is ``(..., G, S, E)`` like ``key``.
+
+    Raises:
+        ValueError: see :func:`exact_weights`.
+    """
+    rows = _check(query, key, lse, rows)
+    chosen = _heads(query, heads)
+    if chosen is not None and value.dim() >= 3:  # head h reads value head h // (H // G)
+        value = value.index_select(-3, torch.div(chosen, query.shape[-3] // value.shape[-3], rounding_mode="floor"))
+    options = {"scale": scale, "causal": causal, "mask": mask, "heads": chosen, "rows": rows}
+    parts = [weights @ value.to(weights.dtype) for weights in _weight_chunks(query, key, lse, **options)]
+    return torch.cat(parts, dim=-2) if parts else _empty(query, chosen, value.shape[-1])
+
+
 def exact_top_k(
     query: Tensor,
     key: Tensor,

@@ -8,8 +8,8 @@
 (['0'], torch.Size([1, 2, 3, 3]), torch.Size([1, 3, 3]))
 
 While a :func:`capture` is active, each attention module of the model runs its usual backend (the fused
-kernel under ``backend="auto"``) and records one :class:`Record` per forward pass: Q, K, V, the per-head
-context and each row's log-sum-exp, which the fused kernels compute anyway. The weights and scores are
+kernel under ``backend="auto"``) and records one :class:`Record` per forward pass: Q, K, V and each row's
+log-sum-exp, which the fused kernels compute anyway. The weights, scores and per-head context vectors are
 recomputed exactly from them when asked for (all of them, some heads or rows, or the top-k keys of each
 row), in bounded memory; see ``docs/capture.md``. In training mode with dropout the modules run the eager
 ``"math"`` path instead, whose weights after dropout are kept. Recorded tensors are detached: recording
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from selfattention.exact_weights import exact_top_k, exact_weights
+from selfattention.exact_weights import exact_context, exact_top_k, exact_weights
 from selfattention.functional import attention_scores
 from selfattention.masks import MaskDescription
 from selfattention.modules import AttentionModule, MultiHeadAttention
@@ -57,7 +57,7 @@ class Record:
     """What one attention module computed in one forward pass, detached.
 
     The module ran its usual backend (the fused kernel under ``backend="auto"``) and kept what is cheap:
-    Q, K, V, the per-head context and each row's log-sum-exp ``lse``. Weights and scores are recomputed
+    Q, K, V and each row's log-sum-exp ``lse``. Weights, scores and per-head contexts are recomputed
     exactly from them on request (:mod:`selfattention.exact_weights`), for the heads and rows asked for:
     :meth:`weights_for`, :meth:`scores_for`, :meth:`top_k`; :attr:`weights` and :attr:`scores` build the
     full tensors when they take at most :data:`FULL_LIMIT` bytes and raise a ValueError naming the size
@@ -69,24 +69,24 @@ class Record:
         query: Q, ``(..., H, T, D)``, after any position hook.
         key: K, ``(..., G, S, D)``, including cached keys; ``G`` key/value heads (grouped-query attention).
         value: V, ``(..., G, S, E)``.
-        context: z = α V per head, ``(..., H, T, E)``, before the heads are merged by an output projection.
         scale: the number the scores were multiplied by.
         causal: whether the causal mask was applied.
         mask: the mask passed besides the causal one (boolean, ``True`` = may attend; float, added; or a
             :class:`~selfattention.masks.MaskDescription`), or ``None``.
         lse: the log-sum-exp of each row, ``(..., H, T)``, or ``None`` when the weights were kept.
         stored_weights: α as the eager path computed it (dropout in training), or ``None``.
+        stored_context: z as the eager path computed it, or ``None`` (then :attr:`context` recomputes it).
     """
 
     query: Tensor
     key: Tensor
     value: Tensor
-    context: Tensor
     scale: float
     causal: bool
     mask: Tensor | MaskDescription | None
     lse: Tensor | None = None
     stored_weights: Tensor | None = None
+    stored_context: Tensor | None = None
 
     def __post_init__(self) -> None:
         if (self.lse is None) == (self.stored_weights is None):
@@ -166,10 +166,22 @@ class Record:
         key = self.key.index_select(-3, torch.div(chosen, group, rounding_mode="floor"))
         return attention_scores(query, key)
 
+    @property
+    def context(self) -> Tensor:
+        """z = α V per head, ``(..., H, T, E)``, before the heads are merged by an output projection."""
+        return self.context_for()
+
     def context_for(self, heads: Selection = None, rows: Selection = None) -> Tensor:
-        """z = α V of the chosen heads and rows, ``(..., h, r, E)``, as the module computed it."""
+        """z = α V of the chosen heads and rows, ``(..., h, r, E)``, recomputed a chunk of rows at a time."""
         chosen, span = self._selection(heads, rows)
-        return self.context.index_select(-3, chosen)[..., span[0] : span[1], :]
+        if self.stored_context is not None:
+            return self.stored_context.index_select(-3, chosen)[..., span[0] : span[1], :]
+        assert self.lse is not None
+        context = exact_context(
+            self.query, self.key, self.value, self.lse, scale=self.scale, causal=self.causal, mask=self.mask,
+            heads=chosen, rows=span,
+        )  # fmt: skip
+        return context.to(self.value.dtype)
 
     def top_k(self, k: int, heads: Selection = None, rows: Selection = None) -> tuple[Tensor, Tensor, Tensor]:
         """The ``k`` largest weights of each row, exact, with their key indices and the rest of the mass.
@@ -205,7 +217,7 @@ class Record:
             value=self.value[..., kv, :, :],
             scores=self.scores_for(index)[..., 0, :, :],
             weights=self.weights_for(index)[..., 0, :, :],
-            context=self.context[..., index, :, :],
+            context=self.context_for(index)[..., 0, :, :],
         )
 
 
@@ -261,7 +273,7 @@ class Capture:
                     query=query.detach(),
                     key=key.detach(),
                     value=value.detach(),
-                    context=context.detach(),
+                    stored_context=None if lse is not None else context.detach(),  # else recomputed when read
                     scale=scale,
                     causal=causal,
                     mask=mask.detach() if isinstance(mask, Tensor) else mask,
