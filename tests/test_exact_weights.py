@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from selfattention import exact_weights as ew
 from selfattention import masks
 from selfattention.backends import BACKENDS
-from selfattention.exact_weights import exact_top_k, exact_weights
+from selfattention.exact_weights import exact_context, exact_top_k, exact_weights
 from selfattention.functional import attention
 
 # float64 inputs: the recomputed weights and the eager ones are two roundings of the same numbers.
@@ -60,6 +60,9 @@ def test_recomputed_weights_equal_the_eager_ones(backend, case, kv_heads):
     scale = 1 / math.sqrt(8)
     assert_close(exact_weights(q, k, lse, scale=scale, causal=causal, mask=mask), ref_weights, **TOL64)
     assert_close(lse, ew_reference_lse(q, k, scale, causal, mask), **TOL64)
+    heads = torch.tensor([3, 0])
+    recomputed = exact_context(q, k, v, lse, scale=scale, causal=causal, mask=mask, heads=heads, rows=(2, 6))
+    assert_close(recomputed, ref_context[:, [3, 0], 2:6], **TOL64)
 
 
 def ew_reference_lse(q, k, scale, causal, mask):
