@@ -206,10 +206,12 @@ def test_lazy_record_selections_equal_the_eager_weights():
     assert_close(record.weights_for(heads=2, rows=5), eager[:, 2:3, 5:6], atol=1e-6, rtol=0)
     expected_scores = record.query[:, [3]] @ record.key[:, [1]].mT  # head 3 reads key head 3 // 2 = 1
     assert_close(record.scores_for(heads=3), expected_scores)
-    assert_close(record.context_for(heads=[1], rows=(0, 4)), record.context[:, [1], :4])
+    eager_context = eager[:, [1], :4] @ record.value[:, [0]]  # head 1 reads value head 0
+    assert_close(record.context_for(heads=[1], rows=(0, 4)), eager_context, atol=1e-6, rtol=0)
     values, indices, rest = record.top_k(2, heads=[1])
     top = torch.topk(eager[:, [1]], 2, dim=-1)
     assert_close(values, top.values, atol=1e-6, rtol=0)
+    assert_close(eager[:, [1]].gather(-1, indices), values, atol=1e-6, rtol=0)
     assert_close(rest, 1 - top.values.sum(-1), atol=1e-6, rtol=0)
     assert_close(record.head(3).weights, eager[:, 3], atol=1e-6, rtol=0)
 
@@ -247,7 +249,7 @@ def test_full_weights_beyond_the_limit_name_the_size(monkeypatch):
         module(torch.randn(1, 8, 16))
     monkeypatch.setattr(inspect, "FULL_LIMIT", 4 * 4 * 8 * 8 - 1)  # one float short of (1, 4, 8, 8)
     with pytest.raises(ValueError, match=r"full weights \(1, 4, 8\) x 8 keys would take 0\.0 GiB.*top_k"):
-        cap[""].weights
+        _ = cap[""].weights
     assert cap[""].weights_for(heads=0).shape == (1, 1, 8, 8)
     with pytest.raises(IndexError, match=r"heads \[4\] out of range: the module has 4 heads"):
         cap[""].weights_for(heads=[4])
