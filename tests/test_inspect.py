@@ -69,22 +69,32 @@ def test_capture_gives_the_fast_path_output_and_context():
     assert_close(module.out_proj(context.transpose(1, 2).reshape(2, 6, 12)), fast, atol=1e-6, rtol=1e-5)
 
 
-def test_eager_only_while_active(monkeypatch):
+def test_capture_keeps_the_usual_backend_and_eager_only_for_dropout(monkeypatch):
     calls: dict[str, int] = {}
+
+    def counted(name, fn):
+        def run(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return run
+
     for name, backend in list(BACKENDS.items()):
-
-        def fn(*args, _name=name, _fn=backend.fn, **kwargs):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _fn(*args, **kwargs)
-
-        monkeypatch.setitem(BACKENDS, name, dataclasses.replace(backend, fn=fn, supports_dropout=True))
-    module = MultiHeadAttention(8, 8, 16, 0.0, 2).eval()
+        replaced = dataclasses.replace(
+            backend, fn=counted(name, backend.fn), with_lse=counted(f"{name}+lse", backend.with_lse)
+        )
+        monkeypatch.setitem(BACKENDS, name, replaced)
+    module = MultiHeadAttention(8, 8, 16, 0.5, 2).eval()
     x = torch.randn(1, 4, 8)
     with capture(module):
         module(x)
-    assert calls == {"math": 1}
+    assert calls == {"sdpa+lse": 1}  # the fused kernel, and its log-sum-exp
     module(x)
-    assert calls == {"math": 1, "sdpa": 1}
+    assert calls == {"sdpa+lse": 1, "sdpa": 1}
+    with capture(module.train()) as cap:
+        module(x)
+    assert calls == {"sdpa+lse": 1, "sdpa": 1, "math": 1}  # weights after dropout: only the eager path has them
+    assert cap[""].stored_weights is not None and cap[""].lse is None
     assert module._recorder is None
 
 
@@ -174,3 +184,84 @@ def test_recording_leaves_gradients_unchanged():
         module(x).square().sum().backward()
     for name, p in module.named_parameters():
         assert_close(p.grad, plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _gqa_module(seed=3):
+    torch.manual_seed(seed)
+    return MultiHeadAttention(16, 16, 64, 0.0, 4, num_kv_heads=2, causal=True).eval()
+
+
+def test_lazy_record_selections_equal_the_eager_weights():
+    module = _gqa_module()
+    x = torch.randn(2, 9, 16)
+    padding = torch.ones(2, 9, dtype=torch.bool)
+    padding[1, 6:] = False
+    _, eager = module(x, key_padding_mask=padding, return_weights=True)  # (B, H, T, S) from "math"
+    with capture(module) as cap:
+        module(x, key_padding_mask=padding)
+    record = cap[""]
+    assert record.stored_weights is None and record.lse is not None and record.lse.shape == (2, 4, 9)
+    assert_close(record.weights, eager, atol=1e-6, rtol=0)
+    assert_close(record.weights_for(heads=[3, 0], rows=(2, 7)), eager[:, [3, 0], 2:7], atol=1e-6, rtol=0)
+    assert_close(record.weights_for(heads=2, rows=5), eager[:, 2:3, 5:6], atol=1e-6, rtol=0)
+    expected_scores = record.query[:, [3]] @ record.key[:, [1]].mT  # head 3 reads key head 3 // 2 = 1
+    assert_close(record.scores_for(heads=3), expected_scores)
+    eager_context = eager[:, [1], :4] @ record.value[:, [0]]  # head 1 reads value head 0
+    assert_close(record.context_for(heads=[1], rows=(0, 4)), eager_context, atol=1e-6, rtol=0)
+    values, indices, rest = record.top_k(2, heads=[1])
+    top = torch.topk(eager[:, [1]], 2, dim=-1)
+    assert_close(values, top.values, atol=1e-6, rtol=0)
+    assert_close(eager[:, [1]].gather(-1, indices), values, atol=1e-6, rtol=0)
+    assert_close(rest, 1 - top.values.sum(-1), atol=1e-6, rtol=0)
+    assert_close(record.head(3).weights, eager[:, 3], atol=1e-6, rtol=0)
+
+
+def test_capture_of_a_decoding_step_with_folded_grouped_heads():
+    # One new token with grouped heads runs with the query heads folded into rows: the lse must come back per head.
+    module = _gqa_module()
+    x = torch.randn(1, 6, 16)
+    cache = module.make_kv_cache(1)
+    with torch.no_grad():
+        module(x[:, :5], kv_cache=cache)
+        _, eager = module(x[:, 5:], kv_cache=cache, return_weights=True)
+        cache.undo(1)
+        with capture(module) as cap:
+            module(x[:, 5:], kv_cache=cache)
+    assert cap[""].lse.shape == (1, 4, 1)
+    assert_close(cap[""].weights, eager, atol=1e-6, rtol=0)
+
+
+def test_capture_output_is_the_fused_output_bit_for_bit():
+    module = _gqa_module()
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        fast = module(x)
+        with capture(module):
+            recorded = module(x)
+    assert torch.equal(recorded, fast)
+
+
+def test_full_weights_beyond_the_limit_name_the_size(monkeypatch):
+    from selfattention import inspect
+
+    module = _gqa_module()
+    with capture(module) as cap:
+        module(torch.randn(1, 8, 16))
+    monkeypatch.setattr(inspect, "FULL_LIMIT", 4 * 4 * 8 * 8 - 1)  # one float short of (1, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"full weights \(1, 4, 8\) x 8 keys would take 0\.0 GiB.*top_k"):
+        _ = cap[""].weights
+    assert cap[""].weights_for(heads=0).shape == (1, 1, 8, 8)
+    with pytest.raises(IndexError, match=r"heads \[4\] out of range: the module has 4 heads"):
+        cap[""].weights_for(heads=[4])
+    with pytest.raises(IndexError, match=r"rows \(3, 9\) out of range"):
+        cap[""].top_k(2, rows=(3, 9))
+
+
+def test_record_keeps_no_per_head_square_tensor():
+    module = MultiHeadAttention(8, 8, 1024, 0.0, 2, causal=True).eval()
+    with torch.no_grad(), capture(module) as cap:
+        module(torch.randn(1, 1024, 8))
+    record = cap[""]
+    kept = [record.query, record.key, record.value, record.context, record.lse]
+    assert max(t.numel() for t in kept) < 1024 * 1024 // 100  # a (T, S) tensor per head would be 1024²
+    assert record.top_k(4)[0].shape == (1, 2, 1024, 4)

@@ -68,6 +68,7 @@ def attention(
     return_weights: Literal[False] = ...,
     score_mod: ScoreMod | None = ...,
     bounds: tuple[float, float, float] | None = ...,
+    return_lse: Literal[False] = ...,
 ) -> Tensor: ...
 @overload
 def attention(
@@ -83,6 +84,23 @@ def attention(
     return_weights: Literal[True],
     score_mod: ScoreMod | None = ...,
     bounds: tuple[float, float, float] | None = ...,
+    return_lse: Literal[False] = ...,
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    mask: Tensor | MaskDescription | None = ...,
+    causal: bool = ...,
+    scale: float | None = ...,
+    dropout_p: float = ...,
+    backend: str = ...,
+    return_weights: Literal[False] = ...,
+    score_mod: ScoreMod | None = ...,
+    bounds: tuple[float, float, float] | None = ...,
+    return_lse: Literal[True],
 ) -> tuple[Tensor, Tensor]: ...
 def attention(
     query: Tensor,
@@ -97,6 +115,7 @@ def attention(
     return_weights: bool = False,
     score_mod: ScoreMod | None = None,
     bounds: tuple[float, float, float] | None = None,
+    return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Scaled dot-product attention: ``softmax(Q Kᵀ · scale + mask) V``, through a chosen backend.
 
@@ -139,10 +158,14 @@ def attention(
         bounds: ``(max |query|, max |key|, max |value|)`` when the caller has already checked the inputs
             (finite upper bounds, as a module with a KV cache keeps them); the inputs are then not scanned
             again. Bounds that are too small could let an overflow through: pass only measured ones.
+        return_lse: also return each row's log-sum-exp from the same backend (its fused kernel computes it;
+            see :mod:`selfattention.backends.logsumexp`), from which :mod:`selfattention.exact_weights`
+            recomputes any weight exactly. Not with ``return_weights`` or dropout.
 
     Returns:
         Context ``(..., H, T, E)`` with the broadcast leading dimensions; with ``return_weights=True``,
-        ``(context, weights (..., H, T, S))``.
+        ``(context, weights (..., H, T, S))``; with ``return_lse=True``, ``(context, lse (..., H, T))``
+        (float32, float64 for float64 inputs; ``-inf`` for a row with no allowed key).
 
     Raises:
         ValueError: mismatched or non-broadcasting shapes, ``D = 0``, non-finite inputs, inputs whose scores
@@ -153,6 +176,11 @@ def attention(
     >>> attention(x, x, x, scale=1.0).shape
     torch.Size([2, 2])
     """
+    if return_lse and (return_weights or dropout_p > 0):
+        raise ValueError(
+            f"return_lse needs return_weights=False and no dropout (got return_weights={return_weights}, "
+            f"dropout_p={dropout_p}): weights after dropout cannot be recomputed from the log-sum-exp"
+        )
     largest = checks.qkv(query, key, value, bounds)
     num_queries, num_keys = query.shape[-2], key.shape[-2]
     if mask is not None:
@@ -177,32 +205,38 @@ def attention(
         score_mod=score_mod,
         shape=(query.shape[-2], key.shape[-2]),
     )
-    weights: Tensor | None
+    weights: Tensor | None  # the weights, or the log-sum-exp with return_lse
     if key.shape[-2] == 0 or query[..., 0].numel() == 0 or (value.shape[-1] == 0 and not return_weights):
         context, weights = _without_work(query, key, value)  # no key, or nothing to compute
+        weights = _no_lse(query) if return_lse else weights
     else:
         if isinstance(mask, MaskDescription) and not chosen.takes_mask_descriptions:
             mask = materialize_mask(mask, query, key.shape[-2])
         extra = {"score_mod": score_mod} if score_mod is not None else {}
-        context, weights = chosen.fn(
-            query,
-            key,
-            value,
-            mask=mask,
-            causal=causal,
-            scale=float(scale),
-            dropout_p=dropout_p,
-            return_weights=return_weights,
-            **extra,
-        )
+        options = {"mask": mask, "causal": causal, "scale": float(scale), **extra}
+        if return_lse:
+            context, weights = chosen.with_lse(query, key, value, **options)
+        else:
+            context, weights = chosen.fn(
+                query, key, value, dropout_p=dropout_p, return_weights=return_weights, **options
+            )
     checks.overflowed("the attention output", context)
     if folded:
         context = unfold_query_groups(context, num_queries)
-        weights = None if weights is None else unfold_query_groups(weights, num_queries)
-    if return_weights:
+        if weights is not None and return_lse:  # (..., G, H/G * T) -> (..., H, T)
+            weights = unfold_query_groups(weights.unsqueeze(-1), num_queries)[..., 0]
+        elif weights is not None:
+            weights = unfold_query_groups(weights, num_queries)
+    if return_weights or return_lse:
         assert weights is not None, f"backend {chosen.name!r} returned no weights"
         return context, weights
     return context
+
+
+def _no_lse(query: Tensor) -> Tensor:
+    """The log-sum-exp of rows with no key: ``-inf``, ``(..., T)``."""
+    work = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return torch.full(query.shape[:-1], -math.inf, dtype=work, device=query.device)
 
 
 def broadcast_inputs(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:

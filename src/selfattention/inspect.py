@@ -7,22 +7,28 @@
 >>> cap.names, cap["0"].weights.shape, cap["0"].head(1).weights.shape
 (['0'], torch.Size([1, 2, 3, 3]), torch.Size([1, 3, 3]))
 
-While a :func:`capture` is active, each attention module of the model runs an eager backend (``"math"``,
-or the module's own backend if that returns weights) and records one :class:`Record` per forward pass;
-when it ends the modules go back to their usual path (the fused kernel under ``backend="auto"``).
-Recorded tensors are detached: recording does not change gradients or the outputs.
+While a :func:`capture` is active, each attention module of the model runs its usual backend (the fused
+kernel under ``backend="auto"``) and records one :class:`Record` per forward pass: Q, K, V and each row's
+log-sum-exp, which the fused kernels compute anyway. The weights, scores and per-head context vectors are
+recomputed exactly from them when asked for (all of them, some heads or rows, or the top-k keys of each
+row), in bounded memory; see ``docs/capture.md``. In training mode with dropout the modules run the eager
+``"math"`` path instead, whose weights after dropout are kept. Recorded tensors are detached: recording
+does not change gradients or the outputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from selfattention.functional import attention_scores, expand_kv_heads
+from selfattention.exact_weights import exact_context, exact_top_k, exact_weights
+from selfattention.functional import attention_scores
+from selfattention.masks import MaskDescription
 from selfattention.modules import AttentionModule, MultiHeadAttention
 from selfattention.walkthrough import random_projections
 
@@ -39,9 +45,23 @@ class Head:
     context: Tensor  # z (..., T, E)
 
 
-@dataclass(frozen=True)
+FULL_LIMIT = 2 << 30
+"""Bytes up to which :attr:`Record.weights` and :attr:`Record.scores` build the full ``(..., H, T, S)`` tensor."""
+
+Selection = int | Sequence[int] | None
+"""Heads or query rows: one index, a list of indices (heads) or a ``(start, stop)`` range (rows), or all."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Record:
     """What one attention module computed in one forward pass, detached.
+
+    The module ran its usual backend (the fused kernel under ``backend="auto"``) and kept what is cheap:
+    Q, K, V and each row's log-sum-exp ``lse``. Weights, scores and per-head contexts are recomputed
+    exactly from them on request (:mod:`selfattention.exact_weights`), for the heads and rows asked for:
+    :meth:`weights_for`, :meth:`scores_for`, :meth:`top_k`; :attr:`weights` and :attr:`scores` build the
+    full tensors when they take at most :data:`FULL_LIMIT` bytes and raise a ValueError naming the size
+    above it. In training mode with dropout the eager path ran and its weights (after dropout) are kept.
 
     Shapes have a leading batch axis when the module's input had one (``...`` below), then heads.
 
@@ -49,23 +69,28 @@ class Record:
         query: Q, ``(..., H, T, D)``, after any position hook.
         key: K, ``(..., G, S, D)``, including cached keys; ``G`` key/value heads (grouped-query attention).
         value: V, ``(..., G, S, E)``.
-        scores: ω = Q Kᵀ, ``(..., H, T, S)``, before scaling and masking.
-        weights: α = softmax(ω · scale + mask), ``(..., H, T, S)`` (after dropout in training mode).
-        context: z = α V per head, ``(..., H, T, E)``, before the heads are merged by an output projection.
         scale: the number the scores were multiplied by.
         causal: whether the causal mask was applied.
-        mask: the boolean mask passed besides the causal one (``True`` = may attend), or ``None``.
+        mask: the mask passed besides the causal one (boolean, ``True`` = may attend; float, added; or a
+            :class:`~selfattention.masks.MaskDescription`), or ``None``.
+        lse: the log-sum-exp of each row, ``(..., H, T)``, or ``None`` when the weights were kept.
+        stored_weights: α as the eager path computed it (dropout in training), or ``None``.
+        stored_context: z as the eager path computed it, or ``None`` (then :attr:`context` recomputes it).
     """
 
     query: Tensor
     key: Tensor
     value: Tensor
-    scores: Tensor
-    weights: Tensor
-    context: Tensor
     scale: float
     causal: bool
-    mask: Tensor | None
+    mask: Tensor | MaskDescription | None
+    lse: Tensor | None = None
+    stored_weights: Tensor | None = None
+    stored_context: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.lse is None) == (self.stored_weights is None):
+            raise ValueError("a Record needs exactly one of lse (to recompute the weights) and stored_weights")
 
     @property
     def num_heads(self) -> int:
@@ -77,8 +102,108 @@ class Record:
         """Key/value heads ``G``."""
         return self.key.shape[-3]
 
+    @property
+    def full_bytes(self) -> int:
+        """Bytes of the full ``(..., H, T, S)`` weights in float32."""
+        return 4 * math.prod(self.query.shape[:-1]) * self.key.shape[-2]
+
+    @property
+    def weights(self) -> Tensor:
+        """α = softmax(ω · scale + mask), ``(..., H, T, S)``, all heads (see :data:`FULL_LIMIT`)."""
+        self._check_full("weights")
+        return self.weights_for()
+
+    @property
+    def scores(self) -> Tensor:
+        """ω = Q Kᵀ, ``(..., H, T, S)``, before scaling and masking, all heads (see :data:`FULL_LIMIT`)."""
+        self._check_full("scores")
+        return self.scores_for()
+
+    def _check_full(self, name: str) -> None:
+        if self.stored_weights is None and self.full_bytes > FULL_LIMIT:
+            raise ValueError(
+                f"the full {name} {tuple(self.query.shape[:-1])} x {self.key.shape[-2]} keys would take "
+                f"{self.full_bytes / 2**30:.1f} GiB, over FULL_LIMIT ({FULL_LIMIT / 2**30:.0f} GiB): ask for "
+                f"some heads or rows ({name}_for(heads=..., rows=...)) or the top keys (top_k(k))"
+            )
+
+    def _selection(self, heads: Selection, rows: Selection) -> tuple[Tensor, tuple[int, int]]:
+        """Head indices and a row range, checked against ``H`` and ``T``."""
+        count, num_queries = self.num_heads, self.query.shape[-2]
+        chosen = list(range(count)) if heads is None else [heads] if isinstance(heads, int) else list(heads)
+        if any(not 0 <= h < count for h in chosen):
+            raise IndexError(f"heads {chosen} out of range: the module has {count} heads")
+        span = (0, num_queries) if rows is None else (rows, rows + 1) if isinstance(rows, int) else tuple(rows)
+        if len(span) != 2 or not 0 <= span[0] <= span[1] <= num_queries:
+            raise IndexError(f"rows {rows} out of range: give a row or (start, stop) within 0 .. {num_queries}")
+        return torch.tensor(chosen, dtype=torch.long), (int(span[0]), int(span[1]))
+
+    def weights_for(self, heads: Selection = None, rows: Selection = None) -> Tensor:
+        """α of the chosen heads and rows, ``(..., h, r, S)``: exact, computed a chunk of rows at a time.
+
+        Args:
+            heads: a head index, a list of them, or ``None`` for all.
+            rows: a query row, a ``(start, stop)`` range, or ``None`` for all.
+
+        Raises:
+            IndexError: heads or rows out of range.
+        """
+        chosen, span = self._selection(heads, rows)
+        if self.stored_weights is not None:
+            return self.stored_weights.index_select(-3, chosen)[..., span[0] : span[1], :]
+        assert self.lse is not None
+        weights = exact_weights(
+            self.query, self.key, self.lse, scale=self.scale, causal=self.causal, mask=self.mask,
+            heads=chosen, rows=span,
+        )  # fmt: skip
+        return weights.to(self.query.dtype)
+
+    def scores_for(self, heads: Selection = None, rows: Selection = None) -> Tensor:
+        """ω = q kᵀ of the chosen heads and rows, ``(..., h, r, S)``, before scaling and masking."""
+        chosen, span = self._selection(heads, rows)
+        query = self.query.index_select(-3, chosen)[..., span[0] : span[1], :]
+        group = self.num_heads // self.num_kv_heads
+        key = self.key.index_select(-3, torch.div(chosen, group, rounding_mode="floor"))
+        return attention_scores(query, key)
+
+    @property
+    def context(self) -> Tensor:
+        """z = α V per head, ``(..., H, T, E)``, before the heads are merged by an output projection."""
+        return self.context_for()
+
+    def context_for(self, heads: Selection = None, rows: Selection = None) -> Tensor:
+        """z = α V of the chosen heads and rows, ``(..., h, r, E)``, recomputed a chunk of rows at a time."""
+        chosen, span = self._selection(heads, rows)
+        if self.stored_context is not None:
+            return self.stored_context.index_select(-3, chosen)[..., span[0] : span[1], :]
+        assert self.lse is not None
+        context = exact_context(
+            self.query, self.key, self.value, self.lse, scale=self.scale, causal=self.causal, mask=self.mask,
+            heads=chosen, rows=span,
+        )  # fmt: skip
+        return context.to(self.value.dtype)
+
+    def top_k(self, k: int, heads: Selection = None, rows: Selection = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The ``k`` largest weights of each row, exact, with their key indices and the rest of the mass.
+
+        Returns:
+            ``(weights (..., h, r, k), indices (..., h, r, k), rest (..., h, r))``; ``k`` is capped at ``S``.
+            Memory: the result and one chunk of rows, never ``(T, S)`` per head.
+        """
+        chosen, span = self._selection(heads, rows)
+        if self.stored_weights is not None:
+            weights = self.weights_for(heads, rows).float()
+            top = torch.topk(weights, min(k, weights.shape[-1]), dim=-1)
+            return top.values, top.indices, (1.0 - top.values.sum(-1)).clamp_min(0.0) * (weights.sum(-1) > 0)
+        assert self.lse is not None
+        return exact_top_k(
+            self.query, self.key, self.lse, k, scale=self.scale, causal=self.causal, mask=self.mask,
+            heads=chosen, rows=span,
+        )  # fmt: skip
+
     def head(self, index: int) -> Head:
-        """Query head ``index`` with the key/value head it reads (``index // (H // G)``).
+        """Query head ``index`` with the key/value head it reads (``index // (H // G)``); its weights and
+        scores are computed here, ``(..., T, S)`` for this head.
 
         Raises:
             IndexError: for a head outside ``0 .. H - 1``.
@@ -90,9 +215,9 @@ class Record:
             query=self.query[..., index, :, :],
             key=self.key[..., kv, :, :],
             value=self.value[..., kv, :, :],
-            scores=self.scores[..., index, :, :],
-            weights=self.weights[..., index, :, :],
-            context=self.context[..., index, :, :],
+            scores=self.scores_for(index)[..., 0, :, :],
+            weights=self.weights_for(index)[..., 0, :, :],
+            context=self.context_for(index)[..., 0, :, :],
         )
 
 
@@ -135,27 +260,25 @@ class Capture:
             query: Tensor,
             key: Tensor,
             value: Tensor,
-            weights: Tensor,
             context: Tensor,
             *,
             scale: float,
             causal: bool,
-            mask: Tensor | None,
+            mask: Tensor | MaskDescription | None,
+            lse: Tensor | None,
+            weights: Tensor | None,
         ) -> None:
-            with torch.no_grad():
-                expanded_key, _ = expand_kv_heads(query, key, value)
-                scores = attention_scores(query, expanded_key)  # (..., H, T, S)
             self._records[name].append(
                 Record(
                     query=query.detach(),
                     key=key.detach(),
                     value=value.detach(),
-                    scores=scores.detach(),
-                    weights=weights.detach(),
-                    context=context.detach(),
+                    stored_context=None if lse is not None else context.detach(),  # else recomputed when read
                     scale=scale,
                     causal=causal,
-                    mask=None if mask is None else mask.detach(),
+                    mask=mask.detach() if isinstance(mask, Tensor) else mask,
+                    lse=None if lse is None else lse.detach(),
+                    stored_weights=None if weights is None else weights.detach(),
                 )
             )
 

@@ -17,10 +17,11 @@ The modules hold weights and call :func:`selfattention.functional.attention`; th
 one scales the scores by ``1/sqrt(D)`` (``D`` the width of one head) unless given another ``scale``.
 
 Backend choice (``backend="auto"``): the fused kernel (``"sdpa"``) unless the call needs the weights
-(``return_weights=True``, or an active :func:`selfattention.capture`) or drops weights out in training mode
-(dropout is then applied to the explicit weights by the ``"math"`` backend, so that it acts exactly on α as the
-reference does). Any other name from :data:`selfattention.BACKENDS` forces that backend, except that a
-call needing the weights falls back to ``"math"`` when the named backend cannot return them; so
+(``return_weights=True``, or an active :func:`selfattention.capture` in training mode with dropout; other
+captures keep the usual backend) or drops weights out in training mode (dropout is then applied to the
+explicit weights by the ``"math"`` backend, so that it acts exactly on α as the reference does). Any other
+name from :data:`selfattention.BACKENDS` forces that backend, except that a call needing the weights falls
+back to ``"math"`` when the named backend cannot return them; so
 ``backend="sdpa"`` keeps the fused kernel, with its own dropout, in training too.
 
 Masks: ``key_padding_mask`` is boolean with ``True`` = a real token that may be attended to, the package's
@@ -96,11 +97,14 @@ class AttentionModule(nn.Module):
         """Attention over ``query (..., H, T, D)``, ``key (..., G, S, D)``, ``value (..., G, S, E)``.
 
         Returns ``(context (..., H, T, E), weights (..., H, T, S) or None)``; the weights are computed
-        (by an eager backend) only when asked for or when :func:`capture` is recording this module.
+        (by an eager backend) only when asked for, or when :func:`capture` records this module with dropout
+        active. Otherwise a capture keeps the usual backend and records each row's log-sum-exp beside the
+        output, from which the weights are recomputed exactly on request (:mod:`selfattention.exact_weights`).
         ``bounds``: as for :func:`selfattention.attention`, when the caller checked the inputs already.
         """
         dropout_p = self.dropout if self.training else 0.0
         recorder = self._recorder
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(query.shape[-1])
         if recorder is None and not return_weights:
             context = attention(
                 query,
@@ -113,6 +117,20 @@ class AttentionModule(nn.Module):
                 backend=self.backend,
                 bounds=bounds,
             )
+            return context, None
+        if recorder is not None and not return_weights and dropout_p == 0:  # the usual backend, and its lse
+            context, lse = attention(
+                query,
+                key,
+                value,
+                mask=mask,
+                causal=causal,
+                scale=self.scale,
+                backend=self.backend,
+                bounds=bounds,
+                return_lse=True,
+            )
+            recorder(query, key, value, context, scale=scale, causal=causal, mask=mask, lse=lse, weights=None)
             return context, None
         if isinstance(mask, MaskDescription):  # the eager path records and returns tensors
             mask = materialize_mask(mask, query, key.shape[-2])
@@ -129,9 +147,8 @@ class AttentionModule(nn.Module):
             return_weights=True,
             bounds=bounds,
         )
-        if recorder is not None:
-            scale = self.scale if self.scale is not None else 1.0 / math.sqrt(query.shape[-1])
-            recorder(query, key, value, weights, context, scale=scale, causal=causal, mask=mask)
+        if recorder is not None:  # weights after dropout: only the eager path knows them
+            recorder(query, key, value, context, scale=scale, causal=causal, mask=mask, lse=None, weights=weights)
         return context, weights
 
 

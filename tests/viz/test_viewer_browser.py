@@ -308,3 +308,34 @@ def test_the_notebook_frame_runs_the_viewer(open_viewer: Any) -> None:
     assert frame.locator("#queries .tok").all_inner_texts() == list(TOKENS)
     frame.locator("#queries .tok[data-i='1']").hover()
     assert frame.locator("#context").inner_text() == "z = [0.4419, 0.6515, 0.5683]"
+
+
+def test_a_compact_page_shows_the_exact_top_keys_and_the_rest(open_viewer: Any) -> None:
+    from selfattention import MultiHeadAttention, capture
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(MultiHeadAttention(8, 8, 64, 0.0, num_heads=4, num_kv_heads=2) for _ in range(2)))
+    tokens = [f"t{i}" for i in range(40)]
+    with capture(model.eval()) as cap, torch.no_grad():
+        model(torch.randn(1, 40, 8))
+    viewer = open_viewer(to_html(cap, tokens, top_k=4), "compact.html")
+    assert viewer.state()["compact"] is True
+    viewer.page.locator(".thumb[data-layer='1'][data-head='3']").click()
+    viewer.hover("query", 30)
+    record = cap["1"]
+    values, indices, rest = record.top_k(4, heads=3, rows=30)
+    order = indices[0, 0, 0].argsort()  # the panel lists keys in order
+    shown_keys = [
+        int(j) for j in viewer.page.locator("#steps tbody tr[data-j]").evaluate_all("r => r.map(x => x.dataset.j)")
+    ]
+    assert shown_keys == indices[0, 0, 0][order].tolist()
+    alphas = [float(text) for text in _texts(viewer, "#steps tbody tr[data-j] td.alpha")]
+    assert alphas == pytest.approx(values[0, 0, 0][order].tolist(), abs=5e-5)  # 4 decimals shown
+    omegas = [float(text) for text in _texts(viewer, "#steps tbody tr[data-j] td.omega")]
+    scores = record.scores_for(heads=3, rows=30)[0, 0, 0]
+    assert omegas == pytest.approx(scores[indices[0, 0, 0][order]].tolist(), abs=5e-4)
+    assert float(viewer.page.locator("#rest-mass").inner_text()) == pytest.approx(float(rest[0, 0, 0]), abs=5e-5)
+    assert viewer.page.locator("#alpha-sum").inner_text() == "1.0000"
+    assert viewer.weights() == pytest.approx(
+        record.weights[0, 3, 30].where(record.weights[0, 3, 30] >= values[0, 0, 0, -1], 0).tolist(), abs=1e-6
+    )

@@ -10,7 +10,8 @@ boolean (``True`` = may attend) or float (added), ``causal`` means the bottom-ri
 ``scale`` is a number. A backend with ``takes_mask_descriptions`` also gets a
 :class:`~selfattention.masks.MaskDescription` as it is (the others get it materialised), and one with
 ``supports_score_mod`` takes a ``score_mod`` keyword. Each backend is tested against ``"math"``, which is
-the reference.
+the reference. ``with_lse`` is the same backend returning ``(context, lse (..., T))``, each row's log-sum-exp,
+instead of the weights (:mod:`selfattention.backends.logsumexp`; :func:`selfattention.capture` records it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from selfattention.backends import blocksparse, loop, math, sdpa, tiled
+from selfattention.backends import blocksparse, logsumexp, loop, math, sdpa, tiled
 from selfattention.masks import MaskDescription
 
 BackendFn = Callable[..., tuple[Tensor, Tensor | None]]
@@ -35,6 +36,8 @@ class Backend:
     returns_weights: bool
     supports_dropout: bool
     doc: str
+    with_lse: Callable[..., tuple[Tensor, Tensor]]
+    """``(query, key, value, *, mask, causal, scale[, score_mod]) -> (context, lse)``, without dropout."""
     takes_mask_descriptions: bool = False
     """True: gets :class:`~selfattention.masks.MaskDescription` masks as they are (else materialised)."""
     supports_score_mod: bool = False
@@ -44,6 +47,7 @@ BACKENDS: dict[str, Backend] = {
     "loop": Backend(
         name="loop",
         fn=loop.attention,
+        with_lse=logsumexp.with_row_logsumexp(loop.attention),
         returns_weights=True,
         supports_dropout=False,
         doc="per-query Python loops, for reading",
@@ -51,6 +55,7 @@ BACKENDS: dict[str, Backend] = {
     "math": Backend(
         name="math",
         fn=math.attention,
+        with_lse=logsumexp.with_row_logsumexp(math.attention),
         returns_weights=True,
         supports_dropout=True,
         doc="matrix form, the reference",
@@ -58,6 +63,7 @@ BACKENDS: dict[str, Backend] = {
     "sdpa": Backend(
         name="sdpa",
         fn=sdpa.attention,
+        with_lse=logsumexp.sdpa_with_lse,
         returns_weights=False,
         supports_dropout=True,
         doc="PyTorch's fused scaled_dot_product_attention",
@@ -65,6 +71,7 @@ BACKENDS: dict[str, Backend] = {
     "tiled": Backend(
         name="tiled",
         fn=tiled.attention,
+        with_lse=tiled.attention_with_lse,
         returns_weights=False,
         supports_dropout=False,
         doc="flash-style online softmax over tiles in plain PyTorch, O(T + S) memory",
@@ -74,6 +81,7 @@ BACKENDS: dict[str, Backend] = {
     "blocksparse": Backend(
         name="blocksparse",
         fn=blocksparse.attention,
+        with_lse=logsumexp.blocksparse_with_lse,
         returns_weights=False,
         supports_dropout=False,
         doc="the fused kernel on the non-empty tiles only, O(T + S) memory",

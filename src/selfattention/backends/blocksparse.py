@@ -166,6 +166,13 @@ def attention(
     if query.device.type != "cpu":  # the fused operator below is the CPU's; FlexAttention's kernels on a GPU
         return flex.attention(query, key, value, mask=mask, causal=causal, scale=scale, dropout_p=dropout_p,
                               return_weights=return_weights)  # fmt: skip
+    return attention_with_lse(query, key, value, mask=mask, causal=causal, scale=scale, block=block)[0], None
+
+
+def attention_with_lse(
+    query: Tensor, key: Tensor, value: Tensor, *, mask: AnyMask, causal: bool, scale: float, block: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(context, lse)`` on the CPU: the backend's output and the merged log-sum-exp of its runs."""
     if not query.shape[:-2] == key.shape[:-2] == value.shape[:-2]:  # the kernel would read out of bounds
         raise ValueError(
             f"the blocksparse kernel needs equal leading dimensions, got query {tuple(query.shape)}, key "
@@ -176,9 +183,11 @@ def attention(
     width = max(query.shape[-1], value.shape[-1])
     q, k, v = (as_4d(_widened(tensor, width)) for tensor in (query, key, value))
     options = {"scale": scale, "mask": _mask_as_4d(mask, query), "causal": causal, "block": block or BLOCK}
-    context = recompute_attention(q, k, v, forward=blocksparse_forward, backward=blocksparse_backward, options=options)
+    context, lse = recompute_attention(
+        q, k, v, forward=blocksparse_forward, backward=blocksparse_backward, options=options
+    )
     context = context[..., : value.shape[-1]]
-    return context.reshape(*query.shape[:-1], value.shape[-1]), None
+    return context.reshape(*query.shape[:-1], value.shape[-1]), lse.reshape(query.shape[:-1])
 
 
 def _widened(tensor: Tensor, width: int) -> Tensor:

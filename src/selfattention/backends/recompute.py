@@ -24,14 +24,17 @@ class _RecomputeAttention(torch.autograd.Function):
     """Saves q, k, v, out and lse; the backward kernel recomputes everything else."""
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, kernels: tuple[Forward, Backward], options: dict) -> Tensor:
+    def forward(
+        ctx: Any, q: Tensor, k: Tensor, v: Tensor, kernels: tuple[Forward, Backward], options: dict
+    ) -> tuple[Tensor, Tensor]:
         out, lse = kernels[0](q, k, v, **options)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.backward_kernel, ctx.options = kernels[1], options
-        return out
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_out: Tensor, _grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ctx.backward_kernel(q, k, v, out, lse, grad_out, **ctx.options)
         return dq, dk, dv, None, None
@@ -39,8 +42,9 @@ class _RecomputeAttention(torch.autograd.Function):
 
 def recompute_attention(
     q: Tensor, k: Tensor, v: Tensor, *, forward: Forward, backward: Backward, options: dict[str, Any]
-) -> Tensor:
-    """``forward(q, k, v, **options)``'s output, differentiable through ``backward`` (given the saved lse).
+) -> tuple[Tensor, Tensor]:
+    """``forward(q, k, v, **options)``'s output, differentiable through ``backward`` (given the saved lse),
+    and that lse (not differentiable: :func:`selfattention.capture` records it).
 
     Args:
         q: ``(..., T, D)``; k: ``(..., S, D)``; v: ``(..., S, E)``.
@@ -49,6 +53,6 @@ def recompute_attention(
         options: keyword arguments of both kernels (scale, mask, causal, tile sizes...).
 
     Returns:
-        ``out (..., T, E)``.
+        ``(out (..., T, E), lse (..., T))``.
     """
     return _RecomputeAttention.apply(q, k, v, (forward, backward), options)

@@ -242,6 +242,14 @@ def attention(
 ) -> tuple[Tensor, None]:
     """The backend function: :func:`tiled_forward` with a recomputing backward (no dropout, no weights)."""
     assert dropout_p == 0 and not return_weights, "checked by choose_backend"
+    return attention_with_lse(query, key, value, mask=mask, causal=causal, scale=scale, score_mod=score_mod)[0], None
+
+
+def attention_with_lse(
+    query: Tensor, key: Tensor, value: Tensor, *, mask: AnyMask, causal: bool, scale: float,
+    score_mod: ScoreMod | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``(context, lse)``: the backend's output and the log-sum-exp its forward kernel computed anyway."""
     options = {"scale": scale, "mask": mask, "causal": causal, "score_mod": score_mod,
                "block_q": BLOCK_Q, "block_k": BLOCK_K}  # fmt: skip
-    return recompute_attention(query, key, value, forward=tiled_forward, backward=tiled_backward, options=options), None
+    return recompute_attention(query, key, value, forward=tiled_forward, backward=tiled_backward, options=options)

@@ -136,12 +136,51 @@ class HeadData:
 
 
 @dataclass(frozen=True)
+class TopKHead:
+    """One head of a compact page: the ``K`` largest weights of each row, exact, and the rest of the mass.
+
+    A long page cannot carry every weight (``T × T`` per head) nor every vector; this carries, per query
+    row, the kept keys' weights and indices, the mass of the others and the row's log-sum-exp, from which
+    the page computes the scores of the kept keys, ``ω_ij = (ln α_ij + lse_i) / scale``.
+
+    Attributes:
+        weights: ``(T, K)`` in descending order per row. indices: ``(T, K)`` key indices of those weights.
+        rest: ``(T,)``, ``1 - Σ weights`` of each row (0 for a row with no key). lse: ``(T,)``.
+    """
+
+    weights: Any
+    indices: Any
+    rest: Any
+    lse: Any
+
+    @property
+    def num_tokens(self) -> int:
+        """``T``."""
+        return int(self.weights.shape[0])
+
+    def payload(self) -> dict[str, Any]:
+        """The head's part of the page's data."""
+        indices = self.indices.detach().cpu().numpy()
+        wide = int(indices.max(initial=0)) > 0xFFFF
+        return {
+            "topk": {
+                "k": int(self.weights.shape[1]),
+                "w": _encode_array(self.weights),
+                ("j32" if wide else "j"): _b64(indices.astype("<u4" if wide else "<u2")),
+                "rest": _encode_array(self.rest.reshape(-1, 1)),
+                "lse": _encode_array(self.lse.reshape(-1, 1)),
+            }
+        }
+
+
+@dataclass(frozen=True)
 class AttentionView:
     """Everything the page shows: tokens, and per layer a list of heads.
 
     Attributes:
         tokens: the ``T`` token strings (both sides of the line view).
-        layers: ``layers[l][h]`` is head ``h`` of layer ``l``; layers may have different head counts.
+        layers: ``layers[l][h]`` is head ``h`` of layer ``l``; layers may have different head counts. A head
+            is a :class:`HeadData` (everything) or a :class:`TopKHead` (a compact page's top keys per row).
         causal: whether the model masks future tokens (the page draws the mask).
         layer_names: one name per layer (default ``"layer 0"``, ...).
         scales: the number each layer's scores were multiplied by before the softmax (default 1).
@@ -149,7 +188,7 @@ class AttentionView:
     """
 
     tokens: list[str]
-    layers: list[list[HeadData]]
+    layers: Sequence[Sequence[HeadData | TopKHead]]
     causal: bool = False
     layer_names: list[str] = field(default_factory=list)
     scales: list[float] = field(default_factory=list)
@@ -202,6 +241,28 @@ def _encode(matrix: Matrix) -> dict[str, Any]:
     return {"shape": [rows, cols], "f32": base64.b64encode(flat.tobytes()).decode("ascii")}
 
 
+def _b64(array: Any) -> str:
+    return base64.b64encode(array.tobytes()).decode("ascii")
+
+
+def _encode_array(tensor: Any) -> dict[str, Any]:
+    """A 2-D tensor as :func:`_encode` writes a matrix, without going through Python lists."""
+    values = tensor.detach().float().cpu().numpy().astype("<f4")
+    return {"shape": list(values.shape), "f32": _b64(values)}
+
+
+def _head_payload(head: HeadData | TopKHead) -> dict[str, Any]:
+    if isinstance(head, TopKHead):
+        return head.payload()
+    return {
+        "q": _encode(head.query),
+        "k": _encode(head.key),
+        "v": _encode(head.value),
+        "weights": _encode(head.weights),
+        "context": _encode(head.context),
+    }
+
+
 def _payload(view: AttentionView) -> dict[str, Any]:
     """The page's data. Scores are left out: the page computes ω_ij = q_i · k_j (in float64 from the float32
     q and k) for the focused token, which halves the size of long pages (ω and α are the T × T parts)."""
@@ -215,16 +276,7 @@ def _payload(view: AttentionView) -> dict[str, Any]:
             {
                 "name": name,
                 "scale": scale,
-                "heads": [
-                    {
-                        "q": _encode(head.query),
-                        "k": _encode(head.key),
-                        "v": _encode(head.value),
-                        "weights": _encode(head.weights),
-                        "context": _encode(head.context),
-                    }
-                    for head in heads
-                ],
+                "heads": [_head_payload(head) for head in heads],
             }
             for name, scale, heads in zip(names, scales, view.layers, strict=True)
         ],
@@ -268,8 +320,44 @@ def _records(source: Any) -> list[tuple[str, Any]]:
     return records
 
 
-def view_from_capture(source: Any, tokens: Iterable[str], *, batch: int = 0, title: str = "Attention") -> AttentionView:
+PAGE_BUDGET = 16 << 20
+"""Bytes of head data above which a page from a capture carries the top keys per row instead of everything."""
+MAX_TOP_K = 32
+"""The most keys per row a compact page keeps."""
+
+
+def _full_bytes(records: list[tuple[str, Any]]) -> int:
+    """What the page data of every head in full would take: q, k, v, α, z per head as base64 float32."""
+    total = 0
+    for _, record in records:
+        heads, queries, width = record.query.shape[-3:]
+        keys, value_width = record.key.shape[-2], record.value.shape[-1]
+        total += heads * queries * (2 * width + keys + 2 * value_width)
+    return total * 4 * 4 // 3
+
+
+def _compact_k(records: list[tuple[str, Any]], budget: int) -> int:
+    """The most keys per row (up to :data:`MAX_TOP_K`) whose compact page fits ``budget``: 6 bytes per kept key
+    (float32 weight, uint16 index) and 8 per row (rest, lse), base64, with a tenth of ``budget`` left for the
+    rest of the page (tokens, names, JSON)."""
+    rows = sum(record.query.shape[-3] * record.query.shape[-2] for _, record in records)
+    return max(1, min(MAX_TOP_K, (budget * 9 // 10 * 3 // 4 // max(1, rows) - 8) // 6))
+
+
+def view_from_capture(
+    source: Any,
+    tokens: Iterable[str],
+    *,
+    batch: int = 0,
+    title: str = "Attention",
+    budget: int = PAGE_BUDGET,
+    top_k: int | None = None,
+) -> AttentionView:
     """An :class:`AttentionView` from what :func:`selfattention.capture` recorded.
+
+    When every head in full would take more than ``budget`` bytes of page data (or ``top_k`` is given), the
+    view is compact: each head is a :class:`TopKHead` with the ``top_k`` largest weights of every row, exact,
+    and the rest of the mass (``top_k`` defaults to the most, up to :data:`MAX_TOP_K`, that fit ``budget``).
 
     Args:
         source: the capture (every module that ran becomes a layer, in model order), a mapping of names to
@@ -277,19 +365,61 @@ def view_from_capture(source: Any, tokens: Iterable[str], *, batch: int = 0, tit
         tokens: the ``T`` tokens of the sequence that was run.
         batch: which batch row to show when the input was batched.
         title: shown at the top of the page.
+        budget: bytes of head data above which the page is compact.
+        top_k: keys kept per row; ``None`` decides by ``budget``.
 
     Raises:
-        ValueError: when a record's weights are not ``(T, T)`` for the ``T`` tokens given, or ``batch``
-            is out of range.
+        ValueError: when a record's weights are not ``(T, T)`` for the ``T`` tokens given, ``batch`` is out of
+            range, or ``top_k`` is below 1.
     """
     tokens = [str(token) for token in tokens]
-    layers, names, scales, causal = [], [], [], False
-    for name, record in _records(source):
-        layers.append(heads_from_record(record, len(tokens), batch=batch, name=name))
+    records = _records(source)
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    compact = all(record_lse(record) is not None for _, record in records) and (
+        top_k is not None or _full_bytes(records) > budget
+    )
+    k = top_k if top_k is not None else _compact_k(records, budget)
+    layers: list[Sequence[HeadData | TopKHead]] = []
+    names, scales, causal = [], [], False
+    for name, record in records:
+        if compact:
+            layers.append(top_k_heads(record, len(tokens), k, batch=batch, name=name))
+        else:
+            layers.append(heads_from_record(record, len(tokens), batch=batch, name=name))
         names.append(name or "model")
         scales.append(float(record.scale))
         causal = causal or bool(record.causal)
     return AttentionView(tokens, layers, causal=causal, layer_names=names, scales=scales, title=title)
+
+
+def record_lse(record: Any) -> Any:
+    """The record's log-sum-exp, or ``None`` for a record that kept its weights (or has none)."""
+    return getattr(record, "lse", None)
+
+
+def _check_record(record: Any, num_tokens: int, batch: int, name: str) -> None:
+    if record.query.dim() == 4 and not 0 <= batch < record.query.shape[0]:
+        raise ValueError(f"batch {batch} out of range: {name!r} ran on {record.query.shape[0]} rows")
+    shape = (record.query.shape[-2], record.key.shape[-2])
+    if shape != (num_tokens, num_tokens):
+        raise ValueError(
+            f"{name!r} has weights of shape {shape} per head, but {num_tokens} tokens need ({num_tokens}, {num_tokens})"
+        )
+
+
+def top_k_heads(record: Any, num_tokens: int, k: int, *, batch: int = 0, name: str = "attention") -> list[TopKHead]:
+    """One :class:`TopKHead` per query head of a capture record (recomputed exactly from its log-sum-exp).
+
+    Raises:
+        ValueError: as :func:`heads_from_record`.
+    """
+    _check_record(record, num_tokens, batch, name)
+    weights, indices, rest = record.top_k(k)  # (..., H, T, k), (..., H, T, k), (..., H, T)
+    lse = record_lse(record)
+    if record.query.dim() == 4:
+        weights, indices, rest, lse = weights[batch], indices[batch], rest[batch], lse[batch]
+    return [TopKHead(weights[h], indices[h], rest[h], lse[h]) for h in range(weights.shape[0])]
 
 
 def heads_from_record(record: Any, num_tokens: int, *, batch: int = 0, name: str = "attention") -> list[HeadData]:
@@ -327,7 +457,12 @@ def heads_from_record(record: Any, num_tokens: int, *, batch: int = 0, name: str
 
 
 def to_html(
-    source: Any, tokens: Iterable[str] | None = None, *, batch: int = 0, title: str = "Attention"
+    source: Any,
+    tokens: Iterable[str] | None = None,
+    *,
+    batch: int = 0,
+    title: str = "Attention",
+    top_k: int | None = None,
 ) -> ViewerHTML:
     """The viewer page for ``source``: one self-contained HTML document, nothing fetched from a network.
 
@@ -337,6 +472,8 @@ def to_html(
         tokens: the tokens of the sequence; required for a capture, ignored for a view.
         batch: which batch row of a capture to show.
         title: shown at the top of the page (for a capture).
+        top_k: keys kept per row for a capture (a compact page); by default every weight when the page data
+            stays under :data:`PAGE_BUDGET`, else the most keys per row that fit (see :func:`view_from_capture`).
 
     Returns:
         The page as a :class:`ViewerHTML` string; a notebook displays it in an iframe.
@@ -348,4 +485,4 @@ def to_html(
         return source.to_html()
     if tokens is None:
         raise ValueError("to_html needs the tokens when given a capture (one string per query position)")
-    return view_from_capture(source, tokens, batch=batch, title=title).to_html()
+    return view_from_capture(source, tokens, batch=batch, title=title, top_k=top_k).to_html()

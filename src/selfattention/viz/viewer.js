@@ -26,8 +26,35 @@
   const cache = new Map();
   function matrix(layer, head, name) {
     const key = layer + "/" + head + "/" + name;
-    if (!cache.has(key)) cache.set(key, decode(DATA.layers[layer].heads[head][name]));
+    if (!cache.has(key)) {
+      const data = DATA.layers[layer].heads[head];
+      cache.set(key, data.topk && name === "weights" ? expand(data.topk) : decode(data[name]));
+      if (data.topk) forgetOldest(8); // compact pages are long: keep a few T×T matrices, not one per head
+    }
     return cache.get(key);
+  }
+  function forgetOldest(keep) {
+    while (cache.size > keep) cache.delete(cache.keys().next().value);
+  }
+  function compact(layer, head) {
+    return DATA.layers[layer].heads[head].topk || null;
+  }
+  // A compact head carries the K largest weights of each row (exact), their key indices, the rest of the
+  // row's mass and its log-sum-exp. Expanded to T×T: kept weights in place, zeros elsewhere, and `known`
+  // marks which entries are kept (the panels show only those as numbers).
+  function expand(topk) {
+    const w = decode(topk.w).a;
+    const bytes = Uint8Array.from(atob(topk.j || topk.j32), (c) => c.charCodeAt(0));
+    const j = topk.j ? new Uint16Array(bytes.buffer) : new Uint32Array(bytes.buffer);
+    const a = new Float32Array(T * T);
+    const known = new Uint8Array(T * T);
+    for (let i = 0; i < T; i++) {
+      for (let r = 0; r < topk.k; r++) {
+        a[i * T + j[i * topk.k + r]] = w[i * topk.k + r];
+        known[i * T + j[i * topk.k + r]] = 1;
+      }
+    }
+    return { rows: T, cols: T, a, known, rest: decode(topk.rest).a, lse: decode(topk.lse).a, k: topk.k };
   }
   function row(m, i) {
     return m.a.subarray(i * m.cols, (i + 1) * m.cols);
@@ -289,15 +316,39 @@
         item.addEventListener("click", () => select(l, h));
         rowEl.append(item);
         thumbs.push({ item, l, h });
-        paintHeatmap(c, l, h, null);
+        c.dataset.layer = String(l);
+        c.dataset.head = String(h);
+        if (lazy) lazy.observe(c);
+        else {
+          paintHeatmap(c, l, h, null);
+          c.dataset.painted = "1";
+        }
       });
       box.append(rowEl);
     });
+  }
+  // Thumbnails are painted when they scroll into view (a long page has hundreds of T×T heads).
+  const lazy =
+    "IntersectionObserver" in window
+      ? new IntersectionObserver((entries) => {
+          for (const entry of entries) {
+            if (!entry.isIntersecting) continue;
+            const c = entry.target;
+            lazy.unobserve(c);
+            paintHeatmap(c, Number(c.dataset.layer), Number(c.dataset.head), null);
+            c.dataset.painted = "1";
+            if (compact(Number(c.dataset.layer), Number(c.dataset.head))) forgetHeatmaps(4);
+          }
+        })
+      : null;
+  function forgetHeatmaps(keep) {
+    while (heatmaps.size > keep) heatmaps.delete(heatmaps.keys().next().value);
   }
 
   // ---- numbers ---------------------------------------------------------------------------------------
   // Notation and 0-based positions as `selfattention explain` prints them.
   function queryPanel(i) {
+    if (compact(state.layer, state.head)) return compactQueryPanel(i);
     const L = state.layer;
     const H = state.head;
     const q = row(matrix(L, H, "q"), i);
@@ -358,6 +409,49 @@
     panel.append(el("table", { id: "steps" }, [head, body, foot]));
     rowsNote(panel);
   }
+  // A compact page: the kept keys of row i, exact; ω_ij = (ln α_ij + lse_i) / scale; the others as one sum.
+  function compactQueryPanel(i) {
+    const m = matrix(state.layer, state.head, "weights");
+    const scale = DATA.layers[state.layer].scale;
+    const kept = [];
+    for (let j = 0; j < T; j++) if (m.known[i * T + j] && !masked(i, j) && m.a[i * T + j] > 0) kept.push(j);
+    const body = el("tbody");
+    let total = m.rest[i];
+    for (const j of kept) {
+      const w = m.a[i * T + j];
+      total += w;
+      body.append(
+        el("tr", { "data-j": String(j) }, [
+          el("td", { text: String(j) }),
+          el("td", { class: "token", text: TOKENS[j] }),
+          el("td", { class: "omega", text: num((Math.log(w) + m.lse[i]) / scale) }),
+          el("td", { class: "alpha", text: num(w) }),
+        ]),
+      );
+    }
+    body.append(
+      el("tr", { class: "rest" }, [
+        el("td", { text: "…" }),
+        el("td", { class: "token", text: "the other " + (T - kept.length) + " keys" }),
+        el("td", { text: "" }),
+        el("td", { class: "alpha", id: "rest-mass", text: num(m.rest[i]) }),
+      ]),
+    );
+    const panel = document.getElementById("panel");
+    panel.replaceChildren(
+      el("h2", { id: "query-title", text: "Query " + i + " " + JSON.stringify(TOKENS[i]) }),
+      el("div", {
+        class: "eq",
+        html: "weights  " + sub("α", "ij") + " = softmax<sub>j</sub>(" + num(scale) + " · " + sub("ω", "ij") + ")" + (DATA.causal ? ", keys j &gt; i masked" : ""),
+      }),
+      el("p", { class: "muted", id: "compact-note", text: "A compact page: the " + m.k + " largest weights of each row, exact, and the rest of the row's mass; q, k, v and z are not carried." }),
+      el("table", { id: "steps" }, [
+        el("thead", {}, [el("tr", {}, [el("th", { text: "j" }), el("th", { text: "token" }), el("th", { html: sub("ω", "ij") }), el("th", { html: sub("α", "ij") })])]),
+        body,
+        el("tfoot", {}, [el("tr", {}, [el("td", { colspan: "3", html: "sum" }), el("td", { id: "alpha-sum", text: num(total) })])]),
+      ]),
+    );
+  }
   // Long sequences: the table lists the PANEL_ROWS largest weights (in key order) unless asked for all.
   function shownRows(weights) {
     const all = Array.from({ length: T }, (_, j) => j);
@@ -384,7 +478,7 @@
         el("tr", { class: masked(i, j) ? "masked" : "" }, [
           el("td", { text: String(i) }),
           el("td", { class: "token", text: TOKENS[i] }),
-          el("td", { class: "alpha", text: masked(i, j) ? "0 (masked)" : num(weights.a[i * T + j]) }),
+          el("td", { class: "alpha", text: masked(i, j) ? "0 (masked)" : keyWeight(weights, i, j) }),
         ]),
       );
     }
@@ -396,6 +490,13 @@
       ]),
     );
     rowsNote(panel);
+  }
+  // A weight a compact page did not keep is at most the smallest one it kept in that row.
+  function keyWeight(m, i, j) {
+    if (!m.known || m.known[i * T + j]) return num(m.a[i * T + j]);
+    let smallest = Infinity;
+    for (let c = 0; c < T; c++) if (m.known[i * T + c] && !masked(i, c)) smallest = Math.min(smallest, m.a[i * T + c]);
+    return "≤ " + num(smallest === Infinity ? 0 : smallest);
   }
   function drawPanel() {
     const panel = document.getElementById("panel");
@@ -423,6 +524,8 @@
       numTokens: T,
       numLayers: DATA.layers.length,
       numHeads: DATA.layers[state.layer].heads.length,
+      compact: compact(state.layer, state.head) !== null,
+      paintedThumbs: thumbs.filter(({ item }) => item.querySelector("canvas").dataset.painted === "1").length,
       lines: published.lines,
       drawnLines: published.drawnLines,
       lastDrawMs: published.lastDrawMs,
