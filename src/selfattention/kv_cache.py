@@ -95,8 +95,14 @@ class KVCache:
         """How many positions the cache holds."""
         return self.keys.shape[2]
 
-    def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    def update(
+        self, key: Tensor, value: Tensor, *, largest: tuple[float, float] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Append ``key``, ``value`` ``(B, G, T, D)``; return all keys and values so far, ``(B, G, S, D)``.
+
+        ``largest``: ``(max |key|, max |value|)`` when the caller has measured them already (and so checked
+        that they are finite, as :class:`selfattention.MultiHeadAttention` does); otherwise they are measured
+        here.
 
         Raises:
             ValueError: when the shapes do not match the cache, or the cache would overflow.
@@ -117,7 +123,7 @@ class KVCache:
             raise ValueError(
                 f"KV cache overflow: {self.length} cached + {new} new positions exceed max_len={self.max_len}"
             )
-        largest_key, largest_value = checks.largest_finite(key=key, value=value)
+        largest_key, largest_value = largest if largest is not None else checks.largest_finite(key=key, value=value)
         fits = torch.finfo(self.keys.dtype).max
         if max(largest_key, largest_value) > fits:
             raise ValueError(
@@ -244,14 +250,16 @@ class RollingKVCache(KVCache):
             buffer[:, :, first:end] = buffer[:, :, first + overflow : self.length].clone()
         self.length = end
 
-    def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    def update(
+        self, key: Tensor, value: Tensor, *, largest: tuple[float, float] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Evict as needed, append ``key``, ``value`` ``(B, G, T, D)``, and return the kept ``(B, G, S, D)``.
 
         With :attr:`rotary` set, ``key`` must be unrotated and the returned keys are rotated by their index
         inside the cache.
         """
         self.make_room(key.shape[-2])
-        keys, values = super().update(key, value)
+        keys, values = super().update(key, value, largest=largest)
         self.seen += key.shape[-2]
         if self.rotary is None:
             return keys, values

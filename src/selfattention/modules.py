@@ -422,7 +422,7 @@ class MultiHeadAttention(AttentionModule):
         largest_query, largest_key, largest_value = checks.largest_finite(query=q, key=k, value=v)
         bounds = (largest_query, largest_key, largest_value)
         if kv_cache is not None:
-            k, v = kv_cache.update(k, v)  # (B, G, S, D), S = cached + T
+            k, v = kv_cache.update(k, v, largest=(largest_key, largest_value))  # (B, G, S, D), S = cached + T
             q = kv_cache.rotate_queries(q)  # a rolling cache rotates by the place in the cache (kv_cache.py)
             bounds = kv_cache.bounds(largest_query)  # what was written was checked: attention need not rescan
         try:
