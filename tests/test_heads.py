@@ -52,8 +52,11 @@ def test_a_same_token_head_splits_the_second_copy_between_both_occurrences() -> 
     with capture(model) as cap:
         model(ids)
     scores = pattern_scores(cap["blocks.0.attn"].weights, 7)
-    # second copy: the token itself and its earlier occurrence, 1/2 each
-    torch.testing.assert_close(scores["duplicate_token"][1], torch.tensor(0.5), atol=1e-9, rtol=0)
+    # second copy: the token itself and its earlier occurrence, 1/2 each. capture() recomputes the weights as
+    # exp(s - lse) from the fused kernel's float32 log-sum-exp, so two equal weights come out as 0.5 within a few
+    # float32 ulps (seen: 0.49999976, 4 ulps), not as the eager softmax's exact 0.5: atol 1e-6 allows that
+    # rounding and still fails a head that splits 0.6/0.4 or attends to one occurrence only.
+    torch.testing.assert_close(scores["duplicate_token"][1], torch.tensor(0.5), atol=1e-6, rtol=0)
     torch.testing.assert_close(scores["induction"][1], torch.tensor(0.0), atol=1e-9, rtol=0)
 
 

