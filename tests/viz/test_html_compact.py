@@ -41,6 +41,7 @@ def test_small_pages_stay_full_and_large_ones_keep_what_fits(captured):
     assert isinstance(head, TopKHead)
     rows = 2 * 4 * 48
     assert head.weights.shape == (48, (budget * 9 // 10 * 3 // 4 // rows - 8) // 6)  # the most keys that fit
+    assert compact.rollout is None  # 48 × 48 floats would take more than a quarter of the budget
     page_data = len(json.dumps(html._payload(compact)))
     assert page_data < budget < len(json.dumps(html._payload(full)))
 

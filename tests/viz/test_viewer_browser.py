@@ -284,7 +284,7 @@ def test_the_pretrained_encoder_in_the_browser(open_viewer: Any, minilm: Any) ->
 
     view = pretrained_view(minilm, "The bat flew out of the cave.")
     viewer = open_viewer(view.to_html(), "minilm.html")
-    assert viewer.page.locator(".thumb").count() == 72
+    assert viewer.page.locator(".thumb").count() == 72 + 1  # 6 layers of 12 heads, and the rollout
     assert _texts(viewer, "#keys .tok")[0] == "[CLS]"
     viewer.page.select_option("#layer", "2")
     viewer.hover("query", 2)
@@ -339,3 +339,31 @@ def test_a_compact_page_shows_the_exact_top_keys_and_the_rest(open_viewer: Any) 
     assert viewer.weights() == pytest.approx(
         record.weights[0, 3, 30].where(record.weights[0, 3, 30] >= values[0, 0, 0, -1], 0).tolist(), abs=1e-6
     )
+
+
+def test_the_rollout_view_shows_the_whole_models_rollout(open_viewer: Any) -> None:
+    from selfattention import MultiHeadAttention, capture
+    from selfattention.rollout import attention_rollout
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(MultiHeadAttention(8, 8, 16, 0.0, num_heads=4, causal=True) for _ in range(3)))
+    tokens = [f"t{i}" for i in range(10)]
+    with capture(model.eval()) as cap, torch.no_grad():
+        model(torch.randn(1, 10, 8))
+    rollout = attention_rollout([record.weights[0] for _, record in cap.items()])[-1]  # (T, T)
+    viewer = open_viewer(to_html(cap, tokens), "rollout.html")
+    viewer.page.select_option("#layer", label="rollout (whole model)")
+    state = viewer.state()
+    assert state["rollout"] is True and state["numHeads"] == 1
+    viewer.hover("query", 7)
+    assert viewer.weights() == pytest.approx(rollout[7].tolist(), abs=1e-6)  # the lines: row 7 of R
+    cell = viewer.page.locator("#steps tr[data-j='2'] td.rollout").inner_text()
+    assert float(cell) == pytest.approx(float(rollout[7, 2]), abs=5e-5)  # 4 decimals shown
+    assert viewer.page.locator("#rollout-sum").inner_text() == "1.0000"
+    assert viewer.page.locator("#steps td.omega").count() == 0  # rollout has no q · k
+    assert "Abnar" in viewer.page.locator("#rollout-note").inner_text()
+    viewer.page.locator(".thumb[data-layer='1'][data-head='2']").click()  # back to one head
+    assert viewer.state()["rollout"] is False
+    assert viewer.weights() == pytest.approx(cap["1"].weights[0, 2, 7].tolist(), abs=1e-6)
+    viewer.page.locator("#rollout-thumb").click()
+    assert viewer.state()["rollout"] is True

@@ -185,6 +185,8 @@ class AttentionView:
         layer_names: one name per layer (default ``"layer 0"``, ...).
         scales: the number each layer's scores were multiplied by before the softmax (default 1).
         title: shown at the top of the page.
+        rollout: the whole model's attention rollout ``(T, T)`` (:func:`selfattention.rollout.attention_rollout`
+            after the last layer), shown as one more view; ``None`` for none.
     """
 
     tokens: list[str]
@@ -193,6 +195,7 @@ class AttentionView:
     layer_names: list[str] = field(default_factory=list)
     scales: list[float] = field(default_factory=list)
     title: str = "Attention"
+    rollout: Matrix | None = None
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -210,6 +213,10 @@ class AttentionView:
                         f"layer {layer} head {index} has {head.num_tokens} queries "
                         f"but there are {len(self.tokens)} tokens"
                     )
+        if self.rollout is not None:
+            shape = _shape(_matrix("rollout", self.rollout))
+            if shape != (len(self.tokens), len(self.tokens)):
+                raise ValueError(f"rollout has shape {shape} but {len(self.tokens)} tokens need a square of that size")
 
     def to_html(self) -> ViewerHTML:
         """The page for this view (see :func:`to_html`)."""
@@ -268,7 +275,7 @@ def _payload(view: AttentionView) -> dict[str, Any]:
     q and k) for the focused token, which halves the size of long pages (ω and α are the T × T parts)."""
     names = view.layer_names or [f"layer {i}" for i in range(len(view.layers))]
     scales = view.scales or [1.0] * len(view.layers)
-    return {
+    payload: dict[str, Any] = {
         "title": view.title,
         "tokens": list(view.tokens),
         "causal": view.causal,
@@ -281,6 +288,9 @@ def _payload(view: AttentionView) -> dict[str, Any]:
             for name, scale, heads in zip(names, scales, view.layers, strict=True)
         ],
     }
+    if view.rollout is not None:
+        payload["rollout"] = _encode(view.rollout)
+    return payload
 
 
 def _template() -> dict[str, str]:
@@ -344,6 +354,28 @@ def _compact_k(records: list[tuple[str, Any]], budget: int) -> int:
     return max(1, min(MAX_TOP_K, (budget * 9 // 10 * 3 // 4 // max(1, rows) - 8) // 6))
 
 
+def _rollout_bytes(num_tokens: int) -> int:
+    """The page data of a ``(T, T)`` rollout: base64 float32."""
+    return num_tokens * num_tokens * 4 * 4 // 3
+
+
+def capture_rollout(records: list[tuple[str, Any]], batch: int = 0) -> Any:
+    """The whole model's attention rollout ``(T, T)`` from the records' weights, first layer first.
+
+    Each layer's heads are averaged first (as :func:`selfattention.rollout.residual_attention` does), so only
+    one layer's ``(H, T, T)`` weights are held at a time; the result is :func:`attention_rollout`'s ``[-1]``.
+    """
+    from selfattention.rollout import attention_rollout
+
+    layers = []
+    for _, record in records:
+        weights = record.weights  # (B, H, T, T) or (H, T, T)
+        if weights.dim() == 4:
+            weights = weights[batch]
+        layers.append(weights.float().mean(dim=0, keepdim=True))  # (H, T, T) -> (1, T, T)
+    return attention_rollout(layers)[-1]
+
+
 def view_from_capture(
     source: Any,
     tokens: Iterable[str],
@@ -358,6 +390,10 @@ def view_from_capture(
     When every head in full would take more than ``budget`` bytes of page data (or ``top_k`` is given), the
     view is compact: each head is a :class:`TopKHead` with the ``top_k`` largest weights of every row, exact,
     and the rest of the mass (``top_k`` defaults to the most, up to :data:`MAX_TOP_K`, that fit ``budget``).
+
+    A capture of two or more layers also carries the whole model's attention rollout (:func:`capture_rollout`)
+    when its ``T × T`` floats take at most a quarter of ``budget`` (about 880 tokens for :data:`PAGE_BUDGET`);
+    the heads then get what is left of ``budget``.
 
     Args:
         source: the capture (every module that ran becomes a layer, in model order), a mapping of names to
@@ -376,6 +412,9 @@ def view_from_capture(
     records = _records(source)
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
+    with_rollout = len(records) > 1 and _rollout_bytes(len(tokens)) <= budget // 4
+    if with_rollout:
+        budget -= _rollout_bytes(len(tokens))
     compact = all(record_lse(record) is not None for _, record in records) and (
         top_k is not None or _full_bytes(records) > budget
     )
@@ -390,7 +429,8 @@ def view_from_capture(
         names.append(name or "model")
         scales.append(float(record.scale))
         causal = causal or bool(record.causal)
-    return AttentionView(tokens, layers, causal=causal, layer_names=names, scales=scales, title=title)
+    rollout = capture_rollout(records, batch).tolist() if with_rollout else None
+    return AttentionView(tokens, layers, causal=causal, layer_names=names, scales=scales, title=title, rollout=rollout)
 
 
 def record_lse(record: Any) -> Any:

@@ -12,6 +12,10 @@
   const DIGITS = 4;
   const SHOWN_COMPONENTS = 4; // vectors longer than 8 numbers show their first 4 in the panel
   const PANEL_ROWS = 64; // longer sequences list their largest weights first (a button shows all)
+  // The whole model's attention rollout, when the page carries it, is one more entry after the layers.
+  const ROLLOUT = DATA.rollout ? DATA.layers.length : -1;
+  const ROLLOUT_NOTE =
+    "Attention rollout (Abnar & Zuidema, 2020): R = Â_L ··· Â_1 with Â = 0.5 · mean over heads of α + 0.5 · I; R_ij is the share of input token j in token i after the last layer (each row sums to 1).";
 
   const state = { layer: 0, head: 0, focus: null, side: "query", pinned: null, pinnedSide: "query", allRows: false };
   const published = { lines: [], drawnLines: 0, lastDrawMs: 0, draws: 0 };
@@ -26,6 +30,7 @@
   const cache = new Map();
   function matrix(layer, head, name) {
     const key = layer + "/" + head + "/" + name;
+    if (!cache.has(key) && layer === ROLLOUT) cache.set(key, decode(DATA.rollout));
     if (!cache.has(key)) {
       const data = DATA.layers[layer].heads[head];
       cache.set(key, data.topk && name === "weights" ? expand(data.topk) : decode(data[name]));
@@ -37,7 +42,10 @@
     while (cache.size > keep) cache.delete(cache.keys().next().value);
   }
   function compact(layer, head) {
-    return DATA.layers[layer].heads[head].topk || null;
+    return layer === ROLLOUT ? null : DATA.layers[layer].heads[head].topk || null;
+  }
+  function headCount(layer) {
+    return layer === ROLLOUT ? 1 : DATA.layers[layer].heads.length;
   }
   // A compact head carries the K largest weights of each row (exact), their key indices, the rest of the
   // row's mass and its log-sum-exp. Expanded to T×T: kept weights in place, zeros elsewhere, and `known`
@@ -326,6 +334,17 @@
       });
       box.append(rowEl);
     });
+    if (ROLLOUT < 0) return;
+    const c = el("canvas", { width: "64", height: "64", "data-size": "64" });
+    const item = el("div", { class: "thumb", id: "rollout-thumb", "data-layer": String(ROLLOUT), "data-head": "0", title: ROLLOUT_NOTE }, [
+      c,
+      el("span", { text: "rollout" }),
+    ]);
+    item.addEventListener("click", () => select(ROLLOUT, 0));
+    thumbs.push({ item, l: ROLLOUT, h: 0 });
+    paintHeatmap(c, ROLLOUT, 0, null);
+    c.dataset.painted = "1";
+    box.append(el("div", { class: "thumb-row" }, [el("span", { class: "row-name", text: "whole model" }), item]));
   }
   // Thumbnails are painted when they scroll into view (a long page has hundreds of T×T heads).
   const lazy =
@@ -348,6 +367,7 @@
   // ---- numbers ---------------------------------------------------------------------------------------
   // Notation and 0-based positions as `selfattention explain` prints them.
   function queryPanel(i) {
+    if (state.layer === ROLLOUT) return rolloutPanel(i);
     if (compact(state.layer, state.head)) return compactQueryPanel(i);
     const L = state.layer;
     const H = state.head;
@@ -452,6 +472,33 @@
       ]),
     );
   }
+  // The rollout has no q, k or ω: only R_ij, the share of input token j in token i after the last layer.
+  function rolloutPanel(i) {
+    const shares = row(matrix(ROLLOUT, 0, "weights"), i);
+    const body = el("tbody");
+    let total = 0;
+    for (const r of shares) total += r;
+    for (const j of shownRows(shares)) {
+      body.append(
+        el("tr", { class: masked(i, j) ? "masked" : "", "data-j": String(j) }, [
+          el("td", { text: String(j) }),
+          el("td", { class: "token", text: TOKENS[j] }),
+          el("td", { class: "rollout", text: num(shares[j]) }),
+        ]),
+      );
+    }
+    const panel = document.getElementById("panel");
+    panel.replaceChildren(
+      el("h2", { id: "query-title", text: "Token " + i + " " + JSON.stringify(TOKENS[i]) + " after the last layer" }),
+      el("p", { class: "muted", id: "rollout-note", text: ROLLOUT_NOTE }),
+      el("table", { id: "steps" }, [
+        el("thead", {}, [el("tr", {}, [el("th", { text: "j" }), el("th", { text: "token" }), el("th", { html: sub("R", "ij") })])]),
+        body,
+        el("tfoot", {}, [el("tr", {}, [el("td", { colspan: "2", html: "sum" }), el("td", { id: "rollout-sum", text: num(total) })])]),
+      ]),
+    );
+    rowsNote(panel);
+  }
   // Long sequences: the table lists the PANEL_ROWS largest weights (in key order) unless asked for all.
   function shownRows(weights) {
     const all = Array.from({ length: T }, (_, j) => j);
@@ -470,6 +517,7 @@
   }
   function keyPanel(j) {
     const weights = matrix(state.layer, state.head, "weights");
+    const symbol = state.layer === ROLLOUT ? "R" : "α";
     const panel = document.getElementById("panel");
     const body = el("tbody");
     const column = Float32Array.from({ length: T }, (_, i) => weights.a[i * T + j]);
@@ -485,7 +533,7 @@
     panel.replaceChildren(
       el("h2", { text: "Key " + j + " " + JSON.stringify(TOKENS[j]) + ": the weight each query i gives it" }),
       el("table", { id: "steps" }, [
-        el("thead", {}, [el("tr", {}, [el("th", { text: "i" }), el("th", { text: "token" }), el("th", { html: sub("α", "i" + j) })])]),
+        el("thead", {}, [el("tr", {}, [el("th", { text: "i" }), el("th", { text: "token" }), el("th", { html: sub(symbol, "i" + j) })])]),
         body,
       ]),
     );
@@ -508,6 +556,7 @@
           html: "Hover a query token on the left to see its scores ω, weights α and the weighted sum of the values that makes its context vector z; hover a key token on the right to see who attends to it.",
         }),
       );
+      if (state.layer === ROLLOUT) panel.append(el("p", { class: "muted", id: "rollout-note", text: ROLLOUT_NOTE }));
     } else if (state.side === "query") queryPanel(state.focus);
     else keyPanel(state.focus);
   }
@@ -523,7 +572,9 @@
       causal: DATA.causal,
       numTokens: T,
       numLayers: DATA.layers.length,
-      numHeads: DATA.layers[state.layer].heads.length,
+      numHeads: headCount(state.layer),
+      rollout: state.layer === ROLLOUT,
+      hasRollout: ROLLOUT >= 0,
       compact: compact(state.layer, state.head) !== null,
       paintedThumbs: thumbs.filter(({ item }) => item.querySelector("canvas").dataset.painted === "1").length,
       lines: published.lines,
@@ -540,6 +591,8 @@
     drawLines();
     drawPanel();
     paintHeatmap(document.getElementById("heatmap"), state.layer, state.head, state.focus);
+    document.getElementById("heatmap-what").textContent =
+      state.layer === ROLLOUT ? "rollout R of the whole model: row = token after the last layer, column = input token" : "α of this head: row = query, column = key";
     for (const { item, l, h } of thumbs) item.classList.toggle("selected", l === state.layer && h === state.head);
     publish();
   }
@@ -558,12 +611,14 @@
   }
   function fillHeads() {
     const heads = document.getElementById("head");
-    heads.replaceChildren(...DATA.layers[state.layer].heads.map((_, h) => el("option", { value: String(h), text: String(h) })));
+    const count = headCount(state.layer);
+    heads.replaceChildren(...Array.from({ length: count }, (_, h) => el("option", { value: String(h), text: state.layer === ROLLOUT ? "mean" : String(h) })));
     heads.value = String(state.head);
+    heads.disabled = state.layer === ROLLOUT;
   }
   function select(layer, head) {
     state.layer = layer;
-    state.head = Math.min(head, DATA.layers[layer].heads.length - 1);
+    state.head = Math.min(head, headCount(layer) - 1);
     document.getElementById("layer").value = String(layer);
     fillHeads();
     redraw();
@@ -572,6 +627,7 @@
   // ---- start -----------------------------------------------------------------------------------------
   const layerSelect = document.getElementById("layer");
   DATA.layers.forEach((layer, l) => layerSelect.append(el("option", { value: String(l), text: layer.name })));
+  if (ROLLOUT >= 0) layerSelect.append(el("option", { value: String(ROLLOUT), text: "rollout (whole model)" }));
   layerSelect.addEventListener("change", () => select(Number(layerSelect.value), state.head));
   document.getElementById("head").addEventListener("change", (e) => select(state.layer, Number(e.target.value)));
   document.getElementById("mask-badge").hidden = !DATA.causal;
