@@ -15,6 +15,7 @@ from torch.testing import assert_close
 from conftest import reference_attention
 from selfattention import attention
 from selfattention.backends import BACKENDS
+from selfattention.checks import _largest_score
 from selfattention.functional import _foldable, fold_query_groups, unfold_query_groups
 
 NAMES = [name for name in BACKENDS if name != "flex"]
@@ -97,3 +98,33 @@ def test_bounds_that_cannot_be_bounds_are_refused(bounds: tuple[float, ...]) -> 
     q, k, v = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
     with pytest.raises(ValueError, match=r"bounds must be three finite numbers >= 0"):
         attention(q, k, v, bounds=bounds)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mask", [None, "padding"])
+def test_the_fused_kernel_gets_grouped_heads_uncopied_where_rows_cannot_fold(
+    mask: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Causal prefill (rows see different keys, so no fold): sdpa maps the heads itself (enable_gqa), same numbers."""
+    q, k, v = _qkv(2, 6, 2, 5, 5, seed=7)
+    padding = torch.tensor([[True] * 5, [True, True, True, False, False]]).view(2, 1, 1, 5) if mask else None
+    seen: list[tuple[int, bool]] = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **options: object) -> torch.Tensor:
+        seen.append((key.shape[-3], bool(options.get("enable_gqa"))))
+        return fused(query, key, value, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    out = attention(q, k, v, causal=True, mask=padding, backend="sdpa")
+    assert seen == [(2, True)]  # 2 key/value heads reached the kernel, not 6 copies
+    want, _ = reference_attention(q.double(), k.double(), v.double(), causal=True, mask=padding)
+    assert_close(out.double(), want, **TOL)
+
+
+def test_the_overflow_check_reads_grouped_heads_as_the_kernel_does() -> None:
+    """With grouped keys, ``max |q·k|`` pairs query head h with key/value head h // (H/G), as attention does."""
+    q = torch.zeros(1, 4, 1, 2)
+    q[0, 3, 0, 0] = 1.0  # only head 3 is non-zero: it reads key/value head 1
+    k = torch.zeros(1, 2, 3, 2)
+    k[0, 0, 0, 0], k[0, 1, 2, 0] = 100.0, 7.0
+    assert _largest_score(q, k) == 7.0  # head 3 never meets the 100 of key/value head 0

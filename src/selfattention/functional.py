@@ -190,12 +190,10 @@ def attention(
     folded = _foldable(query, key, mask, causal, score_mod)
     if folded:  # grouped-query heads read their shared keys as rows of one query block: no copy of K, V
         causal, query = False, fold_query_groups(query, key.shape[-3])
-    query, key, value = broadcast_inputs(query, key, value)
     checks.dropout(dropout_p)
     checks.scale(scale)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    checks.magnitudes(query, key, value, float(scale), largest)
     chosen = choose_backend(
         backend,
         return_weights=return_weights,
@@ -205,6 +203,10 @@ def attention(
         score_mod=score_mod,
         shape=(query.shape[-2], key.shape[-2]),
     )
+    # A backend that takes grouped key/value heads (the CPU fused kernel's enable_gqa) gets them uncopied.
+    grouped = chosen.takes_grouped_heads and not return_lse and query.device.type == "cpu"
+    query, key, value = broadcast_inputs(query, key, value, keep_kv_heads=grouped)
+    checks.magnitudes(query, key, value, float(scale), largest)
     weights: Tensor | None  # the weights, or the log-sum-exp with return_lse
     if key.shape[-2] == 0 or query[..., 0].numel() == 0 or (value.shape[-1] == 0 and not return_weights):
         context, weights = _without_work(query, key, value)  # no key, or nothing to compute
@@ -239,19 +241,28 @@ def _no_lse(query: Tensor) -> Tensor:
     return torch.full(query.shape[:-1], -math.inf, dtype=work, device=query.device)
 
 
-def broadcast_inputs(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def broadcast_inputs(
+    query: Tensor, key: Tensor, value: Tensor, *, keep_kv_heads: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
     """The inputs with the leading dimensions of the scores: ``(..., H, T, D)``, ``(..., H, S, D)``, ``(..., H, S, E)``.
 
-    Grouped key/value heads are repeated (:func:`expand_kv_heads`); every other leading dimension is
-    broadcast as a view (no copy). See :func:`selfattention.checks.leading` for the rule.
+    Grouped key/value heads are repeated (:func:`expand_kv_heads`), or with ``keep_kv_heads`` kept as
+    ``(..., G, S, D)`` for a backend that maps query head ``h`` to key/value head ``h // (H // G)`` itself;
+    every other leading dimension is broadcast as a view (no copy). See :func:`selfattention.checks.leading`
+    for the rule.
 
     Raises:
         ValueError: when the leading dimensions do not broadcast.
     """
     lead = checks.leading(query, key)  # (..., H)
+    kv_lead = lead
     if lead and query.dim() >= 3 and key.dim() >= 3 and key.shape[-3] not in (1, lead[-1]):
-        key, value = expand_kv_heads(query, key, value)  # grouped-query heads: (..., G, S, D) -> (..., H, S, D)
-    query, key, value = (x if x.shape[:-2] == lead else x.expand(*lead, *x.shape[-2:]) for x in (query, key, value))
+        if keep_kv_heads:
+            kv_lead = (*lead[:-1], key.shape[-3])
+        else:  # grouped-query heads: (..., G, S, D) -> (..., H, S, D)
+            key, value = expand_kv_heads(query, key, value)
+    query = query if query.shape[:-2] == lead else query.expand(*lead, *query.shape[-2:])
+    key, value = (x if x.shape[:-2] == kv_lead else x.expand(*kv_lead, *x.shape[-2:]) for x in (key, value))
     return query, key, value
 
 

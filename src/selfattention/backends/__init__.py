@@ -41,6 +41,8 @@ class Backend:
     takes_mask_descriptions: bool = False
     """True: gets :class:`~selfattention.masks.MaskDescription` masks as they are (else materialised)."""
     supports_score_mod: bool = False
+    takes_grouped_heads: bool = False
+    """True: gets grouped key/value heads ``(..., G, S, D)`` with ``G < H`` uncopied (on the CPU)."""
 
 
 BACKENDS: dict[str, Backend] = {
@@ -67,6 +69,7 @@ BACKENDS: dict[str, Backend] = {
         returns_weights=False,
         supports_dropout=True,
         doc="PyTorch's fused scaled_dot_product_attention",
+        takes_grouped_heads=True,
     ),
     "tiled": Backend(
         name="tiled",
