@@ -100,23 +100,28 @@ def test_bounds_that_cannot_be_bounds_are_refused(bounds: tuple[float, ...]) -> 
         attention(q, k, v, bounds=bounds)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("mask", [None, "padding"])
-def test_the_fused_kernel_gets_grouped_heads_uncopied_where_rows_cannot_fold(
-    mask: str | None, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("t", "s", "mask"), [(5, 5, None), (5, 5, "padding"), (1, 9, None), (1, 9, "padding")])
+def test_the_fused_kernel_gets_grouped_heads_uncopied(
+    t: int, s: int, mask: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Causal prefill (rows see different keys, so no fold): sdpa maps the heads itself (enable_gqa), same numbers."""
-    q, k, v = _qkv(2, 6, 2, 5, 5, seed=7)
-    padding = torch.tensor([[True] * 5, [True, True, True, False, False]]).view(2, 1, 1, 5) if mask else None
-    seen: list[tuple[int, bool]] = []
+    """sdpa on the CPU maps the heads itself (enable_gqa), unfolded: the causal prefill (rows see different keys)
+    and a decoding step (one query, which the bottom-right causal mask lets see every key: no mask is built)."""
+    q, k, v = _qkv(2, 6, 2, t, s, seed=7)
+    padding = torch.ones(2, 1, 1, s, dtype=torch.bool) if mask else None
+    if padding is not None:
+        padding[1, ..., s - 2 :] = False
+    seen: list[tuple[int, int, bool, bool]] = []
     fused = torch.nn.functional.scaled_dot_product_attention
 
     def spy(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **options: object) -> torch.Tensor:
-        seen.append((key.shape[-3], bool(options.get("enable_gqa"))))
+        seen.append((query.shape[-3], key.shape[-3], bool(options.get("enable_gqa")), options.get("attn_mask") is None))
         return fused(query, key, value, **options)  # type: ignore[arg-type]
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     out = attention(q, k, v, causal=True, mask=padding, backend="sdpa")
-    assert seen == [(2, True)]  # 2 key/value heads reached the kernel, not 6 copies
+    # 6 query heads and 2 key/value heads reached the kernel (not 6 copies, not 2 folded blocks); a mask only
+    # where the call has one (padding, or the causal triangle of the prefill: 5 queries, 5 keys is its fast path)
+    assert seen == [(6, 2, True, padding is None)]
     want, _ = reference_attention(q.double(), k.double(), v.double(), causal=True, mask=padding)
     assert_close(out.double(), want, **TOL)
 

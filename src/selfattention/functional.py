@@ -187,9 +187,8 @@ def attention(
         checks.mask(mask, (*checks.leading(query, key), num_queries, num_keys))
     if is_causal(mask, num_queries, num_keys):
         mask, causal = None, True  # the same mask, and the fused kernel has a fast path for the flag
-    folded = _foldable(query, key, mask, causal, score_mod)
-    if folded:  # grouped-query heads read their shared keys as rows of one query block: no copy of K, V
-        causal, query = False, fold_query_groups(query, key.shape[-3])
+    if causal and num_queries == 1:
+        causal = False  # bottom-right: a single query sees every key (a decoding step)
     checks.dropout(dropout_p)
     checks.scale(scale)
     if scale is None:
@@ -201,10 +200,16 @@ def attention(
         mask=mask,
         causal=causal,
         score_mod=score_mod,
-        shape=(query.shape[-2], key.shape[-2]),
+        shape=(num_queries, num_keys),
     )
-    # A backend that takes grouped key/value heads (the CPU fused kernel's enable_gqa) gets them uncopied.
+    # Grouped key/value heads are never copied where it can be avoided: a backend that takes them (the CPU
+    # fused kernel's enable_gqa, measured faster than folding for a decoding step) gets them as they are;
+    # otherwise the query heads sharing a key/value head are read as rows of one query block where that
+    # computes the same, and only then are the key/value heads repeated.
     grouped = chosen.takes_grouped_heads and not return_lse and query.device.type == "cpu"
+    folded = not grouped and _foldable(query, key, mask, causal, score_mod)
+    if folded:
+        query = fold_query_groups(query, key.shape[-3])
     query, key, value = broadcast_inputs(query, key, value, keep_kv_heads=grouped)
     checks.magnitudes(query, key, value, float(scale), largest)
     weights: Tensor | None  # the weights, or the log-sum-exp with return_lse
