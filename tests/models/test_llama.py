@@ -54,6 +54,21 @@ def test_cached_decoding_equals_the_full_forward() -> None:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("keep", [1, 3, 6, 9])
+def test_logits_to_keep_gives_the_last_positions_of_the_full_logits(keep: int) -> None:
+    model = tiny()
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9], [2, 7, 1, 8, 2, 8]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    full = model(ids, attention_mask=mask)[0]
+    kept = model(ids, attention_mask=mask, logits_to_keep=keep)[0]
+    assert kept.shape == (2, min(keep, 6), 13)  # 9 asks for more positions than there are: all 6
+    # The same rows of the same product; one row goes through a matrix-vector kernel that sums in another
+    # order than the matrix-matrix one: a few float32 ulps (rtol 1e-6 is 8 of them), not equal bits
+    torch.testing.assert_close(kept, full[:, -keep:], atol=2e-6, rtol=1e-6)
+    assert torch.equal(model(ids, attention_mask=mask, logits_to_keep=0)[0], full)  # 0: every position
+
+
+@torch.no_grad()
 def test_cached_decoding_with_left_padding() -> None:
     model = tiny()
     ids = torch.tensor([[0, 0, 3, 1, 4], [2, 7, 1, 8, 2]])
@@ -99,5 +114,8 @@ def test_errors_name_the_values() -> None:
         model(torch.zeros(1, 25, dtype=torch.long))
     with pytest.raises(ValueError, match=r"attention_mask \(1, 2\) must be"):
         model(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 2))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"logits_to_keep must be an integer >= 0 .*, got {bad}"):
+            model(torch.zeros(1, 3, dtype=torch.long), logits_to_keep=bad)
     with pytest.raises(ValueError, match="must be divisible"):
         LlamaConfig(vocab_size=4, emb_dim=16, num_heads=4, num_kv_heads=3)

@@ -205,6 +205,7 @@ class Llama(nn.Module):
         *,
         attention_mask: Tensor | None = None,
         kv_caches: list[KVCache] | None = None,
+        logits_to_keep: int = 0,
     ) -> tuple[Tensor, None]:
         """Logits ``(B, T, V)`` for token ids ``idx (B, T)``.
 
@@ -213,15 +214,21 @@ class Llama(nn.Module):
             attention_mask: ``(B, S)``, ``True`` (or 1) = a real token, over the cached and the new tokens
                 (``S = cached + T``); ``None``: all real.
             kv_caches: one :class:`KVCache` per layer, appended to.
+            logits_to_keep: compute the logits of the last ``N`` positions only, ``(B, min(N, T), V)``; ``0``
+                (the default) keeps every position, as transformers' argument of the same name. The output
+                head is the largest product of a long input (SmolLM2 at 8192 tokens: 1.6 GB of float32
+                logits), which an inspection of the attention or the next token alone does not need.
 
         Returns:
             ``(logits, None)`` (the second item is the loss slot of :class:`selfattention.GPT`'s interface,
             which :func:`selfattention.generate.generate` uses).
 
         Raises:
-            ValueError: ids outside the vocabulary, a mask of the wrong shape, or more tokens (cached plus
-                new) than ``context_length``.
+            ValueError: ids outside the vocabulary, a mask of the wrong shape, more tokens (cached plus
+                new) than ``context_length``, or a negative ``logits_to_keep``.
         """
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an integer >= 0 (0 = every position), got {logits_to_keep!r}")
         if idx.dim() != 2 or idx.is_floating_point():
             raise ValueError(f"idx must be integer (batch, tokens), got {idx.dtype} {tuple(idx.shape)}")
         batch, num_tokens = idx.shape
@@ -244,6 +251,8 @@ class Llama(nn.Module):
         x = self.tok_emb(idx)  # (B, T) -> (B, T, C)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, mask, kv_caches[layer] if kv_caches else None)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]  # (B, T, C) -> (B, min(N, T), C)
         return self.out_head(self.final_norm(x)), None  # (B, T, C) -> (B, T, V)
 
 
