@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # file under src/selfattention (without .py) -> its own tests
 OWN_TESTS: dict[str, list[str]] = {
-    "functional": ["tests/test_functional.py"],
+    "functional": ["tests/test_functional.py", "tests/test_grouped_rows.py"],
     "masks": ["tests/test_masks.py"],
     "modules": ["tests/test_modules.py", "tests/test_multihead.py", "tests/test_modules_masks.py"],
     "backends/tiled": ["tests/backends/test_tiled.py"],
-    "backends/blocksparse": ["tests/test_fast_attention.py"],
+    "backends/blocksparse": ["tests/test_fast_attention.py", "tests/backends/test_blocksparse_runs.py"],
     "training/checkpoint": [
         "tests/training/test_checkpoint.py",
         "tests/training/test_save_kill.py",
