@@ -7,7 +7,7 @@ per-head context and each row's log-sum-exp, with the fused kernel), at ``--toke
 transformers on the same GGUF file with its SDPA path and with ``output_attentions=True`` (which falls back
 to its eager path) at ``--tokens``; the largest difference between the weights recomputed from the
 log-sum-exp and the eager ``"math"`` backend's on the same inputs; and, in a fresh process, the peak memory
-of capturing ``--top-k-tokens`` tokens and taking the top 16 keys of every row of every head. Times are
+of keeping the top 16 keys of every row of every head at ``--top-k-tokens`` tokens (``capture_top_k``). Times are
 medians of interleaved rounds: ratios are what to read on a shared machine.
 """
 
@@ -54,20 +54,22 @@ def _reset_peak() -> None:
 
 @torch.no_grad()
 def top_k_memory(tokens: int) -> dict[str, float]:
-    """In a child: peak memory of an uncaptured forward, then of capture + the top 16 keys of every row and head
-    (the model loaded; loading's own peak is reset away first)."""
-    from selfattention import capture
+    """In a child: peak memory of an uncaptured forward, then of ``capture_top_k(model, 16)`` around the same
+    forward (the model loaded; loading's own peak is reset away first). Both forwards ask for the last
+    position's logits only (``logits_to_keep=1``): all 8192 positions' logits would be 1.5 GiB, which an
+    inspection of attention does not need."""
+    from selfattention import capture_top_k
 
     model = load("ours")
     ids = prompt(1, tokens)
     _reset_peak()
-    model(ids)
+    model(ids, logits_to_keep=1)
     before = _peak_gib()
     _reset_peak()
     start = time.perf_counter()
-    with capture(model) as cap:
-        model(ids)
-    kept = sum(record.top_k(16)[0].numel() for _, record in cap.items())
+    with capture_top_k(model, 16) as cap:
+        model(ids, logits_to_keep=1)
+    kept = sum(record.weights.numel() for _, record in cap.items())
     return {"before_gib": before, "after_gib": _peak_gib(), "seconds": time.perf_counter() - start, "kept": kept}
 
 
@@ -138,7 +140,7 @@ def main() -> None:
         memory = _child(args.top_k_tokens)
         extra = memory["after_gib"] - memory["before_gib"]
         rows.append(
-            f"| capture() + top-16 keys of every row and head: process peak {memory['after_gib']:.2f} GiB "
+            f"| capture_top_k(model, 16), every row and head: process peak {memory['after_gib']:.2f} GiB "
             f"(uncaptured forward: {memory['before_gib']:.2f} GiB; +{extra:.2f}) | "
             f"{args.top_k_tokens} | {memory['seconds']:.1f} | |"
         )

@@ -265,3 +265,90 @@ def test_record_keeps_no_per_head_square_tensor():
     kept = [record.query, record.key, record.value, record.context, record.lse]
     assert max(t.numel() for t in kept) < 1024 * 1024 // 100  # a (T, S) tensor per head would be 1024²
     assert record.top_k(4)[0].shape == (1, 2, 1024, 4)
+
+
+def _padded_gqa_model() -> tuple[TwoLayers, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(5)
+    model = TwoLayers().eval()
+    x = torch.randn(2, 9, 8)
+    allowed = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    allowed[1, ..., 6:] = False  # the second sequence is padded after 6 tokens
+    return model, x, allowed
+
+
+def test_capture_top_k_keeps_what_record_top_k_gives():
+    """capture_top_k takes the top keys while the model runs: the same numbers as capture()'s record.top_k,
+    bit for bit (the same Q, K and log-sum-exp, the same chunks), grouped heads and a padding mask included."""
+    from selfattention import TopKeys, capture_top_k
+
+    model, x, allowed = _padded_gqa_model()
+    model.first.forward = lambda x, _f=model.first.forward: _f(x, attn_mask=allowed)  # pad the first layer
+    with torch.no_grad():
+        plain = model(x)
+        with capture(model) as full:
+            model(x)
+        with capture_top_k(model, 3) as top:
+            out = model(x)
+    assert torch.equal(out, plain)  # the output is the uncaptured one
+    for name in ("first", "blocks.0"):
+        kept = top[name]
+        assert isinstance(kept, TopKeys)
+        for got, want in zip(kept.top_k(3), full[name].top_k(3), strict=True):
+            assert torch.equal(got, want), name
+        assert torch.equal(kept.lse, full[name].lse) and kept.scale == full[name].scale
+    # a padded key has no weight (where a row has fewer than k allowed keys, the spare slots hold weight 0)
+    padded = top["first"].indices[1] >= 6
+    assert padded.any() and (top["first"].weights[1][padded] == 0).all()
+    # fewer keys, a head, some rows: as record.top_k gives them; the rest of the mass differs only in how the
+    # float32 sum was taken (1 - Σ of 2 weights against 1 - Σ of 3 weights + the third), within a few ulps
+    got, want = top["first"].top_k(2, heads=[3, 1], rows=(2, 7)), full["first"].top_k(2, heads=[3, 1], rows=(2, 7))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert_close(got[2], want[2], rtol=0, atol=1e-6)
+    assert got[0].shape == (2, 2, 5, 2)
+
+
+def test_capture_top_k_holds_only_the_top_keys():
+    """At T = 1024 the kept tensors are O(T·k) per head: nothing of size T·D (Q, K, V) nor T·S stays."""
+    from selfattention import capture_top_k
+
+    module = MultiHeadAttention(64, 64, 1024, 0.0, 2, causal=True).eval()
+    with torch.no_grad(), capture_top_k(module, 4) as cap:
+        module(torch.randn(1, 1024, 64))
+    kept = cap[""]
+    held = [kept.weights, kept.indices, kept.rest, kept.lse]
+    storages = sum(t.untyped_storage().nbytes() for t in held)
+    assert storages == 2 * 1024 * (4 * 4 + 4 * 8 + 4 + 4)  # weights, int64 indices, rest, lse per head and row
+    assert kept.weights.shape == (1, 2, 1024, 4)
+
+
+def test_capture_top_k_hands_freed_pages_back_after_each_module(monkeypatch):
+    from selfattention import capture_top_k, inspect
+
+    trims: list[int] = []
+    monkeypatch.setattr(inspect, "_MALLOC_TRIM", lambda pad: trims.append(pad) or 1)
+    model, x, _ = _padded_gqa_model()
+    with torch.no_grad(), capture_top_k(model, 2):
+        model(x)
+    assert trims == [0, 0]  # once per module, all free pages
+
+
+def test_capture_top_k_with_dropout_and_bad_k():
+    from selfattention import capture_top_k
+
+    torch.manual_seed(2)
+    module = MultiHeadAttention(8, 8, 16, 0.5, 2).train()
+    with capture_top_k(module, 3) as cap:
+        module(torch.randn(1, 5, 8))
+    kept = cap[""]
+    assert kept.lse is None  # the eager path ran: its weights after dropout, not a log-sum-exp
+    assert kept.weights.shape == (1, 2, 5, 3) and (kept.weights[..., :-1] >= kept.weights[..., 1:]).all()
+    with pytest.raises(
+        ValueError, match=r"k must be within 1 \.\. 3 \(the keys kept per row by capture_top_k\), got 4"
+    ):
+        kept.top_k(4)
+    with pytest.raises(IndexError, match=r"heads \[2\] out of range: the module has 2 heads"):
+        kept.top_k(1, heads=[2])
+    with pytest.raises(ValueError, match="k must be at least 1, got 0"):
+        with capture_top_k(module, 0):
+            pass
+    assert module._recorder is None

@@ -9,7 +9,7 @@ from selfattention.functional import (
     causal_mask,
     context_vectors,
 )
-from selfattention.inspect import Capture, Record, capture, capture_projections
+from selfattention.inspect import Capture, Record, TopKeys, capture, capture_projections, capture_top_k
 from selfattention.models.gpt import GPT, GPTConfig
 from selfattention.modules import (
     CausalAttention,
@@ -30,11 +30,13 @@ __all__ = [
     "Record",
     "SelfAttention",
     "SelfAttentionV1",
+    "TopKeys",
     "attention",
     "attention_scores",
     "attention_weights",
     "capture",
     "capture_projections",
+    "capture_top_k",
     "causal_mask",
     "context_vectors",
     "masks",
