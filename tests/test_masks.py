@@ -24,7 +24,11 @@ def test_rules_build_the_tensors_they_describe(t, s):
         "window": (masks.sliding_window(3), (j <= p) & (j > p - 3)),
         "prefix": (masks.prefix_lm(2), (j < 2) | (j <= p)),
         "or": (masks.sliding_window(1) | masks.causal(align="top_left"), (j == p) | (j <= i)),
+        "and": (masks.sliding_window(3) & masks.causal(align="top_left"), (j <= p) & (j > p - 3) & (j <= i)),
     }
+    if t <= s:  # documents need the queries among the keys
+        ids = torch.tensor([0, 0, 1, 1, 1, 2, 2][:s])
+        cases["documents"] = (masks.documents(ids), ids[p] == ids[j])
     for name, (rule, want) in cases.items():
         got = rule.materialize(1, 1, t, s)
         assert got.shape[-2:] == (t, s), name
@@ -42,32 +46,52 @@ def test_padding_and_documents_are_per_batch_row():
         assert torch.equal(docs[b, 0], ids[b].unsqueeze(-1) == ids[b].unsqueeze(0))
 
 
+# Built inside each test (not at import): a description is then made by the code under test, as a user's is.
 RULES = {
-    "causal": masks.causal(),
-    "top_left": masks.causal(align="top_left"),
-    "window": masks.sliding_window(5),
-    "padding": masks.padding([3, 11]),
-    "documents": masks.documents([0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2]),
-    "prefix": masks.prefix_lm(4),
-    "docs&causal": masks.documents([0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2]) & masks.causal(),
-    "window|padding": masks.sliding_window(2) | masks.padding([6, 1]),
+    "causal": lambda: masks.causal(),
+    "top_left": lambda: masks.causal(align="top_left"),
+    "window": lambda: masks.sliding_window(5),
+    "padding": lambda: masks.padding([3, 11]),
+    "documents": lambda: masks.documents([0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2]),
+    "negative ids": lambda: masks.documents([-4, -4, -4, -4, -4, -3, -3, -3, -3, -3, -3]),
+    "prefix": lambda: masks.prefix_lm(4),
+    "docs&causal": lambda: masks.documents([0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2]) & masks.causal(),
+    "window|padding": lambda: masks.sliding_window(2) | masks.padding([6, 1]),
 }
 
 
 @pytest.mark.parametrize("name", RULES)
 @pytest.mark.parametrize(("block_q", "block_k"), [(1, 1), (2, 3), (4, 4), (11, 5)])
-def test_block_map_is_exact_for_the_built_in_rules(name, block_q, block_k):
-    """Each tile is FULL/EMPTY exactly when the materialised mask is all True/all False over (b, h)."""
-    rule = RULES[name]
-    allowed = rule.materialize(2, 1, 11, 11).expand(2, 1, 11, 11)
-    want = torch.full((-(-11 // block_q), -(-11 // block_k)), PARTIAL, dtype=torch.int8)
+@pytest.mark.parametrize(("t", "s"), [(11, 11), (6, 11), (11, 9)])
+def test_block_map_is_exact_for_the_built_in_rules(name, block_q, block_k, t, s):
+    """Each tile is FULL/EMPTY exactly when the materialised mask is all True/all False over (b, h).
+
+    T != S puts the queries at the last T key positions (an offset in every rule that has one)."""
+    rule = RULES[name]()
+    try:
+        allowed = rule.materialize(2, 1, t, s).expand(2, 1, t, s)
+    except ValueError:
+        pytest.skip(f"{name} does not fit T={t}, S={s}")
+    want = torch.full((-(-t // block_q), -(-s // block_k)), PARTIAL, dtype=torch.int8)
     for a in range(want.shape[0]):
         for c in range(want.shape[1]):
             tile = allowed[..., a * block_q : (a + 1) * block_q, c * block_k : (c + 1) * block_k]
             want[a, c] = FULL if bool(tile.all()) else EMPTY if not bool(tile.any()) else PARTIAL
-    assert torch.equal(rule.block_map(2, 1, 11, 11, block_q, block_k), want)
-    generic = masks.from_function(lambda b, h, q, kv: rule.allowed(b, h, q, kv, 11, 11))
-    assert torch.equal(generic.block_map(2, 1, 11, 11, block_q, block_k), want)
+    assert torch.equal(rule.block_map(2, 1, t, s, block_q, block_k), want)
+    generic = masks.from_function(lambda b, h, q, kv: rule.allowed(b, h, q, kv, t, s))
+    assert torch.equal(generic.block_map(2, 1, t, s, block_q, block_k), want)
+
+
+def test_built_in_rules_and_their_combinations_are_classified_without_evaluating_them(monkeypatch):
+    """The tiles of built-in rules come from the tile bounds (O(tiles)); only a rule given as a function
+    (or a combination with one) is evaluated position by position."""
+    calls = []
+    monkeypatch.setattr(masks.MaskDescription, "block", lambda self, *a, **k: calls.append(self) or 1 / 0)
+    for name, make in RULES.items():
+        make().block_map(2, 1, 11, 11, 4, 4)
+        assert calls == [], name
+    with pytest.raises(ZeroDivisionError):
+        (masks.causal() & masks.from_function(lambda b, h, q, kv: q >= kv)).block_map(1, 1, 8, 8, 4, 4)
 
 
 def test_block_map_of_a_chunk_uses_global_positions():
@@ -130,3 +154,74 @@ def test_invalid_tensor_masks_are_clear_errors_for_every_backend(mask, error, ma
     for backend in ("tiled", "blocksparse", "auto"):
         with pytest.raises(error, match=match):
             attention(q, q, q, mask=mask, backend=backend)
+
+
+def test_padding_and_documents_with_one_row_apply_to_every_batch_row():
+    assert masks.padding([2]).materialize(3, 1, 2, 4)[:, 0].tolist() == [[[True, True, False, False]] * 2] * 3
+    ids = [0, 1, 1]
+    want = [[[True, False, False], [False, True, True], [False, True, True]]] * 2
+    assert masks.documents(ids).materialize(2, 1, 3, 3)[:, 0].tolist() == want
+
+
+def test_combinations_pass_every_index_and_check_both_sides():
+    by_head = masks.from_function(lambda b, h, q, kv: kv <= q - h)
+    for both in (by_head & masks.causal(), masks.causal() & by_head):  # causal adds nothing to kv <= q - h
+        assert torch.equal(both.materialize(1, 2, 4, 4), by_head.materialize(1, 2, 4, 4)), both
+    assert (masks.padding([1, 3]) | masks.causal()).materialize(2, 1, 3, 3)[1, 0, 0].tolist() == [True] * 3
+    with pytest.raises(ValueError, match="padding lengths has 3 batch rows but the attention has batch 2"):
+        (masks.causal() & masks.padding([1, 2, 3])).materialize(2, 1, 3, 3)
+    with pytest.raises(ValueError, match="document ids has 3 batch rows but the attention has batch 2"):
+        (masks.causal() | masks.documents([[0, 1]] * 3)).materialize(2, 1, 2, 2)
+    with pytest.raises(ValueError, match=r"documents\(\) needs T <= S \(queries are the last T keys\), got T=3"):
+        (masks.causal() & masks.documents([0, 1])).materialize(1, 1, 3, 2)
+
+
+def test_descriptions_print_as_the_calls_that_made_them():
+    def near(b, h, q, kv):
+        return (q - kv).abs() <= 1
+
+    assert repr(masks.causal()) == "causal(align='bottom_right')"
+    assert repr(masks.sliding_window(3)) == "sliding_window(3)"
+    assert repr(masks.padding([2, 4])) == "padding([2, 4])"
+    assert repr(masks.documents([[0, 0, 1]])) == "documents(<(1, 3) ids>)"
+    assert repr(masks.from_function(near)) == "from_function(near)"
+    assert repr(masks.causal() & masks.sliding_window(2)) == "(causal(align='bottom_right') & sliding_window(2))"
+    assert repr(masks.sliding_window(2) | masks.padding([1])) == "(sliding_window(2) | padding([1]))"
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: masks.sliding_window(2.5), ValueError, "sliding window size must be a positive integer, got 2.5"),
+        (lambda: masks.sliding_window(True), ValueError, "sliding window size must be a positive integer, got True"),
+        (lambda: masks.prefix_lm(1.5), ValueError, "prefix length must be a non-negative integer, got 1.5"),
+        (lambda: masks.prefix_lm(True), ValueError, "prefix length must be a non-negative integer, got True"),
+        (lambda: masks.padding(3), ValueError, r"padding lengths must have 1 dimension\(s\) at most, got shape \(\)"),
+        (lambda: masks.padding([[1, 2]]), ValueError, r"padding lengths must have 1 dimension\(s\) .* \(1, 2\)"),
+        (
+            lambda: masks.padding(torch.tensor([], dtype=torch.long)),
+            ValueError,
+            r"padding lengths must be non-negative and not empty, got \[\]",
+        ),
+        (lambda: masks.documents([[[0, 1]]]), ValueError, r"document ids must have 2 dimension\(s\) .* \(1, 1, 2\)"),
+        (lambda: masks.documents([0.0, 1.0]), TypeError, r"document ids must be integers, got dtype torch\.float32"),
+        (lambda: masks.causal() | torch.ones(2, 2), TypeError, "can only combine mask descriptions, got Tensor"),
+    ],
+)
+def test_invalid_arguments_name_the_argument_and_the_value(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_edge_values_that_are_valid_stay_valid():
+    assert (
+        masks.prefix_lm(0).materialize(1, 1, 3, 3)[0, 0].tolist()
+        == masks.causal().materialize(1, 1, 3, 3)[0, 0].tolist()
+    )
+    assert masks.padding([0, 2]).materialize(2, 1, 1, 2)[:, 0, 0].tolist() == [[False, False], [True, True]]
+    assert masks.padding([5]).materialize(1, 1, 1, 5).all()
+
+
+def test_a_rule_that_returns_no_tensor_is_named():
+    with pytest.raises(TypeError, match="a mask rule must return a boolean tensor, got bool"):
+        masks.from_function(lambda b, h, q, kv: True).materialize(1, 1, 2, 2)
