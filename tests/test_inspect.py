@@ -352,3 +352,30 @@ def test_capture_top_k_with_dropout_and_bad_k():
         with capture_top_k(module, 0):
             pass
     assert module._recorder is None
+
+
+@torch.no_grad()
+def test_capture_of_a_rotary_model_recomputes_the_context_its_kernel_computed():
+    """A Llama rotates queries and keys inside attention: the recomputed weights must be those of the rotated
+    q and k, which the context that the fused kernel handed to ``out_proj`` proves (a record of the unrotated
+    q and k gives other weights, and another context)."""
+    from selfattention.models.llama import Llama, LlamaConfig
+
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=13, context_length=24, emb_dim=16, num_layers=2, num_heads=4, num_kv_heads=2,
+                         hidden_dim=24, rope_base=100.0)  # fmt: skip
+    model = Llama(config).eval()
+    ids, padded = torch.randint(0, 13, (2, 10)), torch.ones(2, 10, dtype=torch.bool)
+    padded[1, 7:] = False
+    handed: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "out_proj"):
+            module.out_proj.register_forward_pre_hook(lambda _m, args, n=name: handed.__setitem__(n, args[0]))
+    with capture(model) as cap:
+        model(ids, attention_mask=padded)
+    assert set(handed) == {name for name, _ in cap.items()}
+    for name, record in cap.items():
+        batch, heads, tokens, width = record.context.shape
+        merged = record.context.transpose(1, 2).reshape(batch, tokens, heads * width)
+        torch.testing.assert_close(merged, handed[name], atol=1e-6, rtol=0)
+        assert float(record.weights[1, :, :7, 7:].abs().max()) == 0.0  # padded keys
