@@ -77,7 +77,9 @@ def test_block_map_is_exact_for_the_built_in_rules(name, block_q, block_k, t, s)
         for c in range(want.shape[1]):
             tile = allowed[..., a * block_q : (a + 1) * block_q, c * block_k : (c + 1) * block_k]
             want[a, c] = FULL if bool(tile.all()) else EMPTY if not bool(tile.any()) else PARTIAL
-    assert torch.equal(rule.block_map(2, 1, t, s, block_q, block_k), want)
+    got = rule.block_map(2, 1, t, s, block_q, block_k)
+    assert got.dtype == torch.int8
+    assert torch.equal(got, want)
     generic = masks.from_function(lambda b, h, q, kv: rule.allowed(b, h, q, kv, t, s))
     assert torch.equal(generic.block_map(2, 1, t, s, block_q, block_k), want)
 
@@ -225,3 +227,35 @@ def test_edge_values_that_are_valid_stay_valid():
 def test_a_rule_that_returns_no_tensor_is_named():
     with pytest.raises(TypeError, match="a mask rule must return a boolean tensor, got bool"):
         masks.from_function(lambda b, h, q, kv: True).materialize(1, 1, 2, 2)
+
+
+def test_rules_given_as_functions_may_leave_out_axes_and_are_classified_on_a_chunk():
+    by_query = masks.from_function(lambda b, h, q, kv: q % 3 == 0)  # (1, 1, T, 1): no key axis
+    whole = by_query.block_map(1, 1, 9, 12, 3, 4)
+    assert whole.dtype == torch.int8
+    assert torch.equal(by_query.block_map(1, 1, 9, 12, 3, 4, kv_range=(4, 12)), whole[:, 1:])
+    two_d = masks.from_function(lambda b, h, q, kv: (kv <= q)[0, 0])  # (T, S)
+    assert torch.equal(two_d.materialize(1, 1, 4, 4), masks.causal().materialize(1, 1, 4, 4))
+    assert by_query.block_map(1, 1, 9, 12, 3, 4, q_range=(9, 9)).shape == (0, 3)
+    generic_and = masks.from_function(lambda b, h, q, kv: kv >= 0) & masks.causal()
+    assert torch.equal(generic_and.block_map(1, 1, 6, 11, 2, 3), masks.causal().block_map(1, 1, 6, 11, 2, 3))
+
+
+def test_rules_of_a_wrong_shape_name_it():
+    five = masks.from_function(lambda b, h, q, kv: (q >= kv).unsqueeze(0))
+    with pytest.raises(ValueError, match=r"returned shape \(1, 1, 1, 3, 3\), which is not 4-D \(1, 1, 3, 3\)"):
+        five.materialize(1, 1, 3, 3)
+    wide = masks.from_function(lambda b, h, q, kv: torch.ones(1, 1, 4, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"returned shape \(1, 1, 4, 3\), not broadcastable to \(1, 1, 3, 3\)"):
+        wide.materialize(1, 1, 3, 3)
+    with pytest.raises(TypeError, match="from_function needs a callable, got int"):
+        masks.from_function(3)  # type: ignore[arg-type]
+    assert repr(masks.from_function(type("Rule", (), {"__call__": lambda *a: None})())) == "from_function(fn)"
+
+
+def test_is_causal_only_where_causal_true_means_the_same():
+    assert masks.is_causal(masks.causal(), 3, 5)
+    assert not masks.is_causal(masks.causal(align="top_left"), 3, 5)
+    assert masks.is_causal(masks.causal(align="top_left"), 4, 4)
+    assert not masks.is_causal(masks.sliding_window(4), 4, 4)
+    assert not masks.is_causal(torch.ones(4, 4, dtype=torch.bool), 4, 4)
