@@ -236,7 +236,9 @@ def test_rules_given_as_functions_may_leave_out_axes_and_are_classified_on_a_chu
     assert torch.equal(by_query.block_map(1, 1, 9, 12, 3, 4, kv_range=(4, 12)), whole[:, 1:])
     two_d = masks.from_function(lambda b, h, q, kv: (kv <= q)[0, 0])  # (T, S)
     assert torch.equal(two_d.materialize(1, 1, 4, 4), masks.causal().materialize(1, 1, 4, 4))
-    assert by_query.block_map(1, 1, 9, 12, 3, 4, q_range=(9, 9)).shape == (0, 3)
+    for rule in (by_query, masks.documents([0] * 6 + [1] * 6)):  # an empty range of queries: no tiles
+        empty = rule.block_map(1, 1, 9, 12, 3, 4, q_range=(9, 9))
+        assert (empty.shape, empty.dtype) == ((0, 3), torch.int8), rule
     generic_and = masks.from_function(lambda b, h, q, kv: kv >= 0) & masks.causal()
     assert torch.equal(generic_and.block_map(1, 1, 6, 11, 2, 3), masks.causal().block_map(1, 1, 6, 11, 2, 3))
 
