@@ -151,6 +151,15 @@ def _result(query: Tensor, heads: Tensor | None, rows: Rows, width: int, dtype: 
     return query.new_empty((*query.shape[:-3], *count, rows[1] - rows[0], width), dtype=dtype or work)
 
 
+def _placed(chunks: Iterator[Tensor]) -> Iterator[tuple[tuple[Any, ...], Tensor]]:
+    """Each chunk of rows with the index of its rows in the whole result, ``(..., start:stop, :)``."""
+    start = 0
+    for chunk in chunks:
+        stop = start + chunk.shape[-2]
+        yield (..., slice(start, stop), slice(None)), chunk
+        start = stop
+
+
 def exact_weights(
     query: Tensor,
     key: Tensor,
@@ -202,11 +211,8 @@ def exact_context(
         value = value.index_select(-3, torch.div(chosen, query.shape[-3] // value.shape[-3], rounding_mode="floor"))
     options = {"scale": scale, "causal": causal, "mask": mask, "heads": chosen, "rows": rows}
     context = _result(query, chosen, rows, value.shape[-1])
-    start = 0
-    for weights in _weight_chunks(query, key, lse, **options):
-        stop = start + weights.shape[-2]
-        torch.matmul(weights, value.to(weights.dtype), out=context[..., start:stop, :])
-        start = stop
+    for place, weights in _placed(_weight_chunks(query, key, lse, **options)):
+        torch.matmul(weights, value.to(weights.dtype), out=context[place])
     return context
 
 
@@ -239,12 +245,9 @@ def exact_top_k(
     k = min(k, key.shape[-2])
     options = {"scale": scale, "causal": causal, "mask": mask, "heads": chosen, "rows": rows}
     top_values, top_indices = _result(query, chosen, rows, k), _result(query, chosen, rows, k, torch.long)
-    start = 0
-    for weights in _weight_chunks(query, key, lse, **options):
-        stop = start + weights.shape[-2]
+    for place, weights in _placed(_weight_chunks(query, key, lse, **options)):
         top = torch.topk(weights, k, dim=-1)
-        top_values[..., start:stop, :], top_indices[..., start:stop, :] = top.values, top.indices
-        start = stop
+        top_values[place], top_indices[place] = top.values, top.indices
     row_lse = _lse_part(lse, chosen, rows)
     rest = torch.where(torch.isfinite(row_lse), (1.0 - top_values.sum(-1)).clamp_min(0.0), 0.0)
     return top_values, top_indices, rest
