@@ -16,16 +16,9 @@ from selfattention.training.recipe import load_gpt
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("explain")
-    corpus = folder / "corpus.txt"
-    corpus.write_text("MACBETH:\nIs this a dagger which I see before me?\n\n" * 50, encoding="utf-8")
-    before = torch.get_num_threads()
-    argv = ["train", "--corpus", str(corpus), "--out", str(folder / "ckpt"), "--config", "tiny"]
-    assert main([*argv, "--width", "16", "--context", "24", "--steps", "20", "--no-progress"]) == 0
-    torch.set_num_threads(before)
-    return folder / "ckpt"
+@pytest.fixture
+def checkpoint(trained_checkpoint: Path) -> Path:
+    return trained_checkpoint
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -97,15 +97,9 @@ def test_smollm2_table(smollm2, monkeypatch, capsys) -> None:  # type: ignore[no
 
 
 @pytest.mark.slow
-def test_a_trained_checkpoint_takes_heads_patch_and_the_lens(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("MACBETH:\nIs this a dagger which I see before me?\n\n" * 20, encoding="utf-8")
-    before = torch.get_num_threads()
-    argv = ["train", "--corpus", str(corpus), "--out", str(tmp_path / "ckpt"), "--config", "tiny"]
-    assert main([*argv, "--width", "16", "--context", "24", "--steps", "2", "--no-progress"]) == 0
-    torch.set_num_threads(before)
+def test_a_trained_checkpoint_takes_heads_patch_and_the_lens(trained_checkpoint: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     capsys.readouterr()
-    model = ["--model", str(tmp_path / "ckpt")]
+    model = ["--model", str(trained_checkpoint)]
     assert main(["heads", *model, "--length", "6", "--batch", "1", "--ablate", "0.0"]) == 0
     assert "zero-ablated" in capsys.readouterr().out
     assert main(["explain", *model, "Is this", "--logit-lens"]) == 0
