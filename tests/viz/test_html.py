@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import doctest
 import html
-import json
 import re
 import tomllib
 from fnmatch import fnmatch
@@ -22,24 +20,9 @@ from selfattention.examples import TOKENS
 from selfattention.viz import AttentionView, HeadData, to_html, view_from_capture
 from selfattention.viz.sources import embed_words, example_view
 from selfattention.walkthrough import walk
+from viewer_pages import decode, page_data, tiny_head
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def page_data(page: str) -> dict[str, Any]:
-    match = re.search(r'<script type="application/json" id="viewer-data">(.*?)</script>', page, re.S)
-    assert match is not None
-    return json.loads(match.group(1))
-
-
-def decode(matrix: dict[str, Any]) -> torch.Tensor:
-    raw = bytearray(base64.b64decode(matrix["f32"]))
-    return torch.frombuffer(raw, dtype=torch.float32).reshape(matrix["shape"])
-
-
-def tiny_head(t: int = 2) -> dict[str, list[list[float]]]:
-    eye = [[1.0 if i == j else 0.0 for j in range(t)] for i in range(t)]
-    return {"query": eye, "key": eye, "value": eye, "scores": eye, "weights": eye, "context": eye}
 
 
 def test_the_example_view_carries_the_worked_example() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from torch.testing import assert_close
 from selfattention import MultiHeadAttention, capture
 from selfattention.viz import html
 from selfattention.viz.html import HeadData, TopKHead, to_html, view_from_capture
+from viewer_pages import decode, page_data
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +23,6 @@ def captured():
     with capture(model.eval()) as cap, torch.no_grad():
         model(torch.randn(1, 48, 8))
     return cap, [f"t{i}" for i in range(48)]
-
-
-def _data(page: str) -> dict:
-    block = re.search(r'<script type="application/json" id="viewer-data">(.*?)</script>', page, re.S)
-    assert block is not None
-    return json.loads(block.group(1))
 
 
 def test_small_pages_stay_full_and_large_ones_keep_what_fits(captured):
@@ -48,18 +42,18 @@ def test_small_pages_stay_full_and_large_ones_keep_what_fits(captured):
 
 def test_the_page_carries_the_exact_top_keys(captured):
     cap, tokens = captured
-    data = _data(to_html(cap, tokens, top_k=5))
+    data = page_data(to_html(cap, tokens, top_k=5))
     topk = data["layers"][1]["heads"][3]["topk"]
-    weights = np.frombuffer(base64.b64decode(topk["w"]["f32"]), dtype="<f4").reshape(48, 5)
+    weights = decode(topk["w"])
     keys = np.frombuffer(base64.b64decode(topk["j"]), dtype="<u2").reshape(48, 5)
-    rest = np.frombuffer(base64.b64decode(topk["rest"]["f32"]), dtype="<f4")
+    rest = decode(topk["rest"])
     full = cap["1"].weights[0, 3]  # (T, S)
     expected = torch.topk(full, 5, dim=-1)
-    assert_close(torch.from_numpy(weights.copy()), expected.values, atol=1e-6, rtol=0)
+    assert weights.shape == (48, 5)
+    assert_close(weights, expected.values, atol=1e-6, rtol=0)
     assert_close(full.gather(-1, torch.from_numpy(keys.astype("int64"))), expected.values, atol=1e-6, rtol=0)
-    assert_close(torch.from_numpy(rest.copy()), 1 - expected.values.sum(-1), atol=1e-6, rtol=0)
-    lse = np.frombuffer(base64.b64decode(topk["lse"]["f32"]), dtype="<f4")
-    assert_close(torch.from_numpy(lse.copy()), cap["1"].lse[0, 3])
+    assert_close(rest, 1 - expected.values.sum(-1, keepdim=True), atol=1e-6, rtol=0)
+    assert_close(decode(topk["lse"]), cap["1"].lse[0, 3].unsqueeze(-1))  # one column, like rest
 
 
 def test_top_k_below_one_is_refused(captured):

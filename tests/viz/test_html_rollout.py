@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from test_html import decode, page_data, tiny_head
 from torch.testing import assert_close
 
 from selfattention import MultiHeadAttention, capture
@@ -14,6 +13,7 @@ from selfattention.rollout import attention_rollout
 from selfattention.viz import AttentionView, to_html, view_from_capture
 from selfattention.viz import html as page
 from selfattention.viz.sources import example_view
+from viewer_pages import decode, page_data, tiny_head
 
 TOKENS = [f"t{i}" for i in range(12)]
 
