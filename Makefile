@@ -29,8 +29,9 @@ install-docs: $(BIN)/python
 demo: install
 	$(BIN)/selfattention explain
 
+# ruff lints the notebook too; not its formatting, nor the docs' snippets, whose comments are aligned by hand.
 lint: install-test
-	$(BIN)/ruff check src tests benchmarks examples tools
+	$(BIN)/ruff check src tests benchmarks examples tools docs/walkthrough-notebook.ipynb
 	$(BIN)/ruff format --check src tests benchmarks examples tools
 	$(BIN)/mypy
 

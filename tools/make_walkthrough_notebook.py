@@ -35,7 +35,7 @@ from selfattention import attention, attention_scores, attention_weights, contex
 from selfattention.examples import TOKENS, embeddings
 
 x = embeddings()  # (T, C) = (6, 3): one row per token
-for token, row in zip(TOKENS, x):
+for token, row in zip(TOKENS, x, strict=True):
     print(f"{token:<8}", row)""",
     ),
     (
@@ -86,7 +86,7 @@ z = Σ_j α_j v_j: a weighted average of the **value rows**, so it has 3 numbers
     (
         "code",
         """context = torch.zeros(values.shape[1])  # as wide as one value vector
-for alpha_j, v_j in zip(weights, values):
+for alpha_j, v_j in zip(weights, values, strict=True):
     context += alpha_j * v_j
 print(context)
 print(torch.allclose(context, weights @ values), torch.allclose(context, context_vectors(weights, values)))""",
