@@ -108,6 +108,10 @@ def test_the_command_serves_until_interrupted(tmp_path: Path) -> None:
             assert response.read().decode("utf-8") == out_file.read_text(encoding="utf-8")
     finally:
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=20)
+        try:
+            _, err = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()  # never leave a server behind
+            raise
     assert process.returncode == 0, err
     assert err.strip() == "stopped"
