@@ -10,13 +10,15 @@ about 1e-3 with a thousand keys, far beyond float64 rounding but within reach of
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.testing import assert_close
 
 from conftest import reference_attention
 from selfattention import BACKENDS, attention, masks
-from selfattention.backends import blocksparse
+from selfattention.backends import blocksparse, flex
 from selfattention.backends.tiles import Tiles
 from selfattention.functional import materialize_mask
 
@@ -116,3 +118,208 @@ def test_every_backend_uses_a_custom_scale(backend: str, call: str) -> None:
     if mask == "tensor":
         mask = torch.rand(t, s, generator=torch.Generator().manual_seed(5)) < 0.7
     _against_reference(q, k, v, grad, backend=backend, mask=mask, causal=causal, scale=0.3)
+
+
+def _record_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int, str]]:
+    """Every fused call planned from now on, as ``(q0, k0, k1, mask)``, mask: "none", "causal" or "tensor"."""
+    calls: list[tuple[int, int, int, str]] = []
+    plan = blocksparse._runs
+
+    def recording(tiles: Tiles, i: int, rows: tuple[int, int], dtype: torch.dtype) -> list:
+        runs = plan(tiles, i, rows, dtype)
+        for run in runs:
+            mask = "causal" if run.is_causal else "none" if run.mask is None else "tensor"
+            calls.append((rows[0], run.k0, run.k1, mask))
+        return runs
+
+    monkeypatch.setattr(blocksparse, "_runs", recording)
+    return calls
+
+
+PLANS = {  # name -> (causal, mask ids or None, the fused calls of a forward pass with T = S = 64)
+    # the diagonal tile of a plain causal call is the kernel's causal mode; a span of 16 x 32 is one call
+    "causal": (True, None, [(0, 0, 16, "causal"), (16, 0, 32, "tensor"), (32, 0, 32, "none"),
+                            (32, 32, 48, "causal"), (48, 0, 48, "none"), (48, 48, 64, "causal")]),
+    # spans that start after key 0: one call for 16 x 32 (blocks 1 and 2), split beyond
+    "documents & causal": (True, [0] * 16 + [1] * 48, [(0, 0, 16, "tensor"), (16, 16, 32, "tensor"),
+                           (32, 16, 48, "tensor"), (48, 16, 48, "none"), (48, 48, 64, "tensor")]),
+    # two FULL blocks with an EMPTY one between them: two calls, neither over the empty block
+    "alternating documents": (False, [0] * 16 + [1] * 16 + [0] * 16 + [1] * 16, [
+        (0, 0, 16, "none"), (0, 32, 48, "none"), (16, 16, 32, "none"), (16, 48, 64, "none"),
+        (32, 0, 16, "none"), (32, 32, 48, "none"), (48, 16, 32, "none"), (48, 48, 64, "none")]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_fused_calls_are_the_runs_the_module_promises(small_runs: None, monkeypatch, name: str) -> None:
+    """Neighbouring non-empty blocks are one call (FULL ones without a mask, a diagonal one in the kernel's
+    causal mode) unless the mask would exceed MASK_LIMIT, and no call spans an EMPTY block; the result is
+    the reference's."""
+    causal, ids, plan = PLANS[name]
+    mask = None if ids is None else masks.documents(ids) & masks.causal() if causal else masks.documents(ids)
+    causal = causal and mask is None
+    q, k, v, grad = _inputs(1, 2, 64, 64, 8, 8, seed=6)
+    calls = _record_runs(monkeypatch)
+    attention(q.detach(), k.detach(), v.detach(), mask=mask, causal=causal, backend="blocksparse")
+    assert calls == plan
+    _against_reference(q, k, v, grad, backend="blocksparse", mask=mask, causal=causal)
+
+
+def test_the_block_argument_sets_the_tile_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``block=16`` cuts 64 queries into four blocks (the default 256 would make one call)."""
+    q, k, v, _ = _inputs(1, 2, 64, 64, 8, 8, seed=7)
+    calls = _record_runs(monkeypatch)
+    options = {"mask": None, "causal": True, "scale": 0.3, "dropout_p": 0.0, "return_weights": False}
+    out, _ = blocksparse.attention(q.detach(), k.detach(), v.detach(), **options, block=16)
+    assert calls == [(0, 0, 16, "causal"), (16, 0, 32, "tensor"), (32, 0, 48, "tensor"), (48, 0, 64, "tensor")]
+    assert_close(out, reference_attention(q, k, v, causal=True, scale=0.3)[0])
+
+
+def _reference_lse(q, k, *, scale: float, allowed=None, bias=None, causal=False) -> torch.Tensor:
+    """Each row's log-sum-exp of its allowed scaled scores in float64 (-inf for a row with no key)."""
+    scores = q.double() @ k.double().transpose(-2, -1) * scale
+    if bias is not None:
+        scores = scores + bias.double()
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, -math.inf)
+    if causal:
+        t, s = scores.shape[-2:]
+        scores = scores.masked_fill(~torch.ones(t, s, dtype=torch.bool).tril(s - t), -math.inf)
+    return torch.logsumexp(scores, dim=-1)
+
+
+@pytest.mark.parametrize("case", ["boolean mask", "float mask", "causal T > S"])
+def test_lse_is_the_row_log_sum_exp_and_minus_inf_for_rows_with_no_key(case: str) -> None:
+    """The log-sum-exp the backend returns (recorded by ``capture``): the fused kernel reports 0 for a row
+    whose keys are all masked, which must become -inf; a query block with no key at all keeps -inf."""
+    gen = torch.Generator().manual_seed(8)
+    t, s = (40, 10) if case == "causal T > S" else (6, 9)
+    q, k, v, _ = _inputs(1, 2, t, s, 8, 8, seed=9)
+    allowed = torch.rand(t, s, generator=gen) < 0.6
+    allowed[2] = False
+    bias = torch.where(allowed, torch.randn(t, s, generator=gen, dtype=torch.float64), -math.inf)
+    mask, causal, want = {
+        "boolean mask": (allowed, False, _reference_lse(q, k, scale=0.3, allowed=allowed)),
+        "float mask": (bias, False, _reference_lse(q, k, scale=0.3, bias=bias)),
+        "causal T > S": (None, True, _reference_lse(q, k, scale=0.3, causal=True)),
+    }[case]
+    out, lse = blocksparse.attention_with_lse(q, k, v, mask=mask, causal=causal, scale=0.3, block=16)
+    assert bool(torch.isneginf(want).any())  # the premise: some rows have no key
+    assert_close(lse, want)
+    assert_close(out, reference_attention(q, k, v, mask=mask, causal=causal, scale=0.3)[0])
+
+
+def test_the_kernels_keep_their_tensors_on_the_inputs_device() -> None:
+    """On the meta device (shapes, no data) every tensor the kernels make stays there, values and grads;
+    one made on the CPU would fail to take a meta tile or come back on the wrong device."""
+    meta = torch.device("meta")
+    q = torch.empty(1, 2, 40, 8, device=meta, requires_grad=True)
+    k = torch.empty(1, 2, 56, 8, device=meta, requires_grad=True)
+    v = torch.empty(1, 2, 56, 6, device=meta, requires_grad=True)
+    for mask, causal in ((None, True), (masks.sliding_window(20), False)):
+        out, lse = blocksparse.attention_with_lse(q, k, v, mask=mask, causal=causal, scale=0.3, block=16)
+        grads = torch.autograd.grad(out, (q, k, v), torch.empty_like(out))
+        assert (out.device, lse.device) == (meta, meta)
+        assert (out.shape, lse.shape, lse.dtype) == ((1, 2, 40, 6), (1, 2, 40), torch.float32)
+        assert [(g.device, g.shape) for g in grads] == [(meta, x.shape) for x in (q, k, v)]
+
+
+def test_float64_inputs_keep_float64_precision() -> None:
+    """Values and gradients agree with the float64 reference to 1e-10: a float32 accumulator anywhere
+    would be off by about 1e-7 (float64's own rounding here is below 1e-13)."""
+    q, k, v, grad = _inputs(1, 2, 45, 92, 8, 8, seed=10)
+    out = blocksparse.attention_with_lse(q, k, v, mask=masks.sliding_window(60), causal=False, scale=0.3,
+                                         block=16)[0]  # fmt: skip
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    allowed = masks.sliding_window(60).materialize(1, 1, 45, 92)
+    q64, k64, v64 = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    ref = reference_attention(q64, k64, v64, mask=allowed, scale=0.3)[0]
+    want = (ref, *torch.autograd.grad(ref, (q64, k64, v64), grad))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_backward_returns_the_inputs_dtypes_from_a_float32_gradient() -> None:
+    """``blocksparse_backward`` called directly with bfloat16 inputs and a float32 ``grad_out`` gives
+    bfloat16 gradients, equal to those of the same inputs in float32 up to bfloat16's rounding."""
+    q, k, v, grad = (x.detach().float() for x in _inputs(1, 2, 40, 56, 8, 8, seed=11))
+    options = {"scale": 0.3, "mask": None, "causal": True, "block": 16}
+    results = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        inputs = [x.to(dtype) for x in (q, k, v)]
+        out, lse = blocksparse.blocksparse_forward(*inputs, **options)
+        results[dtype] = blocksparse.blocksparse_backward(*inputs, out, lse, grad, **options)
+    assert [g.dtype for g in results[torch.bfloat16]] == [torch.bfloat16] * 3
+    for low, high in zip(results[torch.bfloat16], results[torch.float32], strict=True):
+        assert_close(low.float(), high, rtol=2**-6, atol=2**-6)
+
+
+def test_off_the_cpu_the_backend_is_flexattention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inputs on another device go to ``flex.attention`` with every argument as given."""
+    seen = []
+
+    def flex_attention(*args, **kwargs):
+        seen.append((args, kwargs))
+        return "flex", None
+
+    monkeypatch.setattr(flex, "attention", flex_attention)
+    q, k, v = (torch.empty(1, 2, 5, 4, device="meta") for _ in range(3))
+    rule = masks.sliding_window(3)
+    result = blocksparse.attention(q, k, v, mask=rule, causal=True, scale=0.3, dropout_p=0.0, return_weights=False)
+    assert result == ("flex", None)
+    ((args, kwargs),) = seen
+    assert all(a is b for a, b in zip(args, (q, k, v), strict=True))
+    assert kwargs == {"mask": rule, "causal": True, "scale": 0.3, "dropout_p": 0.0, "return_weights": False}
+
+
+@pytest.mark.parametrize(("dropout_p", "return_weights"), [(0.1, False), (0.0, True)])
+def test_the_backend_function_refuses_dropout_and_weights(dropout_p: float, return_weights: bool) -> None:
+    """Called directly (``attention`` checks first), the backend fails rather than ignore either."""
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(AssertionError, match=r"^checked by choose_backend$"):
+        blocksparse.attention(q, q, q, mask=None, causal=False, scale=0.5, dropout_p=dropout_p,
+                              return_weights=return_weights)  # fmt: skip
+
+
+def test_unequal_leading_dimensions_are_refused_with_the_shapes() -> None:
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(1, 3, 5, 4), torch.randn(1, 3, 5, 6)
+    with pytest.raises(ValueError, match=r"query \(2, 3, 5, 4\), key \(1, 3, 5, 4\), value \(1, 3, 5, 6\)"):
+        blocksparse.attention_with_lse(q, k, v, mask=None, causal=False, scale=0.5)
+
+
+@pytest.mark.parametrize(("t", "s", "d", "e"), [(4, 6, 16, 8), (5, 8, 4, 16)])
+def test_query_and_value_widths_may_differ_either_way(t: int, s: int, d: int, e: int) -> None:
+    """The kernel takes one width: the narrower of D and E is padded with zeros, then cut off again."""
+    _against_reference(*_inputs(1, 2, t, s, d, e, seed=12), backend="blocksparse", causal=True, scale=0.3)
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 7, 9), (3, 1, 7, 9)])
+def test_a_mask_over_several_leading_dimensions(mask_shape: tuple[int, ...]) -> None:
+    """Query ``(2, 3, H, T, D)`` with a mask that differs along a leading dimension: each batch row gets its
+    own mask after the leading dimensions are flattened."""
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(2, 3, 2, n, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+               for n in (7, 9, 9))  # fmt: skip
+    grad = torch.randn(2, 3, 2, 7, 8, generator=gen, dtype=torch.float64)
+    allowed = torch.rand(mask_shape, generator=gen) < 0.7
+    _against_reference(q, k, v, grad, backend="blocksparse", mask=allowed)
+
+
+def test_a_bfloat16_call_split_into_runs_rounds_its_output_once(small_runs: None) -> None:
+    """The runs' outputs are merged in float32 and rounded to bfloat16 once at the end.
+
+    Keys alternate between two documents every 16 positions, so each query block is four FULL runs; ``v``
+    is constant over each run's keys, so each run's output is exact and the merged output should be the
+    float64 result rounded once. Merging in bfloat16 would round after every merge and miss that result
+    in about a fifth of the entries; rounding once misses it only where the exact value is within float32's
+    error of a rounding boundary (none here, with values in [1, 2))."""
+    gen = torch.Generator().manual_seed(14)
+    ids = (torch.arange(128) // 16) % 2
+    q, k = (torch.randn(1, 2, 128, 8, generator=gen).bfloat16() for _ in range(2))
+    per_run = 1 + torch.rand(1, 2, 8, 1, 8, generator=gen)  # in [1, 2): a weighted mean of them cannot cancel
+    v = per_run.expand(1, 2, 8, 16, 8).reshape(1, 2, 128, 8).bfloat16()
+    got = attention(q, k, v, mask=masks.documents(ids), backend="blocksparse")
+    allowed = masks.documents(ids).materialize(1, 1, 128, 128)
+    want = reference_attention(q, k, v, mask=allowed)[0].bfloat16()
+    assert got.dtype == torch.bfloat16
+    assert float((got != want).double().mean()) <= 0.01

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from selfattention import masks
+from selfattention.backends import tiled
 from selfattention.backends.tiled import merge_partials, tiled_backward, tiled_forward
 
 
@@ -144,3 +145,169 @@ def test_merge_partials_handles_empty_sides():
     merged, merged_lse = merge_partials(out, lse, other, other_lse)
     torch.testing.assert_close(merged, torch.tensor([[1.0, 1.0], [2.0, 2.0], [0.0, 0.0]]))
     torch.testing.assert_close(merged_lse, torch.tensor([0.5, 1.0, -math.inf]))
+
+
+def _reference_lse(q, k, *, scale, allowed=None, score_mod=None):
+    """Each row's log-sum-exp of its final scores in float64 (-inf for a row with no key)."""
+    scores = q @ k.transpose(-2, -1) * scale
+    if score_mod is not None:
+        h = torch.arange(scores.shape[-3]).view(-1, 1, 1)
+        scores = score_mod(
+            scores, torch.tensor(0), h, torch.arange(q.shape[-2]).unsqueeze(-1), torch.arange(k.shape[-2])
+        )
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, -math.inf)
+    return torch.logsumexp(scores, dim=-1)
+
+
+@pytest.mark.parametrize("option", ["mask", "causal", "score_mod"])
+def test_the_backend_function_passes_every_option_to_the_kernels(option, monkeypatch):
+    """``tiled.attention`` (the registry's function) with scale 0.3 and one option: values, gradients and the
+    log-sum-exp of ``attention_with_lse`` equal the reference; the module's tile sizes are used."""
+    monkeypatch.setattr(tiled, "BLOCK_Q", 4)
+    monkeypatch.setattr(tiled, "BLOCK_K", 3)
+    q, k, v = inputs(2, 9, 5, keys=13, seed=5)
+    grad = torch.randn(2, 9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    window = masks.sliding_window(4)
+    kwargs, allowed, score_mod = {
+        "mask": ({"mask": window}, window.materialize(1, 1, 9, 13)[0, 0], None),
+        "causal": ({"causal": True}, torch.ones(9, 13, dtype=torch.bool).tril(4), None),
+        "score_mod": ({"score_mod": alibi}, None, alibi),
+    }[option]
+    options = {"mask": None, "causal": False, "scale": 0.3} | kwargs
+
+    def backend(q, k, v):
+        out, weights = tiled.attention(q, k, v, dropout_p=0.0, return_weights=False, **options)
+        assert weights is None
+        return out
+
+    got = grads_of(backend, q, k, v, grad)
+    want = grads_of(lambda q, k, v: reference(q, k, v, scale=0.3, allowed=allowed, score_mod=score_mod), q, k, v, grad)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+    _, lse = tiled.attention_with_lse(q, k, v, **options)
+    torch.testing.assert_close(lse, _reference_lse(q, k, scale=0.3, allowed=allowed, score_mod=score_mod))
+
+
+@pytest.mark.parametrize(("dropout_p", "return_weights"), [(0.1, False), (0.0, True)])
+def test_the_backend_function_refuses_dropout_and_weights(dropout_p, return_weights):
+    """Called directly (``attention`` checks first), the backend fails rather than ignore either."""
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(AssertionError, match=r"^checked by choose_backend$"):
+        tiled.attention(q, q, q, mask=None, causal=False, scale=0.5, dropout_p=dropout_p, return_weights=return_weights)
+
+
+def test_query_chunks_with_offsets_equal_the_whole():
+    """Queries split in two chunks at global offsets 0 and 5 (a description is evaluated at global
+    positions): each chunk's rows, log-sum-exps and dq are the whole call's; dk and dv add up."""
+    q, k, v = inputs(2, 12, 4, keys=12, seed=7)
+    grad = torch.randn(2, 12, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    out, lse = tiled_forward(q, k, v, scale=0.5, causal=True, block_q=5, block_k=5)
+    dq, dk, dv = tiled_backward(q, k, v, out, lse, grad, scale=0.5, causal=True)
+    dk_sum, dv_sum = torch.zeros_like(dk), torch.zeros_like(dv)
+    for start, stop in ((0, 5), (5, 12)):
+        rows = slice(start, stop)
+        options = {"scale": 0.5, "mask": masks.causal(), "q_offset": start, "total": (12, 12), "block_k": 4}
+        out_c, lse_c = tiled_forward(q[:, rows], k, v, block_q=3, **options)
+        torch.testing.assert_close(out_c, out[:, rows])
+        torch.testing.assert_close(lse_c, lse[:, rows])
+        dq_c, dk_c, dv_c = tiled_backward(q[:, rows], k, v, out_c, lse_c, grad[:, rows], block_q=2, **options)
+        torch.testing.assert_close(dq_c, dq[:, rows])
+        dk_sum, dv_sum = dk_sum + dk_c, dv_sum + dv_c
+    torch.testing.assert_close(dk_sum, dk)
+    torch.testing.assert_close(dv_sum, dv)
+
+
+@pytest.mark.parametrize(("q_lead", "kv_lead"), [((2, 3), (1, 3)), ((1, 3), (2, 3)), ((2, 3), (3,))])
+def test_leading_dimensions_of_queries_and_keys_broadcast(q_lead, kv_lead):
+    """Queries and keys/values whose leading dimensions differ but broadcast (one key set for every batch
+    row, or one query set against several): output over the broadcast shape, gradients summed back."""
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(*q_lead, 7, 4, generator=gen, dtype=torch.float64)
+    k = torch.randn(*kv_lead, 10, 4, generator=gen, dtype=torch.float64)
+    v = torch.randn(*kv_lead, 10, 5, generator=gen, dtype=torch.float64)
+    grad = torch.randn(2, 3, 7, 5, generator=gen, dtype=torch.float64)
+    allowed = torch.ones(7, 10, dtype=torch.bool).tril(3)
+    want = grads_of(lambda q, k, v: reference(q, k, v, scale=0.5, allowed=allowed), q, k, v, grad)
+    options = {"scale": 0.5, "causal": True, "block_q": 3, "block_k": 4}
+    out, lse = tiled_forward(q, k, v, **options)
+    got = (out, *tiled_backward(q, k, v, out, lse, grad, **options))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_the_kernels_keep_their_tensors_on_the_inputs_device():
+    """On the meta device (shapes, no data) every tensor the kernels make stays there; one made on the CPU
+    would fail to take a meta tile or come back on the wrong device."""
+    meta = torch.device("meta")
+    q, k = torch.empty(2, 9, 4, device=meta), torch.empty(2, 13, 4, device=meta)
+    v = torch.empty(2, 13, 5, device=meta)
+    options = {"scale": 0.5, "mask": masks.sliding_window(5), "block_q": 4, "block_k": 3}
+    out, lse = tiled_forward(q, k, v, **options)
+    assert (out.device, out.shape, lse.device, lse.shape) == (meta, (2, 9, 5), meta, (2, 9))
+    grads = tiled_backward(q, k, v, out, lse, torch.empty_like(out), **options)
+    assert [(g.device, g.shape) for g in grads] == [(meta, x.shape) for x in (q, k, v)]
+
+
+def test_bfloat16_inputs_are_computed_in_float32_and_rounded_once():
+    """The kernels on bfloat16 inputs give exactly the float32 results of the same values, rounded to
+    bfloat16 (lse stays float32): every step is done in float32."""
+    q, k, v = (x.bfloat16() for x in inputs(2, 9, 5, keys=13, seed=10))
+    grad = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(11)).bfloat16()
+    options = {"scale": 0.3, "causal": True, "block_q": 4, "block_k": 3}
+    out, lse = tiled_forward(q, k, v, **options)
+    out32, lse32 = tiled_forward(q.float(), k.float(), v.float(), **options)
+    assert (out.dtype, lse.dtype) == (torch.bfloat16, torch.float32)
+    assert torch.equal(out, out32.bfloat16()) and torch.equal(lse, lse32)
+    grads = tiled_backward(q, k, v, out, lse, grad, **options)
+    grads32 = tiled_backward(q.float(), k.float(), v.float(), out.float(), lse, grad.float(), **options)
+    for g, g32 in zip(grads, grads32, strict=True):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, g32.bfloat16())
+
+
+def test_results_do_not_depend_on_torchs_default_dtype():
+    """float32 inputs give the same bits whether torch's default dtype is float32 or float64: every
+    tensor the kernels make has an explicit dtype."""
+    q, k, v = (x.float() for x in inputs(2, 9, 5, keys=13, seed=12))
+    grad = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(13))
+    options = {"scale": 0.3, "mask": masks.sliding_window(6), "block_q": 4, "block_k": 3}
+
+    def run():
+        out, lse = tiled_forward(q, k, v, **options)
+        return (out, lse, *tiled_backward(q, k, v, out, lse, grad, **options))
+
+    want = run()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = run()
+    finally:
+        torch.set_default_dtype(default)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_each_row_is_shifted_by_its_own_maximum():
+    """Row 0's largest score is over 800 above the other rows': shifting every row by the largest score of
+    all would turn the other rows' exp to 0 (float64 underflows below exp(-745))."""
+    q, k, v = inputs(2, 6, 4, keys=7, seed=14)
+    q[:, 0] *= 1000
+    out, lse = tiled_forward(q, k, v, scale=0.5, block_q=4, block_k=3)
+    torch.testing.assert_close(out, reference(q, k, v, scale=0.5))
+    torch.testing.assert_close(lse, _reference_lse(q, k, scale=0.5))
+    assert float(lse[:, 0].max() - lse[:, 1:].max()) > 800  # the premise
+
+
+def test_merge_partials_keeps_the_dtypes_of_out_and_lse():
+    """bfloat16 outputs with float32 log-sum-exps (as the fused kernel gives them): merged in float32,
+    returned as bfloat16 and float32."""
+    gen = torch.Generator().manual_seed(15)
+    out_a, out_b = (torch.randn(3, 4, generator=gen).bfloat16() for _ in range(2))
+    lse_a, lse_b = torch.randn(3, generator=gen), torch.randn(3, generator=gen)
+    merged, lse = merge_partials(out_a, lse_a, out_b, lse_b)
+    assert (merged.dtype, lse.dtype) == (torch.bfloat16, torch.float32)
+    want_lse = torch.logaddexp(lse_a.double(), lse_b.double())
+    want = (lse_a.double() - want_lse).exp()[:, None] * out_a.double()
+    want = want + (lse_b.double() - want_lse).exp()[:, None] * out_b.double()
+    torch.testing.assert_close(merged, want.bfloat16())
+    torch.testing.assert_close(lse, want_lse.float())

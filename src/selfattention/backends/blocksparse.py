@@ -48,8 +48,8 @@ def _mask_as_4d(mask: AnyMask, query: Tensor) -> AnyMask:
     if not isinstance(mask, Tensor):
         return mask
     mask = mask.reshape((1,) * (query.dim() - mask.dim()) + tuple(mask.shape))
-    if mask.dim() > 4:
-        mask = mask.expand(*query.shape[:-3], *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
+    if mask.dim() > 4:  # the leading dimensions are flattened (by as_4d): each needs its full size first
+        mask = mask.expand(*query.shape[:-3], *mask.shape[-3:])
     return as_4d(mask)
 
 
@@ -116,10 +116,10 @@ def blocksparse_forward(
                                          run.is_causal, attn_mask=run.mask, scale=scale)  # fmt: skip
             if run.row_ok is not None:  # the kernel reports lse 0 for a row with no allowed key
                 part_lse = torch.where(run.row_ok, part_lse, -math.inf)
-            part = (part_out.to(work), part_lse.to(work))
+            part = (part_out.to(work), part_lse)  # the kernel's lse is in the work dtype already
             merged = part if merged is None else merge_partials(*merged, *part)
         if merged is not None:
-            out[..., q0:q1, :], lse[..., q0:q1] = merged[0].to(q.dtype), merged[1]
+            out[..., q0:q1, :], lse[..., q0:q1] = merged  # out takes q's dtype
     return out, lse
 
 

@@ -117,7 +117,7 @@ def tiled_forward(
     work = checks.work_dtype(q.dtype)
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
     out = torch.zeros(*lead, q.shape[-2], v.shape[-1], dtype=work, device=q.device)
-    lse = torch.full((*lead, q.shape[-2]), -math.inf, dtype=work, device=q.device)
+    lse = torch.empty((*lead, q.shape[-2]), dtype=work, device=q.device)  # every query block writes its rows
     for i, q0, q1 in tiles.query_blocks():
         q_scaled = q[..., q0:q1, :].to(work) * scale
         m = torch.full((*lead, q1 - q0), -math.inf, dtype=work, device=q.device)  # running max
@@ -133,9 +133,9 @@ def tiled_forward(
             total_sum = total_sum * correction + p.sum(dim=-1)
             acc = acc * correction.unsqueeze(-1) + p @ v[..., k0:k1, :].to(work)
             m = m_new
-        seen = total_sum > 0
-        out[..., q0:q1, :] = acc / torch.where(seen, total_sum, 1.0).unsqueeze(-1)
-        lse[..., q0:q1] = torch.where(seen, m + torch.log(torch.where(seen, total_sum, 1.0)), -math.inf)
+        # a row that saw a key has l >= 1 (its maximum adds exp(0) = 1); a row with none: l = 0, m = -inf
+        out[..., q0:q1, :] = acc / total_sum.clamp_min(1.0).unsqueeze(-1)  # 0 / 1 = 0 for a row with none
+        lse[..., q0:q1] = m + torch.log(total_sum)  # -inf + log 0 = -inf for a row with none
     return out.to(q.dtype), lse
 
 
@@ -224,7 +224,7 @@ def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -
     finite = torch.where(torch.isfinite(lse), lse, 0.0)
     weight_a = torch.exp(lse_a - finite).unsqueeze(-1)  # -inf side: weight 0
     weight_b = torch.exp(lse_b - finite).unsqueeze(-1)
-    out = weight_a * out_a.to(weight_a.dtype) + weight_b * out_b.to(weight_b.dtype)
+    out = weight_a * out_a + weight_b * out_b  # in lse's dtype (or out's, if wider)
     return out.to(out_a.dtype), lse
 
 
