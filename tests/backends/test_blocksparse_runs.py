@@ -323,3 +323,67 @@ def test_a_bfloat16_call_split_into_runs_rounds_its_output_once(small_runs: None
     want = reference_attention(q, k, v, mask=allowed)[0].bfloat16()
     assert got.dtype == torch.bfloat16
     assert float((got != want).double().mean()) <= 0.01
+
+
+def _count_fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The query shape ``(B', H, rows, D)`` of every fused forward and backward call from now on."""
+    shapes: list[tuple[int, ...]] = []
+    forward, backward = blocksparse._fused()
+
+    def counted_forward(q, *args, **kwargs):
+        shapes.append(tuple(q.shape))
+        return forward(q, *args, **kwargs)
+
+    def counted_backward(grad_out, q, *args, **kwargs):
+        shapes.append(tuple(q.shape))
+        return backward(grad_out, q, *args, **kwargs)
+
+    monkeypatch.setattr(blocksparse, "_fused", lambda: (counted_forward, counted_backward))
+    return shapes
+
+
+def _holes(t: int) -> torch.Tensor:
+    """A random boolean (T, T) mask in which query 5 may attend to no key."""
+    allowed = torch.rand(t, t, generator=torch.Generator().manual_seed(13)) < 0.5
+    allowed[5] = False
+    return allowed
+
+
+GROUP_CASES = {  # name -> (B, T, mask, fused query shapes (B * blocks, H, rows, D) of a forward, tiles of 16)
+    # block 0 sees keys [0, 16) in the kernel's causal mode, blocks 1..7 a window of 32 keys with one mask
+    "window": (1, 128, lambda t: masks.sliding_window(17), [(1, 2, 16, 8), (7, 2, 16, 8)]),
+    # a mask tensor: every block's one run spans all 64 keys, with a mask of its own: one call, stacked masks
+    "tensor with an empty row": (1, 64, _holes, [(4, 2, 16, 8)]),
+    # blocks 0 and 3 see one key block (block 3's own keys are padding in both rows of the batch), blocks 1
+    # and 2 two; the masks differ along the batch, and in block 3 the second row's queries see no key
+    "padding & window": (2, 64, lambda t: masks.sliding_window(9) & masks.padding([40, 23]),
+                         [(4, 2, 16, 8), (4, 2, 16, 8)]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(GROUP_CASES))
+def test_query_blocks_whose_runs_have_one_shape_share_fused_calls(monkeypatch, name: str) -> None:
+    """A sliding window's blocks past the first all see a window of keys of one shape: one fused call
+    takes them together (what makes the backend fast on long windows); values and gradients are the
+    reference's, with masks shared or stacked per block and per row."""
+    batch, t, make_mask, calls = GROUP_CASES[name]
+    mask = make_mask(t)
+    monkeypatch.setattr(blocksparse, "BLOCK", 16)
+    q, k, v, grad = _inputs(batch, 2, t, t, 8, 8, seed=11)
+    shapes = _count_fused_calls(monkeypatch)
+    attention(q.detach(), k.detach(), v.detach(), mask=mask, backend="blocksparse")
+    assert shapes == calls
+    _against_reference(q, k, v, grad, backend="blocksparse", mask=mask)
+
+
+def test_a_group_is_cut_where_its_scores_pass_the_limit(monkeypatch) -> None:
+    """GROUP_LIMIT bounds the scores (and so the stacked masks) of one call: 7 blocks of 16 x 32 keys with
+    2 heads are 1024 scores each; a limit of 3000 takes them 2 at a time."""
+    monkeypatch.setattr(blocksparse, "BLOCK", 16)
+    monkeypatch.setattr(blocksparse, "GROUP_LIMIT", 3000)
+    q, k, v, grad = _inputs(1, 2, 128, 128, 8, 8, seed=12)
+    shapes = _count_fused_calls(monkeypatch)
+    mask = masks.sliding_window(17)
+    attention(q.detach(), k.detach(), v.detach(), mask=mask, backend="blocksparse")
+    assert shapes == [(1, 2, 16, 8), (2, 2, 16, 8), (2, 2, 16, 8), (2, 2, 16, 8), (1, 2, 16, 8)]
+    _against_reference(q, k, v, grad, backend="blocksparse", mask=mask)

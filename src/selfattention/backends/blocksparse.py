@@ -6,7 +6,11 @@ each block of queries, calls the fused kernel once per run of neighbouring non-e
 same kind: FULL runs without a mask, PARTIAL runs with that run's slice of the mask (a diagonal tile of a
 plain causal call uses the kernel's own causal mode). The runs' results are put together with
 :func:`~selfattention.backends.tiled.merge_partials` from their log-sum-exps, which the fused kernel
-returns beside its output.
+returns beside its output. Query blocks whose runs have the same shapes (every block of a sliding window past
+the first sees a window of keys of one length) are done together: one fused call per run position takes
+all of them as a batch, with their masks shared when they are equal and stacked when not. Many small calls
+are what cost on the CPU (each pays the kernel's set-up and splits a small task over the cores); one call
+over many blocks keeps the cores busy.
 
 The backward pass is the FlashAttention-2 one of :func:`~selfattention.backends.tiled.tiled_backward`,
 with each run's tile work done by the fused kernel's backward, given the *merged* output and
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import math
 from itertools import groupby
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -99,6 +103,56 @@ def _runs(tiles: Tiles, i: int, rows: tuple[int, int], dtype: torch.dtype) -> li
     return runs
 
 
+GROUP_LIMIT = 1 << 22
+"""Most scores (in elements) of the query blocks one fused call takes together (16 MiB of float32 masks)."""
+
+
+def _groups(tiles: Tiles, dtype: torch.dtype) -> list[tuple[list[tuple[int, int]], list[tuple[_Run, ...]]]]:
+    """The query blocks with at least one run, grouped by the shapes of their runs.
+
+    Each group is ``(rows, columns)``: the query blocks ``(q0, q1)`` in order, and for each run position the
+    run of every block. Blocks whose runs have the same lengths, kinds and mask shapes (a sliding window's
+    blocks all do, past the first) are done in one fused call per run position: fewer, larger calls, which
+    the kernel spreads over the cores by batch and head. A group is cut where its scores would pass
+    :data:`GROUP_LIMIT`.
+    """
+    by_shape: dict[tuple[object, ...], list[tuple[tuple[int, int], list[_Run]]]] = {}
+    for i, q0, q1 in tiles.query_blocks():
+        runs = _runs(tiles, i, (q0, q1), dtype)
+        if runs:
+            shape = (q1 - q0, *((r.k1 - r.k0, r.is_causal, _shape(r.mask), _shape(r.row_ok)) for r in runs))
+            by_shape.setdefault(shape, []).append(((q0, q1), runs))
+    groups = []
+    for members in by_shape.values():
+        (q0, q1), runs = members[0]
+        scores = tiles.batch * tiles.heads * (q1 - q0) * sum(run.k1 - run.k0 for run in runs)
+        size = max(1, GROUP_LIMIT // scores)
+        for first in range(0, len(members), size):
+            chunk = members[first : first + size]
+            groups.append(([rows for rows, _ in chunk], list(zip(*(runs for _, runs in chunk), strict=True))))
+    return groups
+
+
+def _shape(tensor: Tensor | None) -> tuple[int, ...] | None:
+    return None if tensor is None else tuple(tensor.shape)
+
+
+def _take(x: Tensor, spans: list[tuple[int, int]]) -> Tensor:
+    """``x (B, H, L, W)`` at rows ``[a, b)`` of each span: a view for one span, else ``(m * B, H, b - a, W)``."""
+    if len(spans) == 1:
+        return x[..., spans[0][0] : spans[0][1], :]
+    return torch.stack([x[..., a:b, :] for a, b in spans]).flatten(0, 1)
+
+
+def _stacked(tiles: list[Tensor], batch: int) -> Tensor:
+    """One mask (or row mask with a trailing 1) per member -> one that broadcasts against ``(m * B, H, t, s)``."""
+    tiles = [tile.reshape((1,) * (4 - tile.dim()) + tuple(tile.shape)) for tile in tiles]  # (B|1, H|1, t, s)
+    first = tiles[0]
+    if first.shape[0] == 1 and all(torch.equal(tile, first) for tile in tiles[1:]):
+        return first  # one mask for every member: a window's blocks past the first
+    return torch.stack([tile.expand(batch, *tile.shape[1:]) for tile in tiles]).flatten(0, 1)
+
+
 def blocksparse_forward(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: AnyMask, causal: bool, block: int = BLOCK
 ) -> tuple[Tensor, Tensor]:
@@ -108,18 +162,24 @@ def blocksparse_forward(
     out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
     work = checks.work_dtype(q.dtype)
     lse = torch.full(q.shape[:-1], -math.inf, dtype=work, device=q.device)
-    for i, q0, q1 in tiles.query_blocks():
-        q_i = q[..., q0:q1, :]
+    batch = q.shape[0]
+    for rows, columns in _groups(tiles, q.dtype):
+        q_g = _take(q, rows)  # (m * B, H, bq, D): the group's query blocks, member by member
         merged: tuple[Tensor, Tensor] | None = None
-        for run in _runs(tiles, i, (q0, q1), q.dtype):
-            part_out, part_lse = forward(q_i, k[..., run.k0 : run.k1, :], v[..., run.k0 : run.k1, :], 0.0,
-                                         run.is_causal, attn_mask=run.mask, scale=scale)  # fmt: skip
-            if run.row_ok is not None:  # the kernel reports lse 0 for a row with no allowed key
-                part_lse = torch.where(run.row_ok, part_lse, -math.inf)
+        for runs in columns:
+            spans = [(run.k0, run.k1) for run in runs]
+            attn_mask = None if runs[0].mask is None else _stacked([cast(Tensor, run.mask) for run in runs], batch)
+            part_out, part_lse = forward(q_g, _take(k, spans), _take(v, spans), 0.0, runs[0].is_causal,
+                                         attn_mask=attn_mask, scale=scale)  # fmt: skip
+            if runs[0].row_ok is not None:  # the kernel reports lse 0 for a row with no allowed key
+                row_ok = _stacked([run.row_ok.unsqueeze(-1) for run in runs if run.row_ok is not None], batch)
+                part_lse = torch.where(row_ok[..., 0], part_lse, -math.inf)
             part = (part_out.to(work), part_lse)  # the kernel's lse is in the work dtype already
             merged = part if merged is None else merge_partials(*merged, *part)
-        if merged is not None:
-            out[..., q0:q1, :], lse[..., q0:q1] = merged  # out takes q's dtype
+        assert merged is not None, "every group has a run"
+        for member, (q0, q1) in enumerate(rows):
+            out[..., q0:q1, :] = merged[0][member * batch : (member + 1) * batch]  # out takes q's dtype
+            lse[..., q0:q1] = merged[1][member * batch : (member + 1) * batch]
     return out, lse
 
 
@@ -132,20 +192,25 @@ def blocksparse_backward(
     tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block, block_k=block)
     work = checks.work_dtype(q.dtype)
     # a row with no key: weights exp(-inf) = 0; the kernel takes lse in the work dtype
-    lse = torch.where(torch.isfinite(lse), lse, math.inf).to(work)
+    lse = torch.where(torch.isfinite(lse), lse, math.inf).to(work).unsqueeze(-1)  # (B, H, T, 1)
     grad_out = grad_out.to(q.dtype).contiguous()
     dq = torch.zeros(q.shape, dtype=work, device=q.device)
     dk = torch.zeros(k.shape, dtype=work, device=q.device)
     dv = torch.zeros(v.shape, dtype=work, device=q.device)
-    for i, q0, q1 in tiles.query_blocks():
-        q_i, out_i, do_i, lse_i = q[..., q0:q1, :], out[..., q0:q1, :], grad_out[..., q0:q1, :], lse[..., q0:q1]
-        for run in _runs(tiles, i, (q0, q1), q.dtype):
-            k0, k1 = run.k0, run.k1
-            dq_r, dk_r, dv_r = backward(do_i, q_i, k[..., k0:k1, :], v[..., k0:k1, :], out_i, lse_i, 0.0,
-                                        run.is_causal, attn_mask=run.mask, scale=scale)  # fmt: skip
-            dq[..., q0:q1, :] += dq_r
-            dk[..., k0:k1, :] += dk_r
-            dv[..., k0:k1, :] += dv_r
+    batch = q.shape[0]
+    for rows, columns in _groups(tiles, q.dtype):
+        q_g, out_g, do_g = _take(q, rows), _take(out, rows), _take(grad_out, rows)
+        lse_g = _take(lse, rows)[..., 0]  # (m * B, H, bq)
+        for runs in columns:
+            spans = [(run.k0, run.k1) for run in runs]
+            attn_mask = None if runs[0].mask is None else _stacked([cast(Tensor, run.mask) for run in runs], batch)
+            dq_r, dk_r, dv_r = backward(do_g, q_g, _take(k, spans), _take(v, spans), out_g, lse_g, 0.0,
+                                        runs[0].is_causal, attn_mask=attn_mask, scale=scale)  # fmt: skip
+            for member, ((q0, q1), (k0, k1)) in enumerate(zip(rows, spans, strict=True)):
+                these = slice(member * batch, (member + 1) * batch)
+                dq[..., q0:q1, :] += dq_r[these]
+                dk[..., k0:k1, :] += dk_r[these]
+                dv[..., k0:k1, :] += dv_r[these]
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
