@@ -358,6 +358,10 @@ GROUP_CASES = {  # name -> (B, T, mask, fused query shapes (B * blocks, H, rows,
     # and 2 two; the masks differ along the batch, and in block 3 the second row's queries see no key
     "padding & window": (2, 64, lambda t: masks.sliding_window(9) & masks.padding([40, 23]),
                          [(4, 2, 16, 8), (4, 2, 16, 8)]),
+    # block 0's one run is a FULL tile of 16 keys, block 1's a PARTIAL one of the same size (two documents
+    # in it): a mask and no mask are never one call
+    "full and partial of one size": (1, 32, lambda t: masks.documents([0] * 16 + [1] * 8 + [2] * 8),
+                                     [(1, 2, 16, 8), (1, 2, 16, 8)]),
 }  # fmt: skip
 
 
@@ -376,14 +380,16 @@ def test_query_blocks_whose_runs_have_one_shape_share_fused_calls(monkeypatch, n
     _against_reference(q, k, v, grad, backend="blocksparse", mask=mask)
 
 
-def test_a_group_is_cut_where_its_scores_pass_the_limit(monkeypatch) -> None:
-    """GROUP_LIMIT bounds the scores (and so the stacked masks) of one call: 7 blocks of 16 x 32 keys with
-    2 heads are 1024 scores each; a limit of 3000 takes them 2 at a time."""
+@pytest.mark.parametrize(("limit", "calls"), [(3000, 2), (1, 4)])
+def test_a_group_is_cut_where_its_scores_pass_the_limit(monkeypatch, limit: int, calls: int) -> None:
+    """GROUP_LIMIT bounds the scores (and so the stacked masks) of one call. 64 queries after 64 cached keys
+    with a window of 17: each block of 16 sees the 32 keys from 16 before it, 1024 scores with 2 heads; a
+    limit of 3000 takes the 4 blocks 2 at a time, a limit below one block's scores takes them one by one."""
     monkeypatch.setattr(blocksparse, "BLOCK", 16)
-    monkeypatch.setattr(blocksparse, "GROUP_LIMIT", 3000)
-    q, k, v, grad = _inputs(1, 2, 128, 128, 8, 8, seed=12)
+    monkeypatch.setattr(blocksparse, "GROUP_LIMIT", limit)
+    q, k, v, grad = _inputs(1, 2, 64, 128, 8, 8, seed=12)
     shapes = _count_fused_calls(monkeypatch)
     mask = masks.sliding_window(17)
     attention(q.detach(), k.detach(), v.detach(), mask=mask, backend="blocksparse")
-    assert shapes == [(1, 2, 16, 8), (2, 2, 16, 8), (2, 2, 16, 8), (2, 2, 16, 8), (1, 2, 16, 8)]
+    assert shapes == [(4 // calls, 2, 16, 8)] * calls
     _against_reference(q, k, v, grad, backend="blocksparse", mask=mask)

@@ -25,8 +25,9 @@ On a GPU the backend is FlexAttention's compiled kernel on the same tiles (:mod:
 from __future__ import annotations
 
 import math
+from functools import reduce
 from itertools import groupby
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -129,7 +130,8 @@ def _groups(tiles: Tiles, dtype: torch.dtype) -> list[tuple[list[tuple[int, int]
         size = max(1, GROUP_LIMIT // scores)
         for first in range(0, len(members), size):
             chunk = members[first : first + size]
-            groups.append(([rows for rows, _ in chunk], list(zip(*(runs for _, runs in chunk), strict=True))))
+            columns = [tuple(runs[position] for _, runs in chunk) for position in range(len(runs))]
+            groups.append(([rows for rows, _ in chunk], columns))
     return groups
 
 
@@ -153,6 +155,12 @@ def _stacked(tiles: list[Tensor], batch: int) -> Tensor:
     return torch.stack([tile.expand(batch, *tile.shape[1:]) for tile in tiles]).flatten(0, 1)
 
 
+def _mask(runs: tuple[_Run, ...], batch: int) -> Tensor | None:
+    """The mask of one fused call over the runs of a group (their masks have one shape, or all are None)."""
+    tiles = [run.mask for run in runs if run.mask is not None]
+    return _stacked(tiles, batch) if tiles else None
+
+
 def blocksparse_forward(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: AnyMask, causal: bool, block: int = BLOCK
 ) -> tuple[Tensor, Tensor]:
@@ -165,18 +173,17 @@ def blocksparse_forward(
     batch = q.shape[0]
     for rows, columns in _groups(tiles, q.dtype):
         q_g = _take(q, rows)  # (m * B, H, bq, D): the group's query blocks, member by member
-        merged: tuple[Tensor, Tensor] | None = None
-        for runs in columns:
+
+        def part(runs: tuple[_Run, ...], q_g: Tensor = q_g) -> tuple[Tensor, Tensor]:
             spans = [(run.k0, run.k1) for run in runs]
-            attn_mask = None if runs[0].mask is None else _stacked([cast(Tensor, run.mask) for run in runs], batch)
             part_out, part_lse = forward(q_g, _take(k, spans), _take(v, spans), 0.0, runs[0].is_causal,
-                                         attn_mask=attn_mask, scale=scale)  # fmt: skip
-            if runs[0].row_ok is not None:  # the kernel reports lse 0 for a row with no allowed key
-                row_ok = _stacked([run.row_ok.unsqueeze(-1) for run in runs if run.row_ok is not None], batch)
-                part_lse = torch.where(row_ok[..., 0], part_lse, -math.inf)
-            part = (part_out.to(work), part_lse)  # the kernel's lse is in the work dtype already
-            merged = part if merged is None else merge_partials(*merged, *part)
-        assert merged is not None, "every group has a run"
+                                         attn_mask=_mask(runs, batch), scale=scale)  # fmt: skip
+            row_ok = [run.row_ok.unsqueeze(-1) for run in runs if run.row_ok is not None]
+            if row_ok:  # the kernel reports lse 0 for a row with no allowed key
+                part_lse = torch.where(_stacked(row_ok, batch)[..., 0], part_lse, -math.inf)
+            return part_out.to(work), part_lse  # the kernel's lse is in the work dtype already
+
+        merged = reduce(lambda a, b: merge_partials(*a, *b), map(part, columns))
         for member, (q0, q1) in enumerate(rows):
             out[..., q0:q1, :] = merged[0][member * batch : (member + 1) * batch]  # out takes q's dtype
             lse[..., q0:q1] = merged[1][member * batch : (member + 1) * batch]
@@ -203,11 +210,10 @@ def blocksparse_backward(
         lse_g = _take(lse, rows)[..., 0]  # (m * B, H, bq)
         for runs in columns:
             spans = [(run.k0, run.k1) for run in runs]
-            attn_mask = None if runs[0].mask is None else _stacked([cast(Tensor, run.mask) for run in runs], batch)
             dq_r, dk_r, dv_r = backward(do_g, q_g, _take(k, spans), _take(v, spans), out_g, lse_g, 0.0,
-                                        runs[0].is_causal, attn_mask=attn_mask, scale=scale)  # fmt: skip
-            for member, ((q0, q1), (k0, k1)) in enumerate(zip(rows, spans, strict=True)):
-                these = slice(member * batch, (member + 1) * batch)
+                                        runs[0].is_causal, attn_mask=_mask(runs, batch), scale=scale)  # fmt: skip
+            for member, (q0, q1) in enumerate(rows):
+                (k0, k1), these = spans[member], slice(member * batch, (member + 1) * batch)
                 dq[..., q0:q1, :] += dq_r[these]
                 dk[..., k0:k1, :] += dk_r[these]
                 dv[..., k0:k1, :] += dv_r[these]
