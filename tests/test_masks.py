@@ -261,3 +261,18 @@ def test_is_causal_only_where_causal_true_means_the_same():
     assert masks.is_causal(masks.causal(align="top_left"), 4, 4)
     assert not masks.is_causal(masks.sliding_window(4), 4, 4)
     assert not masks.is_causal(torch.ones(4, 4, dtype=torch.bool), 4, 4)
+
+
+def test_shift_invariant_rules_give_equal_tiles_at_equal_offsets() -> None:
+    """``shift_invariant`` promises that a rule reads only ``q - kv``: the block-sparse backend then makes
+    one mask per offset. It holds for causal and sliding windows and what combines only them."""
+    invariant = [masks.causal(), masks.sliding_window(5), masks.sliding_window(5) & masks.causal(),
+                 masks.sliding_window(3) | masks.sliding_window(7)]  # fmt: skip
+    others = [masks.documents([0] * 20 + [1] * 20), masks.padding([30]), masks.prefix_lm(4),
+              masks.from_function(lambda b, h, q, kv: kv <= q), masks.causal() & masks.padding([30])]  # fmt: skip
+    assert [rule.shift_invariant for rule in invariant] == [True] * 4
+    assert [rule.shift_invariant for rule in others] == [False] * 5
+    for rule in invariant:
+        full = rule.materialize(1, 1, 32, 40)[0, 0]  # (T, S) = (32, 40)
+        for q0, k0 in [(0, 0), (8, 8), (16, 16), (8, 16), (0, 16), (16, 0)]:  # tiles inside (32, 40)
+            assert torch.equal(full[q0 : q0 + 8, k0 : k0 + 16], full[q0 + 8 : q0 + 16, k0 + 8 : k0 + 24])

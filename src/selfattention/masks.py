@@ -49,6 +49,9 @@ MaskFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 class MaskDescription:
     """Base class: a rule on ``(b, h, q_idx, kv_idx)``; subclasses give :meth:`allowed` and a block map."""
 
+    shift_invariant: bool = False
+    """True when the rule reads ``q_idx - kv_idx`` only (and ``T``, ``S``): tiles at one offset have one mask."""
+
     def allowed(self, b: Tensor, h: Tensor, q: Tensor, kv: Tensor, num_queries: int, num_keys: int) -> Tensor:
         """Boolean tensor, ``True`` where query ``q`` may attend key ``kv`` (index tensors broadcast)."""
         raise NotImplementedError
@@ -217,6 +220,8 @@ def _describe(value: object) -> str:
 
 
 class _Causal(MaskDescription):
+    shift_invariant = True
+
     def __init__(self, align: str):
         self.align = align
 
@@ -259,6 +264,8 @@ def is_causal(mask: object, num_queries: int, num_keys: int) -> bool:
 
 
 class _SlidingWindow(MaskDescription):
+    shift_invariant = True
+
     def __init__(self, size: int):
         self.size = size
 
@@ -449,6 +456,7 @@ class _Combined(MaskDescription):
             if not isinstance(side, MaskDescription):
                 raise TypeError(f"can only combine mask descriptions, got {type(side).__name__}")
         self.left, self.right, self.op = left, right, op
+        self.shift_invariant = left.shift_invariant and right.shift_invariant
 
     def check(self, batch: int, heads: int, num_queries: int, num_keys: int) -> None:
         self.left.check(batch, heads, num_queries, num_keys)

@@ -125,8 +125,8 @@ def _record_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int, s
     calls: list[tuple[int, int, int, str]] = []
     plan = blocksparse._runs
 
-    def recording(tiles: Tiles, i: int, rows: tuple[int, int], dtype: torch.dtype) -> list:
-        runs = plan(tiles, i, rows, dtype)
+    def recording(tiles: Tiles, i: int, rows: tuple[int, int], dtype: torch.dtype, **kwargs) -> list:
+        runs = plan(tiles, i, rows, dtype, **kwargs)
         for run in runs:
             mask = "causal" if run.is_causal else "none" if run.mask is None else "tensor"
             calls.append((rows[0], run.k0, run.k1, mask))
@@ -352,12 +352,13 @@ def _holes(t: int) -> torch.Tensor:
 GROUP_CASES = {  # name -> (B, T, mask, fused query shapes (B * blocks, H, rows, D) of a forward, tiles of 16)
     # block 0 sees keys [0, 16) in the kernel's causal mode, blocks 1..7 a window of 32 keys with one mask
     "window": (1, 128, lambda t: masks.sliding_window(17), [(1, 2, 16, 8), (7, 2, 16, 8)]),
-    # a mask tensor: every block's one run spans all 64 keys, with a mask of its own: one call, stacked masks
-    "tensor with an empty row": (1, 64, _holes, [(4, 2, 16, 8)]),
-    # blocks 0 and 3 see one key block (block 3's own keys are padding in both rows of the batch), blocks 1
-    # and 2 two; the masks differ along the batch, and in block 3 the second row's queries see no key
+    # a mask tensor: every block's one run spans all 64 keys, at another offset from the block each time
+    "tensor with an empty row": (1, 64, _holes, [(1, 2, 16, 8)] * 4),
+    # blocks 1 and 2 see the 32 keys from 16 before them, with masks that differ along the batch (stacked);
+    # blocks 0 and 3 see 16 keys at other offsets (block 3's own keys are padding in both rows of the
+    # batch), and in block 3 the second row's queries see no key
     "padding & window": (2, 64, lambda t: masks.sliding_window(9) & masks.padding([40, 23]),
-                         [(4, 2, 16, 8), (4, 2, 16, 8)]),
+                         [(2, 2, 16, 8), (4, 2, 16, 8), (2, 2, 16, 8)]),
     # block 0's one run is a FULL tile of 16 keys, block 1's a PARTIAL one of the same size (two documents
     # in it): a mask and no mask are never one call
     "full and partial of one size": (1, 32, lambda t: masks.documents([0] * 16 + [1] * 8 + [2] * 8),
@@ -367,9 +368,9 @@ GROUP_CASES = {  # name -> (B, T, mask, fused query shapes (B * blocks, H, rows,
 
 @pytest.mark.parametrize("name", list(GROUP_CASES))
 def test_query_blocks_whose_runs_have_one_shape_share_fused_calls(monkeypatch, name: str) -> None:
-    """A sliding window's blocks past the first all see a window of keys of one shape: one fused call
-    takes them together (what makes the backend fast on long windows); values and gradients are the
-    reference's, with masks shared or stacked per block and per row."""
+    """A sliding window's blocks past the first all see a window of keys of one shape at one offset: one
+    fused call takes them together (what makes the backend fast on long windows); values and gradients are
+    the reference's, with masks shared or stacked per row of the batch."""
     batch, t, make_mask, calls = GROUP_CASES[name]
     mask = make_mask(t)
     monkeypatch.setattr(blocksparse, "BLOCK", 16)
@@ -393,3 +394,16 @@ def test_a_group_is_cut_where_its_scores_pass_the_limit(monkeypatch, limit: int,
     attention(q.detach(), k.detach(), v.detach(), mask=mask, backend="blocksparse")
     assert shapes == [(4 // calls, 2, 16, 8)] * calls
     _against_reference(q, k, v, grad, backend="blocksparse", mask=mask)
+
+
+@pytest.mark.parametrize("t", [120, 128])
+def test_a_window_over_strided_inputs_equals_the_reference(monkeypatch, t: int) -> None:
+    """The group's queries, keys and values are strided views of the inputs: inputs laid out (B, T, H, D)
+    and transposed, and a last block shorter than the others (T = 120: 8 rows), with a window that starts
+    before the queries (S = T + 24)."""
+    monkeypatch.setattr(blocksparse, "BLOCK", 16)
+    gen = torch.Generator().manual_seed(14)
+    q, k, v = (torch.randn(1, n, 2, 8, generator=gen, dtype=torch.float64) for n in (t, t + 24, t + 24))
+    q, k, v = (x.transpose(1, 2).requires_grad_() for x in (q, k, v))  # (B, H, T, D), not contiguous
+    grad = torch.randn(1, 2, t, 8, generator=gen, dtype=torch.float64)
+    _against_reference(q, k, v, grad, backend="blocksparse", mask=masks.sliding_window(21))

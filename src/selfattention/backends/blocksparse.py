@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from functools import reduce
-from itertools import groupby
+from itertools import groupby, pairwise
 from typing import Any
 
 import torch
@@ -58,10 +58,21 @@ def _mask_as_4d(mask: AnyMask, query: Tensor) -> AnyMask:
     return as_4d(mask)
 
 
-class _Run:
-    """Keys ``[k0, k1)`` of one query block, done in one fused call (mask: None, "causal" or a tensor)."""
+Masks = dict[tuple[int, int, int, bool], tuple[Tensor, Tensor | None]]
+"""Tile masks (and rows with a key) by offset ``k0 - q0``, rows, keys and ``k0 == 0``, for shift-invariant masks."""
 
-    def __init__(self, tiles: Tiles, rows: tuple[int, int], k0: int, k1: int, partial: bool, dtype: torch.dtype):
+
+class _Run:
+    """Keys ``[k0, k1)`` of one query block, done in one fused call (mask: None, "causal" or a tensor).
+
+    ``masks``: where the call's mask is shift-invariant (causal, sliding windows), the masks made so far,
+    reused by every run at the same offset and of the same size (a window's blocks all have one).
+    """
+
+    def __init__(
+        self, tiles: Tiles, rows: tuple[int, int], k0: int, k1: int, partial: bool, dtype: torch.dtype,
+        masks: Masks | None = None,
+    ):  # fmt: skip
         self.k0, self.k1, self.is_causal = k0, k1, False
         self.mask: Tensor | None = None
         self.row_ok: Tensor | None = None
@@ -71,19 +82,26 @@ class _Run:
         if tiles.causal and tiles.mask is None and diagonal:
             self.is_causal = True  # the kernel's top-left causal mode equals bottom-right on a square tile
             return
+        key = (k0 - rows[0], rows[1] - rows[0], k1 - k0, k0 == 0)
+        if masks is not None and key in masks:
+            self.mask, self.row_ok = masks[key]
+            return
         tile = tiles.tile_mask(rows, (k0, k1))
         assert tile is not None, "a partial tile has a mask"
+        tile = tile.reshape((1,) * (4 - tile.dim()) + tuple(tile.shape))  # (B|1, H|1, rows, keys)
         every_row_has_a_key = tiles.mask is None and k0 == 0 and tiles.num_keys >= tiles.num_queries
         if tile.dtype == torch.bool:
             if not every_row_has_a_key:
-                self.row_ok = tile.any(dim=-1)  # rows with at least one allowed key in the run
+                self.row_ok = tile.any(dim=-1, keepdim=True)  # rows with at least one allowed key in the run
             tile = torch.where(tile, 0.0, -math.inf)
         elif not every_row_has_a_key:
-            self.row_ok = (tile > -math.inf).any(dim=-1)
+            self.row_ok = (tile > -math.inf).any(dim=-1, keepdim=True)
         self.mask = tile.to(dtype)
+        if masks is not None:
+            masks[key] = (self.mask, self.row_ok)
 
 
-def _runs(tiles: Tiles, i: int, rows: tuple[int, int], dtype: torch.dtype) -> list[_Run]:
+def _runs(tiles: Tiles, i: int, rows: tuple[int, int], dtype: torch.dtype, masks: Masks | None = None) -> list[_Run]:
     """Neighbouring non-empty key blocks of query block ``i``, merged into as few fused calls as is cheap.
 
     A span of neighbouring blocks is one call when its mask would be small (the kernel then skips nothing
@@ -96,11 +114,11 @@ def _runs(tiles: Tiles, i: int, rows: tuple[int, int], dtype: torch.dtype) -> li
         span = [block for _, block in span_items]
         partial = [block[3] for block in span]
         if not any(partial) or (rows[1] - rows[0]) * (span[-1][2] - span[0][1]) <= MASK_LIMIT:
-            runs.append(_Run(tiles, rows, span[0][1], span[-1][2], any(partial), dtype))
+            runs.append(_Run(tiles, rows, span[0][1], span[-1][2], any(partial), dtype, masks))
             continue
         for kind, group in groupby(span, key=lambda block: block[3]):
             members = list(group)
-            runs.append(_Run(tiles, rows, members[0][1], members[-1][2], kind, dtype))
+            runs.append(_Run(tiles, rows, members[0][1], members[-1][2], kind, dtype, masks))
     return runs
 
 
@@ -112,16 +130,21 @@ def _groups(tiles: Tiles, dtype: torch.dtype) -> list[tuple[list[tuple[int, int]
     """The query blocks with at least one run, grouped by the shapes of their runs.
 
     Each group is ``(rows, columns)``: the query blocks ``(q0, q1)`` in order, and for each run position the
-    run of every block. Blocks whose runs have the same lengths, kinds and mask shapes (a sliding window's
-    blocks all do, past the first) are done in one fused call per run position: fewer, larger calls, which
-    the kernel spreads over the cores by batch and head. A group is cut where its scores would pass
+    run of every block. Blocks whose runs start at the same offset from the block and have the same lengths,
+    kinds and mask shapes (a sliding window's blocks all do, past the first; so do the blocks at one place
+    in equal documents) are done in one fused call per run position: fewer, larger calls, which the kernel
+    spreads over the cores by batch and head. With evenly spaced blocks the group's queries, keys and values
+    are strided views, never copies (:func:`_take`). A group is cut where its scores would pass
     :data:`GROUP_LIMIT`.
     """
     by_shape: dict[tuple[object, ...], list[tuple[tuple[int, int], list[_Run]]]] = {}
+    shift_invariant = tiles.mask is None or getattr(tiles.mask, "shift_invariant", False)
+    masks: Masks | None = {} if shift_invariant else None
     for i, q0, q1 in tiles.query_blocks():
-        runs = _runs(tiles, i, (q0, q1), dtype)
+        runs = _runs(tiles, i, (q0, q1), dtype, masks=masks)
         if runs:
-            shape = (q1 - q0, *((r.k1 - r.k0, r.is_causal, _shape(r.mask), _shape(r.row_ok)) for r in runs))
+            runs_at = ((r.k0 - q0, r.k1 - r.k0, r.is_causal, _shape(r.mask), _shape(r.row_ok)) for r in runs)
+            shape = (q1 - q0, *runs_at)
             by_shape.setdefault(shape, []).append(((q0, q1), runs))
     groups = []
     for members in by_shape.values():
@@ -140,17 +163,29 @@ def _shape(tensor: Tensor | None) -> tuple[int, ...] | None:
 
 
 def _take(x: Tensor, spans: list[tuple[int, int]]) -> Tensor:
-    """``x (B, H, L, W)`` at rows ``[a, b)`` of each span: a view for one span, else ``(m * B, H, b - a, W)``."""
+    """``x (B, H, L, W)`` at rows ``[a, b)`` of each span, ``(m * B, H, b - a, W)``, member by member.
+
+    A view for one span, and for ``B = 1`` with evenly spaced spans (a window's blocks): the members are a
+    dimension of stride ``step`` rows, overlapping where the windows do; otherwise a copy.
+    """
+    a, b = spans[0]
     if len(spans) == 1:
-        return x[..., spans[0][0] : spans[0][1], :]
-    return torch.stack([x[..., a:b, :] for a, b in spans]).flatten(0, 1)
+        return x[..., a:b, :]
+    step = spans[1][0] - a
+    if x.shape[0] == 1 and all(later[0] - earlier[0] == step for earlier, later in pairwise(spans)):
+        strides = x.stride()
+        return x.as_strided(
+            (len(spans), x.shape[1], b - a, x.shape[3]),
+            (step * strides[2], strides[1], strides[2], strides[3]),
+            x.storage_offset() + a * strides[2],
+        )
+    return torch.stack([x[..., start:end, :] for start, end in spans]).flatten(0, 1)
 
 
 def _stacked(tiles: list[Tensor], batch: int) -> Tensor:
-    """One mask (or row mask with a trailing 1) per member -> one that broadcasts against ``(m * B, H, t, s)``."""
-    tiles = [tile.reshape((1,) * (4 - tile.dim()) + tuple(tile.shape)) for tile in tiles]  # (B|1, H|1, t, s)
+    """One 4-D mask ``(B|1, H|1, t, s)`` per member -> one that broadcasts against ``(m * B, H, t, s)``."""
     first = tiles[0]
-    if first.shape[0] == 1 and all(torch.equal(tile, first) for tile in tiles[1:]):
+    if first.shape[0] == 1 and all(tile is first or torch.equal(tile, first) for tile in tiles[1:]):
         return first  # one mask for every member: a window's blocks past the first
     return torch.stack([tile.expand(batch, *tile.shape[1:]) for tile in tiles]).flatten(0, 1)
 
@@ -178,7 +213,7 @@ def blocksparse_forward(
             spans = [(run.k0, run.k1) for run in runs]
             part_out, part_lse = forward(q_g, _take(k, spans), _take(v, spans), 0.0, runs[0].is_causal,
                                          attn_mask=_mask(runs, batch), scale=scale)  # fmt: skip
-            row_ok = [run.row_ok.unsqueeze(-1) for run in runs if run.row_ok is not None]
+            row_ok = [run.row_ok for run in runs if run.row_ok is not None]
             if row_ok:  # the kernel reports lse 0 for a row with no allowed key
                 part_lse = torch.where(_stacked(row_ok, batch)[..., 0], part_lse, -math.inf)
             return part_out.to(work), part_lse  # the kernel's lse is in the work dtype already
