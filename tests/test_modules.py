@@ -3,6 +3,7 @@ float64 reference built from the math core, dropout, gradients and the errors.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,8 +11,10 @@ import torch
 from torch.testing import assert_close
 
 from selfattention import CausalAttention, SelfAttention, SelfAttentionV1
+from selfattention.backends import BACKENDS
 from selfattention.examples import embeddings
 from selfattention.functional import attention_scores, attention_weights, causal_mask, context_vectors
+from selfattention.modules import AttentionModule
 
 
 def reference(x, w_query, w_key, w_value, *, causal=False):
@@ -73,7 +76,9 @@ def test_weights_copy_between_v1_and_linear_both_ways():
 
 
 def test_weight_copy_rejects_biases_and_other_widths():
-    with pytest.raises(ValueError, match="no biases"):
+    with pytest.raises(
+        ValueError, match=r"^SelfAttentionV1 has no biases; copy from a SelfAttention with qkv_bias=False$"
+    ):
         SelfAttentionV1(3, 2).load_from(SelfAttention(3, 2, qkv_bias=True))
     with pytest.raises(ValueError, match=r"\(3, 4\) module into a \(3, 2\)"):
         SelfAttentionV1(3, 2).load_from(SelfAttention(3, 4))
@@ -147,3 +152,61 @@ def test_errors_name_the_values(make, x, message):
 def test_dropout_outside_unit_interval_is_rejected(p):
     with pytest.raises(ValueError, match=f"must be in \\[0, 1\\), got {p}"):
         CausalAttention(3, 2, 6, p)
+
+
+def test_non_float_input_is_refused_and_named():
+    with pytest.raises(TypeError, match=r"^input must be a floating-point tensor, got dtype torch.int64$"):
+        SelfAttentionV1(3, 2)(torch.ones(6, 3, dtype=torch.long))
+
+
+def test_attention_module_defaults():
+    """A module built on AttentionModule without arguments: no dropout, the automatic backend, 1/sqrt(D)."""
+    module = AttentionModule()
+    assert (module.dropout, module.backend, module.scale) == (0.0, "auto", None)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_linear_projections_have_biases_exactly_when_asked(qkv_bias):
+    kinds = ("weight", "bias") if qkv_bias else ("weight",)
+    want = [f"{layer}.{kind}" for layer in ("W_query", "W_key", "W_value") for kind in kinds]
+    for module in (SelfAttention(3, 2, qkv_bias=qkv_bias), CausalAttention(3, 2, 6, 0.0, qkv_bias=qkv_bias)):
+        assert [name for name, _ in module.named_parameters()] == want
+
+
+def backend_calls(monkeypatch):
+    """Count the calls of each backend (plain or with the log-sum-exp) for the rest of the test."""
+    calls: dict[str, int] = {}
+    for name, backend in list(BACKENDS.items()):
+
+        def counted(fn, label):
+            def run(*args, **kwargs):
+                calls[label] = calls.get(label, 0) + 1
+                return fn(*args, **kwargs)
+
+            return run
+
+        replaced = dataclasses.replace(backend, fn=counted(backend.fn, name), with_lse=counted(backend.with_lse, name))
+        monkeypatch.setitem(BACKENDS, name, replaced)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: SelfAttentionV1(3, 4, **kw),
+        lambda **kw: SelfAttention(3, 4, **kw),
+        lambda **kw: CausalAttention(3, 4, 6, 0.5, **kw),
+    ],
+    ids=["v1", "linear", "causal"],
+)
+def test_the_ladder_runs_the_fused_kernel_unless_another_backend_is_named(monkeypatch, make):
+    calls = backend_calls(monkeypatch)
+    x = torch.rand(2, 6, 3)
+    torch.manual_seed(0)
+    auto = make().eval()
+    auto(x)
+    assert calls == {"sdpa": 1}
+    torch.manual_seed(0)
+    named = make(backend="math").eval()
+    assert_close(named(x), auto(x))
+    assert calls == {"sdpa": 2, "math": 1}

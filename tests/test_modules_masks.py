@@ -35,3 +35,18 @@ def test_unbatched_input_and_a_bad_mask():
     torch.testing.assert_close(mha(x, attn_mask=masks.prefix_lm(4)), mha(x[None], attn_mask=masks.prefix_lm(4))[0])
     with pytest.raises(ValueError, match="padding lengths"):
         mha(x[None], attn_mask=masks.padding([40]))
+
+
+def test_unbatched_description_with_weights_and_padding_equals_its_tensor():
+    x = torch.randn(30, 16, generator=torch.Generator().manual_seed(3))
+    rule = masks.prefix_lm(4)
+    tensor = rule.materialize(1, 4, 30, 30)[0]  # (H, T, S), broadcast over the heads
+    mha, reference = module(), module("math")
+    out, weights = mha(x, attn_mask=rule, return_weights=True)
+    want_out, want_weights = reference(x, attn_mask=tensor, return_weights=True)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(weights, want_weights)
+    padding = torch.arange(30) < 25  # (S,), True = a real token
+    torch.testing.assert_close(
+        mha(x, attn_mask=rule, key_padding_mask=padding), reference(x, attn_mask=tensor, key_padding_mask=padding)
+    )

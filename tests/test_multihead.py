@@ -11,13 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from selfattention import KVCache, MultiHeadAttention
+from selfattention import KVCache, MultiHeadAttention, capture, checks
 from selfattention.backends import BACKENDS
 from selfattention.functional import attention_scores, attention_weights, causal_mask, context_vectors
+from selfattention.kv_cache import RollingKVCache
+from selfattention.strategies import LocalAttention
 
 
-def reference(module: MultiHeadAttention, x, key_padding_mask=None):
-    """The module's computation in float64 from the math core's steps, heads written out."""
+def reference(module: MultiHeadAttention, x, key_padding_mask=None, attn_mask=None, *, with_weights=False):
+    """The module's computation in float64 from the math core's steps, heads written out.
+
+    ``attn_mask``: boolean (both it and the padding must allow) or float (added to the scaled scores).
+    Returns the output, or ``(output, weights)`` with ``with_weights``.
+    """
     p = {name: t.detach().double() for name, t in module.named_parameters()}
     x = x.double()
     batch, num_tokens, _ = x.shape
@@ -34,9 +40,29 @@ def reference(module: MultiHeadAttention, x, key_padding_mask=None):
         mask = mask & causal_mask(num_tokens, num_tokens)
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :]
-    weights = attention_weights(attention_scores(q, k), mask=mask, scale=1 / math.sqrt(width))
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        mask = mask & attn_mask
+    elif attn_mask is not None:  # a float mask: -inf where the boolean masks forbid, plus the bias
+        mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, -math.inf) + attn_mask.double()
+    scale = 1 / math.sqrt(width) if module.scale is None else module.scale
+    weights = attention_weights(attention_scores(q, k), mask=mask, scale=scale)
     merged = context_vectors(weights, v).transpose(1, 2).reshape(batch, num_tokens, module.d_out)
-    return F.linear(merged, p["out_proj.weight"], p.get("out_proj.bias"))
+    out = F.linear(merged, p["out_proj.weight"], p.get("out_proj.bias"))
+    return (out, weights) if with_weights else out
+
+
+def projections(module: MultiHeadAttention, x):
+    """Q ``(B, H, T, D)``, K and V ``(B, G, T, D)`` as the module's attention sees them (no cache, no hook)."""
+    batch, num_tokens, _ = x.shape
+
+    def heads(linear, n):
+        return linear(x).view(batch, num_tokens, n, module.head_dim).transpose(1, 2)
+
+    return (
+        heads(module.W_query, module.num_heads),
+        heads(module.W_key, module.num_kv_heads),
+        heads(module.W_value, module.num_kv_heads),
+    )
 
 
 def make(seed=0, d_in=12, d_out=12, heads=4, dropout=0.0, **kwargs):
@@ -263,15 +289,19 @@ def test_position_hook_sees_positions_and_agrees_with_the_cache():
 
 
 def spy(monkeypatch):
-    """Count calls per backend."""
+    """Count calls per backend (plain or with the log-sum-exp, as a capture asks)."""
     calls: dict[str, int] = {}
     for name, backend in list(BACKENDS.items()):
 
-        def fn(*args, _name=name, _fn=backend.fn, **kwargs):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _fn(*args, **kwargs)
+        def counted(fn, label):
+            def run(*args, **kwargs):
+                calls[label] = calls.get(label, 0) + 1
+                return fn(*args, **kwargs)
 
-        monkeypatch.setitem(BACKENDS, name, dataclasses.replace(backend, fn=fn))
+            return run
+
+        replaced = dataclasses.replace(backend, fn=counted(backend.fn, name), with_lse=counted(backend.with_lse, name))
+        monkeypatch.setitem(BACKENDS, name, replaced)
     return calls
 
 
@@ -293,6 +323,7 @@ def test_auto_uses_the_fused_kernel_unless_it_must_not(monkeypatch):
         ({"d_out": 10, "heads": 4}, r"d_out \(10\) must be divisible by num_heads \(4\)"),
         ({"num_kv_heads": 3}, r"num_heads \(4\) must be divisible by num_kv_heads \(3\)"),
         ({"backend": "fast"}, "unknown backend 'fast'"),
+        ({"scale": float("nan")}, r"scale must be a finite number \(or None for 1/sqrt\(D\)\), got nan"),
     ],
 )
 def test_constructor_errors_name_the_values(kwargs, message):
@@ -308,8 +339,18 @@ def test_forward_errors_name_the_values():
         module(torch.randn(17, 12))
     with pytest.raises(ValueError, match=r"key_padding_mask of shape \(2, 4\) must be \(batch, keys\) = \(2, 5\)"):
         module(torch.randn(2, 5, 12), key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(TypeError, match="must be a boolean tensor"):
+    with pytest.raises(TypeError, match=r"must be a boolean tensor \(True = may attend\), got torch.float32$"):
         module(torch.randn(2, 5, 12), key_padding_mask=torch.ones(2, 5))
+    with pytest.raises(TypeError, match=r"must be a boolean tensor \(True = may attend\), got list$"):
+        module(torch.randn(2, 5, 12), key_padding_mask=[[True] * 5] * 2)
+    # a mask of one dimension is for unbatched input only
+    with pytest.raises(ValueError, match=r"key_padding_mask of shape \(5,\) must be \(batch, keys\) = \(1, 5\)"):
+        module(torch.randn(1, 5, 12), key_padding_mask=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^input must be \(B, T, d_in\) or \(T, d_in\), got shape \(1, 2, 5, 12\)$"):
+        module(torch.randn(1, 2, 5, 12))
+    # an unbatched call's scores are (H, T, S): the error names them so
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 1, 5, 5\) does not broadcast to the scores \(4, 5, 5\)$"):
+        module(torch.randn(5, 12), attn_mask=torch.ones(2, 1, 5, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="dropout probability must be in"):
         MultiHeadAttention(12, 12, 16, 1.0, 4)
 
@@ -372,3 +413,224 @@ def test_from_torch_keeps_dropout_and_training_mode():
     ours = MultiHeadAttention.from_torch(theirs)
     assert ours.dropout == 0.25 and ours.training and not ours.causal
     assert ours.to_torch().dropout == 0.25
+
+
+@pytest.mark.parametrize("backend", ["auto", "loop", "math", "sdpa", "tiled"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_scale_and_causal_reach_the_output_and_the_weights_on_every_backend(backend, causal):
+    module = make(causal=causal, backend=backend, scale=0.3, num_kv_heads=2)  # 1/sqrt(D) would be 0.577
+    x = torch.randn(2, 6, 12)
+    want, want_weights = reference(module, x, with_weights=True)
+    assert_close(module(x).double(), want, atol=2e-6, rtol=1e-5)
+    out, weights = module(x, return_weights=True)
+    assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+    assert_close(weights.double(), want_weights, atol=1e-6, rtol=1e-5)
+
+
+def test_weights_come_from_the_named_backend_when_it_can_return_them(monkeypatch):
+    calls = spy(monkeypatch)
+    x = torch.randn(2, 6, 12)
+    make(backend="loop")(x, return_weights=True)
+    assert calls == {"loop": 1}
+    for fused in ("sdpa", "tiled"):  # these return no weights: the math backend computes them
+        make(backend=fused)(x, return_weights=True)
+    assert calls == {"loop": 1, "math": 2}
+    make(backend="math")(x)  # a named backend is used without weights too
+    assert calls == {"loop": 1, "math": 3}
+
+
+def allowed_pairs(*shape: int, seed: int = 5) -> torch.Tensor:
+    """A random boolean mask (True = may attend) that always allows the diagonal."""
+    drawn = torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) < 0.6
+    return drawn | torch.eye(shape[-2], shape[-1], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("backend", ["auto", "math"])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_capture_keeps_the_backend_and_records_what_it_computed(monkeypatch, backend, scale):
+    """In eval a capture runs the module's own backend, keeps the log-sum-exp and recomputes exact weights."""
+    module = make(backend=backend, scale=scale, num_kv_heads=2)  # 4 heads of width 3, 2 key/value heads
+    x = torch.randn(2, 5, 12)
+    mask = allowed_pairs(2, 4, 5, 5)
+    plain = module(x, attn_mask=mask)
+    calls = spy(monkeypatch)
+    with capture(module) as cap:
+        out = module(x, attn_mask=mask)
+    assert calls == {"sdpa" if backend == "auto" else "math": 1}
+    assert_close(out, plain, atol=1e-6, rtol=1e-5)
+    record = cap[""]
+    for got, want in zip((record.query, record.key, record.value), projections(module, x), strict=True):
+        assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert record.scale == (1.0 / math.sqrt(3) if scale is None else scale)
+    assert record.causal is True and record.mask is not None and torch.equal(record.mask, mask)
+    assert record.lse is not None and record.stored_weights is None  # the weights are recomputed on request
+    _, want_weights = reference(module, x, attn_mask=mask, with_weights=True)
+    assert_close(record.weights.double(), want_weights, atol=1e-6, rtol=1e-5)
+
+
+def test_capture_of_weights_after_dropout_records_what_the_call_used():
+    """In training with dropout (and with return_weights) the eager path runs and its weights are kept."""
+    module = make(dropout=0.25, num_kv_heads=2).train()
+    x = torch.randn(2, 5, 12)
+    mask = allowed_pairs(2, 4, 5, 5)
+    torch.manual_seed(7)
+    _, want_weights = module(x, attn_mask=mask, return_weights=True)
+    _, _, v = projections(module, x)
+    want_context = context_vectors(want_weights, v.repeat_interleave(2, dim=1))  # (B, H, T, D)
+    for return_weights in (False, True):
+        with capture(module) as cap:
+            torch.manual_seed(7)
+            result = module(x, attn_mask=mask, return_weights=return_weights)
+        record = cap[""]
+        if return_weights:
+            assert torch.equal(result[1], want_weights)
+        for got, want in zip((record.query, record.key, record.value), projections(module, x), strict=True):
+            assert_close(got, want, atol=1e-6, rtol=1e-5)
+        assert record.scale == 1.0 / math.sqrt(3)
+        assert record.causal is True and record.mask is not None and torch.equal(record.mask, mask)
+        assert record.lse is None and record.stored_weights is not None
+        assert torch.equal(record.stored_weights, want_weights)  # the same seed: the same weights dropped
+        assert_close(record.context, want_context, atol=1e-6, rtol=1e-5)
+
+
+def test_each_call_checks_its_inputs_once_and_decoding_does_not_rescan_the_cache(monkeypatch):
+    """The module measures q, k, v once; attention and the cache reuse those bounds instead of reading again."""
+    scanned: list[dict[str, tuple[int, ...]]] = []
+    measure = checks.largest_finite
+
+    def counted(**tensors):
+        scanned.append({name: tuple(t.shape) for name, t in tensors.items()})
+        return measure(**tensors)
+
+    monkeypatch.setattr(checks, "largest_finite", counted)
+    module = make(num_kv_heads=2)
+    x = torch.randn(2, 6, 12)
+    module(x)
+    module(x, return_weights=True)
+    with capture(module):
+        module(x)
+    new = {"query": (2, 4, 6, 3), "key": (2, 2, 6, 3), "value": (2, 2, 6, 3)}
+    assert scanned == [new] * 3
+    scanned.clear()
+    cache = module.make_kv_cache(2)
+    with torch.no_grad():
+        module(x, kv_cache=cache)
+        module(x[:, :1], kv_cache=cache)  # reads 7 cached keys, measures only the new token
+    assert scanned == [new, {"query": (2, 4, 1, 3), "key": (2, 2, 1, 3), "value": (2, 2, 1, 3)}]
+
+
+def test_the_smallest_sizes_are_valid():
+    one_head = make(heads=1)
+    x = torch.randn(2, 5, 12)
+    assert_close(one_head(x).double(), reference(one_head, x), atol=2e-6, rtol=1e-5)
+    one_position = MultiHeadAttention(12, 12, 1, 0.0, 4)
+    assert one_position(torch.randn(1, 12)).shape == (1, 12)
+    with pytest.raises(ValueError, match=r"^context_length must be at least 1 or None, got 0$"):
+        MultiHeadAttention(12, 12, 0, 0.0, 4)
+
+
+def test_by_default_only_the_output_projection_has_a_bias():
+    module = MultiHeadAttention(12, 12, 16, 0.0, 4, num_kv_heads=2)
+    names = [name for name, _ in module.named_parameters()]
+    assert names == ["W_query.weight", "W_key.weight", "W_value.weight", "out_proj.weight", "out_proj.bias"]
+
+
+def test_parameters_and_the_cache_follow_the_given_dtype_and_device():
+    torch.manual_seed(0)
+    double = MultiHeadAttention(12, 12, 16, 0.0, 4, qkv_bias=True, num_kv_heads=2, dtype=torch.float64).eval()
+    assert {p.dtype for p in double.parameters()} == {torch.float64}
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    assert_close(double(x), reference(double, x), atol=1e-12, rtol=1e-12)
+    meta = MultiHeadAttention(12, 12, 16, 0.0, 4, qkv_bias=True, num_kv_heads=2, device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+    # the cache takes the dtype and device of the weights unless told otherwise
+    assert double.make_kv_cache(1).keys.dtype == torch.float64
+    assert double.make_kv_cache(1, dtype=torch.float32).keys.dtype == torch.float32
+    assert meta.make_kv_cache(1).keys.is_meta
+    assert meta.make_kv_cache(1, device="cpu").keys.device.type == "cpu"
+
+
+def test_make_kv_cache_takes_max_len_or_the_context_length():
+    module = make()
+    assert module.make_kv_cache(2).keys.shape == (2, 4, 16, 3)
+    assert module.make_kv_cache(2, 5).keys.shape == (2, 4, 5, 3)
+    with pytest.raises(ValueError, match=r"^max_len is required when the module has no context_length$"):
+        MultiHeadAttention(12, 12, None, 0.0, 4).make_kv_cache(1)
+
+
+def test_from_torch_passes_on_context_length_and_backend(monkeypatch):
+    ours = MultiHeadAttention.from_torch(torch.nn.MultiheadAttention(8, 2), context_length=4, backend="math").eval()
+    with pytest.raises(ValueError, match="5 tokens exceed context_length=4"):
+        ours(torch.randn(5, 8))
+    calls = spy(monkeypatch)
+    ours(torch.randn(4, 8))
+    assert calls == {"math": 1}
+
+
+class RecordingStrategy:
+    """A strategy that records each check it is asked for, then attends in this process."""
+
+    def __init__(self) -> None:
+        self.checked: list[tuple[float, dict[str, object]]] = []
+
+    def check_call(self, *, dropout, unsupported):
+        self.checked.append((dropout, unsupported))
+
+    def attend(self, module, query, key, value, **kwargs):
+        return LocalAttention().attend(module, query, key, value, **kwargs)
+
+
+def test_the_strategy_checks_each_call_with_its_dropout_and_features_then_attends():
+    strategy = RecordingStrategy()
+    module = make(dropout=0.25, context_parallel=strategy)
+    assert module.strategy is strategy
+    x = torch.randn(2, 5, 12)
+    assert_close(module(x), make(dropout=0.25)(x))  # the same seed: the same weights
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    module.train()(x, key_padding_mask=keep, return_weights=True)
+    names = {"kv_cache", "key_padding_mask", "attn_mask", "rope", "return_weights", "capture"}
+    (eval_dropout, eval_features), (train_dropout, train_features) = strategy.checked
+    assert (eval_dropout, train_dropout) == (0.0, 0.25)
+    assert set(eval_features) == set(train_features) == names
+    assert all(eval_features[name] in (None, False) for name in names)
+    assert train_features["key_padding_mask"] is keep and train_features["return_weights"] is True
+
+
+def test_unbatched_input_takes_a_one_dimensional_padding_mask_and_an_attn_mask():
+    module = make(causal=False)
+    x = torch.randn(6, 12)
+    keep = torch.tensor([True] * 4 + [False] * 2)
+    mask = allowed_pairs(6, 6)
+    assert_close(
+        module(x, key_padding_mask=keep).double(), reference(module, x[None], keep[None])[0], atol=2e-6, rtol=1e-5
+    )
+    want = reference(module, x[None], keep[None], mask)[0]
+    assert_close(module(x, key_padding_mask=keep, attn_mask=mask).double(), want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_attn_mask_and_padding_mask_both_apply(kind):
+    module = make(causal=False)
+    x = torch.randn(2, 6, 12)
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[0, 4:] = False
+    if kind == "bool":
+        mask = allowed_pairs(2, 4, 6, 6)
+    else:  # a float mask is added to the scaled scores; the padding still forbids
+        mask = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(6))
+    want = reference(module, x, keep, mask)
+    assert_close(module(x, key_padding_mask=keep, attn_mask=mask).double(), want, atol=2e-6, rtol=1e-5)
+
+
+def test_a_rolling_cache_takes_a_padding_mask_over_the_keys_it_keeps():
+    module = make(num_kv_heads=2)
+    x = torch.randn(1, 5, 12)
+    plain, masked = (RollingKVCache(1, 2, 3, window=4) for _ in range(2))
+    with torch.no_grad():
+        module(x[:, :3], kv_cache=plain)
+        module(x[:, :3], kv_cache=masked)
+        want = module(x[:, 3:], kv_cache=plain)  # 3 cached + 2 new: the oldest is evicted, 4 keys are kept
+        with pytest.raises(ValueError, match=r"must be \(batch, keys\) = \(1, 4\)"):
+            module(x[:, 3:], kv_cache=masked, key_padding_mask=torch.ones(1, 5, dtype=torch.bool))
+        got = module(x[:, 3:], kv_cache=masked, key_padding_mask=torch.ones(1, 4, dtype=torch.bool))
+    assert_close(got, want, atol=0, rtol=0)
