@@ -59,7 +59,7 @@ def _mask_as_4d(mask: AnyMask, query: Tensor) -> AnyMask:
 
 
 Masks = dict[tuple[int, int, int, bool], tuple[Tensor, Tensor | None]]
-"""Tile masks (and rows with a key) by offset ``k0 - q0``, rows, keys and ``k0 == 0``, for shift-invariant masks."""
+"""Tile masks (and the rows with a key, unless all have one) by offset ``k0 - q0``, rows and keys."""
 
 
 class _Run:
@@ -82,14 +82,14 @@ class _Run:
         if tiles.causal and tiles.mask is None and diagonal:
             self.is_causal = True  # the kernel's top-left causal mode equals bottom-right on a square tile
             return
-        key = (k0 - rows[0], rows[1] - rows[0], k1 - k0, k0 == 0)
+        every_row_has_a_key = tiles.mask is None and k0 == 0 and tiles.num_keys >= tiles.num_queries
+        key = (k0 - rows[0], rows[1] - rows[0], k1 - k0, every_row_has_a_key)
         if masks is not None and key in masks:
             self.mask, self.row_ok = masks[key]
             return
         tile = tiles.tile_mask(rows, (k0, k1))
         assert tile is not None, "a partial tile has a mask"
         tile = tile.reshape((1,) * (4 - tile.dim()) + tuple(tile.shape))  # (B|1, H|1, rows, keys)
-        every_row_has_a_key = tiles.mask is None and k0 == 0 and tiles.num_keys >= tiles.num_queries
         if tile.dtype == torch.bool:
             if not every_row_has_a_key:
                 self.row_ok = tile.any(dim=-1, keepdim=True)  # rows with at least one allowed key in the run
@@ -184,8 +184,8 @@ def _take(x: Tensor, spans: list[tuple[int, int]]) -> Tensor:
 
 def _stacked(tiles: list[Tensor], batch: int) -> Tensor:
     """One 4-D mask ``(B|1, H|1, t, s)`` per member -> one that broadcasts against ``(m * B, H, t, s)``."""
-    first = tiles[0]
-    if first.shape[0] == 1 and all(tile is first or torch.equal(tile, first) for tile in tiles[1:]):
+    first, distinct = tiles[0], list({id(tile): tile for tile in tiles}.values())  # shift-invariant: 1 or 2
+    if first.shape[0] == 1 and all(torch.equal(tile, first) for tile in distinct[1:]):
         return first  # one mask for every member: a window's blocks past the first
     return torch.stack([tile.expand(batch, *tile.shape[1:]) for tile in tiles]).flatten(0, 1)
 
