@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,9 @@ import torch
 from selfattention.models.gpt import GPT, GPTConfig
 from selfattention.training import checkpoint as ckpt
 from selfattention.training.checkpoint import (
+    MAX_STEP,
     clean_leftovers,
+    holds_checkpoint,
     load_checkpoint,
     load_weights,
     resumable_step,
@@ -184,8 +188,13 @@ def flip_tensor_bytes(path: Path, count: int = 64) -> None:
 
 def test_flipped_bytes_are_refused(tmp_path: Path) -> None:
     save(tmp_path, model())
-    flip_tensor_bytes(step_folder(tmp_path) / "model.safetensors")
-    with pytest.raises(ValueError, match=r"model.safetensors is corrupt: its sha256 .* differs from the"):
+    path = step_folder(tmp_path) / "model.safetensors"
+    recorded = json.loads((path.parent / "config.json").read_text())["files"][path.name]["sha256"]
+    flip_tensor_bytes(path)
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match=rf"safetensors is corrupt: its sha256 {actual[:16]}\.\.\. differs from the "):
+        load_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=rf"differs from the {recorded[:16]}\.\.\. recorded in config.json \(bytes"):
         load_checkpoint(tmp_path)
 
 
@@ -195,7 +204,8 @@ def test_truncated_files_are_refused(tmp_path: Path) -> None:
         path = step_folder(tmp_path) / name
         whole = path.read_bytes()
         path.write_bytes(whole[: len(whole) // 2])
-        with pytest.raises(ValueError, match=rf"{name} has [\d,]+ bytes but config.json recorded"):
+        message = rf"{name} has [\d,]+ bytes but config.json recorded [\d,]+ \(truncated, or changed after the save\)"
+        with pytest.raises(ValueError, match=message):
             load_checkpoint(tmp_path)
         path.write_bytes(whole)
 
@@ -217,8 +227,6 @@ def test_a_trainer_file_from_another_run_at_the_same_step_is_refused(tmp_path: P
         load_checkpoint(tmp_path / "a", need_trainer=True)
 
     def forge(config: dict[str, Any]) -> None:  # even with its checksum recorded, the run id differs
-        import hashlib
-
         config["files"]["trainer.safetensors"] = {"sha256": hashlib.sha256(theirs).hexdigest(), "bytes": len(theirs)}
 
     edit_config(tmp_path / "a", forge)
@@ -227,8 +235,6 @@ def test_a_trainer_file_from_another_run_at_the_same_step_is_refused(tmp_path: P
 
 
 def test_a_safetensors_file_not_written_here_is_refused(tmp_path: Path) -> None:
-    import hashlib
-
     from safetensors.torch import save as to_bytes
 
     save(tmp_path, model())
@@ -250,14 +256,30 @@ def test_a_safetensors_file_not_written_here_is_refused(tmp_path: Path) -> None:
         (lambda c: c.update(step="1e999"), r"'step' must be an integer .* got inf"),
         (lambda c: c.update(step=2.0), r"'step' must be an integer"),
         (lambda c: c.update(step=True), r"'step' must be an integer"),
-        (lambda c: c.update(step=10**400), r"'step' must be an integer"),
+        (lambda c: c.update(step=10**400), rf"config.json: 'step' must be an integer in \[0, {2**53}\], got 10{{39}}$"),
         (lambda c: c.pop("files"), r"lacks the key 'files'"),
         (lambda c: c["files"].pop("model.safetensors"), r"'files' must list model.safetensors"),
-        (lambda c: c["files"]["model.safetensors"].update(bytes="12"), r"'files' entry 'model.safetensors' has no"),
+        (
+            lambda c: c["files"]["model.safetensors"].update(bytes="12"),
+            r"'model.safetensors' has no valid size, got 12$",
+        ),
+        (lambda c: c["files"]["model.safetensors"].update(bytes="7" * 50), r"has no valid size, got 7{40}$"),
+        (
+            lambda c: c["files"].update({"model.safetensors": "ab12"}),
+            r"'files' entry 'model.safetensors' lacks its sha256",
+        ),
+        (lambda c: c["files"]["tokenizer.json"].pop("sha256"), r"'files' entry 'tokenizer.json' lacks its sha256"),
+        (
+            lambda c: c["files"]["tokenizer.json"].update(bytes=0),
+            r"tokenizer.json has [\d,]+ bytes but config.json recorded 0 ",
+        ),
         (lambda c: c["files"].update(extra={}), r"unknown file 'extra'"),
-        (lambda c: c.update(model=[1]), r"'model' must be an object"),
+        (lambda c: c.update(model=[1]), r"'model' must be an object, got list$"),
         (lambda c: c.update(run=7), r"'run' must be a string"),
-        (lambda c: c.update(version=1), r"older version of this package .* --overwrite"),
+        (
+            lambda c: c.update(version=1),
+            r"older version of this package .*; train it again with `selfattention train --out DIR --overwrite`$",
+        ),
         (lambda c: c.update(version=3), r"has version 3; this package reads version 2"),
         (lambda c: c.update(format="other"), r"is not a selfattention-checkpoint config"),
     ],
@@ -298,9 +320,13 @@ def test_json_that_cannot_be_read_is_refused(tmp_path: Path) -> None:
 def test_mismatched_shapes_name_the_tensor(tmp_path: Path) -> None:
     save(tmp_path, model())
     weights = load_checkpoint(tmp_path).weights
-    with pytest.raises(ValueError, match=r"tensor tok_emb.weight has shape \(8, 16\), the model expects \(8, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"^model.safetensors: tensor tok_emb.weight has shape \(8, 16\), the model expects"
+    ):
         load_weights(model(emb_dim=32), weights, "model.safetensors")
-    with pytest.raises(ValueError, match=r"does not match the model: missing \['blocks.2.*unexpected \[\]"):
+    with pytest.raises(
+        ValueError, match=r"^model.safetensors does not match the model: missing \['blocks.2.*unexpected \[\]"
+    ):
         load_weights(model(num_layers=3), weights, "model.safetensors")
 
 
@@ -315,7 +341,10 @@ def test_weights_of_a_deeper_model_are_refused_not_truncated(tmp_path: Path) -> 
 def test_other_dtypes_are_refused(tmp_path: Path) -> None:
     save(tmp_path, model())
     weights = {k: v.double() for k, v in load_checkpoint(tmp_path).weights.items()}
-    with pytest.raises(ValueError, match=r"is torch.float64, the model expects torch.float32"):
+    first = next(iter(model().state_dict()))  # every tensor differs: the error names the first
+    with pytest.raises(
+        ValueError, match=rf"^model.safetensors: tensor {first} is torch.float64, the model expects torch.float32$"
+    ):
         load_weights(model(), weights, "model.safetensors")
 
 
@@ -338,3 +367,179 @@ def test_bad_steps_are_refused_when_saving(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=r"step must be an integer in \[0, "):
             save(tmp_path, model(), step=step)  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []
+
+
+# The edges of what a save accepts, and what it writes ---------------------------------------------------------
+
+
+def test_the_first_and_the_largest_step_round_trip(tmp_path: Path) -> None:
+    """Step 0 (saved before any training) and 2**53 (the largest integer every JSON reader keeps exact)."""
+    for step in (0, MAX_STEP):
+        folder = tmp_path / str(step)
+        written = save(folder, model(), step=step)
+        assert written.name == f"step-{step:09d}"
+        assert load_checkpoint(folder, need_trainer=True).step == step
+    with pytest.raises(ValueError, match=rf"step must be an integer in \[0, {MAX_STEP}\], got {MAX_STEP + 1}"):
+        save(tmp_path / "over", model(), step=MAX_STEP + 1)
+
+
+def test_a_save_creates_the_missing_parent_folders(tmp_path: Path) -> None:
+    save(tmp_path / "runs" / "today" / "ckpt", model())
+    assert load_checkpoint(tmp_path / "runs" / "today" / "ckpt").step == 3
+
+
+def test_a_staging_folder_left_by_a_killed_save_of_the_same_step_is_replaced(tmp_path: Path) -> None:
+    save(tmp_path, model(), step=3)
+    staging = tmp_path / ".step-000000005.tmp"  # what a kill in the middle of the save of step 5 left
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"half")
+    torch.manual_seed(1)
+    net = model()
+    save(tmp_path, net, step=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-000000005"]
+    fresh = model()
+    load_weights(fresh, load_checkpoint(tmp_path).weights, "model.safetensors")
+    assert same_weights(fresh, net)
+
+
+def test_the_json_files_hold_what_the_module_docstring_documents(tmp_path: Path) -> None:
+    save(tmp_path, model(), step=3)
+    pointer = json.loads((tmp_path / "latest.json").read_text())
+    assert pointer == {"format": ckpt.FORMAT, "version": ckpt.VERSION, "step": 3, "folder": "step-000000003"}
+    text = (step_folder(tmp_path) / "config.json").read_text()
+    config = json.loads(text)
+    assert list(config) == ["format", "version", "step", "run", "files", "model", "trainer"]
+    assert text == json.dumps(config, indent=1) + "\n"  # one key per line, one space a level: diffs read well
+
+
+def test_a_failed_cleanup_does_not_hide_the_error_that_stopped_the_save(tmp_path: Path, monkeypatch) -> None:
+    """The disk fills up while the trainer file is written, and the staging folder is gone by the time of the
+    cleanup (another process removed it): the caller sees the disk-full error, nothing about the cleanup."""
+    save(tmp_path, model(), step=3)
+    real_write, real_rmtree = ckpt.write_durably, shutil.rmtree
+
+    def disk_full(path: Path, data: bytes) -> None:
+        if path.name == "trainer.safetensors":
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
+
+    def raced(path: Any, *args: Any, **kwargs: Any) -> None:
+        real_rmtree(path, ignore_errors=True)  # the other process
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "write_durably", disk_full)
+    monkeypatch.setattr(shutil, "rmtree", raced)
+    with pytest.raises(OSError, match="No space left on device"):
+        save(tmp_path, model(), step=5)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-000000003"]
+
+
+def test_holds_checkpoint_sees_a_checkpoint_folder_and_a_step_folder(tmp_path: Path) -> None:
+    assert not holds_checkpoint(tmp_path)
+    save(tmp_path, model())
+    assert holds_checkpoint(tmp_path)  # latest.json only, no config.json beside it
+    assert holds_checkpoint(step_folder(tmp_path))  # config.json only
+    (tmp_path / "latest.json").unlink()
+    assert not holds_checkpoint(tmp_path)
+
+
+# Leftovers: only what interrupted saves left, even when another process cleans at the same time --------------
+
+
+def test_leftovers_keep_files_that_are_only_hidden_or_only_named_tmp(tmp_path: Path) -> None:
+    save(tmp_path, model(), step=3)
+    (tmp_path / ".gitignore").write_text("*\n")
+    (tmp_path / "draft.tmp").write_text("mine")
+    (tmp_path / ".cache.tmp").write_text("a leftover")
+    assert clean_leftovers(tmp_path) == [".cache.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".gitignore", "draft.tmp", "latest.json", "step-000000003"]
+
+
+def test_leftovers_with_an_unreadable_pointer_keep_every_step_folder(tmp_path: Path) -> None:
+    save(tmp_path, model(), step=3)
+    (tmp_path / "step-000000001").mkdir()
+    (tmp_path / "latest.json").write_text('{"format": "other"}')
+    assert clean_leftovers(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-000000001", "step-000000003"]
+
+
+def test_leftovers_removed_meanwhile_by_another_process_are_no_error(tmp_path: Path, monkeypatch) -> None:
+    """Two trainers started on one folder both clean it: each removal may find its target already gone."""
+    save(tmp_path, model(), step=3)
+    (tmp_path / "step-000000001").mkdir()
+    (tmp_path / "step-000000001" / "model.safetensors").write_bytes(b"old")
+    (tmp_path / ".latest.json.x1y2.tmp").write_text("{")
+    real_rmtree, real_unlink = shutil.rmtree, Path.unlink
+
+    def raced_rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        real_rmtree(path, ignore_errors=True)  # the other process
+        real_rmtree(path, *args, **kwargs)
+
+    def raced_unlink(path: Path, *args: Any, **kwargs: Any) -> None:
+        real_unlink(path, missing_ok=True)  # the other process
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", raced_rmtree)
+    monkeypatch.setattr(Path, "unlink", raced_unlink)
+    assert clean_leftovers(tmp_path) == [".latest.json.x1y2.tmp", ".step-000000001.removed.tmp"]
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-000000003"]
+
+
+# Loading: the remaining errors name what is wrong ---------------------------------------------------------
+
+
+def test_a_pointer_and_a_config_of_different_steps_are_refused(tmp_path: Path) -> None:
+    save(tmp_path, model(), step=3)
+    pointer = json.loads((tmp_path / "latest.json").read_text())
+    (tmp_path / "latest.json").write_text(json.dumps({**pointer, "step": 4}))
+    config = step_folder(tmp_path) / "config.json"
+    with pytest.raises(ValueError, match=rf"latest.json is for step 4 but {config} for 3$"):
+        load_checkpoint(tmp_path)
+
+
+def test_an_unreadable_safetensors_file_is_named(tmp_path: Path) -> None:
+    save(tmp_path, model())
+    garbage = b"\xff" * 64  # a header length of 2**64 - 1 bytes
+    (step_folder(tmp_path) / "model.safetensors").write_bytes(garbage)
+    record = {"sha256": hashlib.sha256(garbage).hexdigest(), "bytes": len(garbage)}
+    edit_config(tmp_path, lambda c: c["files"].update({"model.safetensors": record}))
+    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file: "):
+        load_checkpoint(tmp_path)
+
+
+def test_a_mismatch_names_at_most_five_tensors_of_each_kind(tmp_path: Path) -> None:
+    save(tmp_path / "one", model(num_layers=1))
+    save(tmp_path / "three", model(num_layers=3))
+    one, three = load_checkpoint(tmp_path / "one").weights, load_checkpoint(tmp_path / "three").weights
+    with pytest.raises(ValueError, match=r"missing \['blocks\.1\..*\], unexpected \[\]$") as missing:
+        load_weights(model(num_layers=3), one, "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing \[\], unexpected \['blocks\.[12]\..*\]$") as unexpected:
+        load_weights(model(num_layers=1), three, "model.safetensors")
+    for error in (missing, unexpected):
+        assert str(error.value).count("'blocks.") == 5  # of the 2 layers' worth of tensors (in no set order)
+
+
+class SharedTable(torch.nn.Module):
+    """Two submodules holding one buffer (as models that share a rotary table between layers do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        table = torch.arange(6.0).reshape(2, 3)
+        self.first, self.second = torch.nn.Module(), torch.nn.Module()
+        self.first.register_buffer("table", table)
+        self.second.register_buffer("table", table)
+        self.proj = torch.nn.Linear(3, 3)
+
+
+def test_a_shared_buffer_is_stored_once_and_loaded_into_both_places(tmp_path: Path) -> None:
+    net = SharedTable()
+    net.first.table.mul_(-2.0)
+    save_checkpoint(tmp_path, model=net, model_config={}, tokenizer=TOKENIZER, step=1)
+    loaded = load_checkpoint(tmp_path)
+    assert sorted(loaded.weights) == ["first.table", "proj.bias", "proj.weight"]
+    fresh = SharedTable()
+    load_weights(fresh, loaded.weights, "model.safetensors")
+    assert same_weights(fresh, net)
+    assert fresh.second.table is fresh.first.table

@@ -201,9 +201,9 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
         ``(B, C)`` unit vectors: the mean of each sentence's real token vectors, divided by its norm.
     """
     weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T) -> (B, T, 1)
-    summed = (hidden * weights).sum(dim=1)  # (B, C)
-    counts = weights.sum(dim=1).clamp(min=1e-9)  # (B, 1)
-    return nn.functional.normalize(summed / counts, p=2.0, dim=-1)
+    # (B, C): the mean times the number of real tokens, a positive factor that the normalisation divides out
+    summed = (hidden * weights).sum(dim=1)
+    return nn.functional.normalize(summed, dim=-1)  # L2
 
 
 # Hugging Face BertModel names -> ours, per block; ``{i}`` is the block index.

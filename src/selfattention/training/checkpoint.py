@@ -351,7 +351,8 @@ def load_weights(model: nn.Module, weights: dict[str, Tensor], source: str | os.
     """
     check_weights(model, weights, source)
     ties = _ties(model)
-    full = {name: weights.get(name, weights.get(ties.get(name, ""))) for name in model.state_dict()}
+    # check_weights has made sure that each name is in weights, or else the name it is tied to
+    full = {name: weights[name] if name in weights else weights[ties[name]] for name in model.state_dict()}
     with torch.no_grad():
         model.load_state_dict(full)
 
