@@ -117,3 +117,22 @@ def test_read_json_reads_up_to_the_limit_and_names_the_file(tmp_path: Path, monk
     path.write_text('{"a": ', encoding="utf-8")
     with pytest.raises(ValueError, match=r"ok.json: not valid JSON"):
         read_json(path)
+
+
+def test_text_and_json_are_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    """A file written under an ASCII locale (LC_CTYPE=C, as in a bare container) is still UTF-8, and is read
+    back as UTF-8: the encoding is never the locale's."""
+    import locale
+
+    text = '{"name": "é—ü"}'
+    old = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        assert locale.getencoding().lower() not in ("utf-8", "utf8")  # the locale default cannot encode "é"
+        write_text(tmp_path / "out.json", text)
+        (tmp_path / "in.json").write_bytes(text.encode("utf-8"))
+        read = read_json(tmp_path / "in.json")
+    finally:
+        locale.setlocale(locale.LC_CTYPE, old)
+    assert (tmp_path / "out.json").read_bytes() == text.encode("utf-8")
+    assert read == {"name": "é—ü"}

@@ -151,3 +151,145 @@ def test_dropout_zeroes_weights_and_rescales_the_survivors() -> None:
     kept = weights != 0
     assert 0.4 < kept.float().mean().item() < 0.6
     assert_close(weights[kept], plain[kept] * 2)
+
+
+@pytest.mark.parametrize(("return_weights", "dropout_p"), [(True, 0.0), (False, 0.5), (False, 0.99)])
+def test_lse_with_weights_or_dropout_is_refused_naming_both(return_weights: bool, dropout_p: float) -> None:
+    x = torch.randn(2, 5, 4)
+    message = rf"return_lse needs return_weights=False and no dropout \(got return_weights={return_weights}, "
+    with pytest.raises(ValueError, match=rf"^{message}dropout_p={dropout_p}\)"):
+        attention(x, x, x, backend="math", return_weights=return_weights, dropout_p=dropout_p, return_lse=True)
+
+
+def _spy_on_backends(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict]]:
+    """Replace every backend's functions by ones that record (name, options) and then run the real ones."""
+    import dataclasses
+
+    from selfattention.backends import BACKENDS
+
+    seen: list[tuple[str, dict]] = []
+    for name, backend in list(BACKENDS.items()):
+
+        def spy(*args, real=backend.fn, name=name, **options):
+            seen.append((name, options))
+            return real(*args, **options)
+
+        def spy_lse(*args, real=backend.with_lse, name=name, **options):
+            seen.append((name, options))
+            return real(*args, **options)
+
+        monkeypatch.setitem(BACKENDS, name, dataclasses.replace(backend, fn=spy, with_lse=spy_lse))
+    return seen
+
+
+AUTO_CALLS = {  # what "auto" runs for each kind of call, by the rules of backends.AUTO: (T, S, options, backend)
+    "weights": (5, 5, {"return_weights": True}, "math"),
+    "dropout": (5, 5, {"dropout_p": 0.5}, "math"),
+    "score_mod": (5, 5, {"score_mod": lambda s, b, h, q, kv: s - 0.1 * (q - kv).abs()}, "tiled"),
+    "large description": (300, 300, {"mask": "window"}, "blocksparse"),
+    "small description": (8, 8, {"mask": "window"}, "sdpa"),
+    "causal T != S": (3, 5, {"causal": True}, "blocksparse"),
+    "causal T == S": (5, 5, {"causal": True}, "sdpa"),
+    "causal T != S with a tensor mask": (3, 5, {"causal": True, "mask": "tensor"}, "sdpa"),
+    "a decoding step": (1, 5, {"causal": True}, "sdpa"),  # one query sees every key: no causal mask left
+    "plain": (5, 5, {}, "sdpa"),
+}
+
+
+@pytest.mark.parametrize("case", list(AUTO_CALLS))
+def test_auto_runs_the_backend_its_rules_name(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The call's mask, causal flag, score_mod and shape all reach the choice, and the answer is the reference's."""
+    from selfattention import masks
+
+    t, s, options, expected = AUTO_CALLS[case]
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (
+        torch.randn(1, 2, t, 8, generator=g),
+        torch.randn(1, 2, s, 8, generator=g),
+        torch.randn(1, 2, s, 8, generator=g),
+    )
+    options = dict(options)
+    if options.get("mask") == "window":
+        options["mask"] = masks.sliding_window(4)
+    elif options.get("mask") == "tensor":
+        options["mask"] = torch.rand(t, s, generator=g) > 0.3
+    seen = _spy_on_backends(monkeypatch)
+    out = attention(q, k, v, **options)
+    assert [name for name, _ in seen] == [expected]
+    if "dropout_p" in options:
+        return
+    out = out[0] if isinstance(out, tuple) else out
+    mask = options.get("mask")
+    if isinstance(mask, masks.MaskDescription):
+        mask = mask.materialize(1, 1, t, s)[0, 0]
+    scores = q.double() @ k.double().mT / 8**0.5
+    if "score_mod" in options:
+        scores = options["score_mod"](scores, 0, 0, torch.arange(t).view(t, 1), torch.arange(s))
+        want = torch.softmax(scores, -1) @ v.double()
+    else:
+        want, _ = reference_attention(q, k, v, mask=mask, causal=options.get("causal", False))
+    assert_close(out.double(), want, atol=2e-6, rtol=1e-5)  # float32 against float64, |z| < 3
+
+
+@pytest.mark.parametrize(
+    ("t", "s", "align", "as_flag"),
+    [(3, 5, "bottom_right", True), (5, 5, "top_left", True), (3, 5, "top_left", False)],
+)
+def test_a_causal_description_reaches_the_fused_kernel_as_its_flag(
+    t: int, s: int, align: str, as_flag: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``masks.causal()`` is the causal flag (the fused kernel's fast path, no mask built) where the two mean the
+    same: bottom-right always, top-left only with T == S (else it stays a mask, aligned as it says)."""
+    from selfattention import masks
+
+    g = torch.Generator().manual_seed(12)
+    q, k, v = torch.randn(2, t, 8, generator=g), torch.randn(2, s, 8, generator=g), torch.randn(2, s, 8, generator=g)
+    seen = _spy_on_backends(monkeypatch)
+    out = attention(q, k, v, mask=masks.causal(align), backend="sdpa")  # type: ignore[arg-type]
+    ((name, options),) = seen
+    assert name == "sdpa"
+    assert (options["mask"] is None, options["causal"]) == (as_flag, as_flag)
+    top_left = torch.ones(t, s, dtype=torch.bool).tril()
+    want, _ = reference_attention(
+        q, k, v, causal=align == "bottom_right", mask=None if align == "bottom_right" else top_left
+    )
+    assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+
+
+def test_bounds_are_trusted_and_the_inputs_not_scanned_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfattention import checks
+
+    g = torch.Generator().manual_seed(13)
+    q, k, v = torch.randn(2, 4, 8, generator=g), torch.randn(2, 6, 8, generator=g), torch.randn(2, 6, 8, generator=g)
+    scans: list[int] = []
+    real = checks._largest
+    monkeypatch.setattr(checks, "_largest", lambda tensor: scans.append(tensor.numel()) or real(tensor))
+    out = attention(q, k, v, bounds=(5.0, 5.0, 5.0))
+    assert scans == []
+    assert_close(out.double(), reference_attention(q, k, v)[0], atol=2e-6, rtol=1e-5)
+    attention(q, k, v)  # without bounds each input is scanned once
+    assert scans == [q.numel(), k.numel(), v.numel()]
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_an_overflow_that_too_small_bounds_let_through_is_caught_at_the_output(backend: str) -> None:
+    q = k = torch.full((3, 4), 1e20)  # scores of 4e40: beyond float32
+    with pytest.raises(ValueError, match=r"^the attention output is not finite although the inputs are"):
+        attention(q, k, torch.randn(3, 4), bounds=(1.0, 1.0, 1.0), backend=backend)
+
+
+def test_values_of_width_zero_still_return_the_weights() -> None:
+    g = torch.Generator().manual_seed(14)
+    q, k = torch.randn(2, 3, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    context, weights = attention(q, k, torch.empty(2, 5, 0), return_weights=True)
+    assert context.shape == (2, 3, 0)
+    assert_close(weights.double(), reference_attention(q, k, k)[1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("t", "s", "e"), [(0, 5, 4), (3, 0, 4), (3, 5, 0)])
+def test_an_empty_result_runs_no_backend(t: int, s: int, e: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _spy_on_backends(monkeypatch)
+    q, k, v = torch.randn(2, 3, t, 4), torch.randn(2, 3, s, 4), torch.randn(2, 3, s, e)
+    for backend in ("loop", "math", "sdpa", "tiled", "blocksparse", "auto"):
+        assert torch.equal(attention(q, k, v, backend=backend), torch.zeros(2, 3, t, e))
+    assert seen == []

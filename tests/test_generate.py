@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import selfattention.generate as generation
+from conftest import tiny_rotary_gpt
 from selfattention.generate import generate, next_token_probs, sample_next
+from selfattention.kv_cache import CachePolicy
 from selfattention.models.gpt import GPT, GPTConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -134,3 +136,87 @@ def test_overflow_is_judged_row_by_row() -> None:
         next_token_probs(torch.tensor([[-1e10, -1e10], [1.0, 2.0]]), temperature=1e-30)
     probs = next_token_probs(torch.tensor([[-1e10, 1.0], [-1e10, 2.0]]), temperature=1e-30)
     assert torch.equal(probs, torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+
+
+def test_sampling_without_a_generator_draws_from_the_global_seed() -> None:
+    """``generator=None`` samples with torch's global random state: ``torch.manual_seed`` makes it repeatable."""
+    logits = torch.randn(64, 20, generator=torch.Generator().manual_seed(6)) * 2
+    probs = next_token_probs(logits, temperature=1.5, top_k=8)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        got = sample_next(logits, temperature=1.5, top_k=8)
+        torch.manual_seed(seed)
+        assert torch.equal(got, torch.multinomial(probs, 1))
+        assert not torch.equal(got, logits.argmax(dim=-1, keepdim=True))  # sampled, not greedy
+
+
+@pytest.mark.parametrize(("slide", "positions"), [(False, 3 + 5), (True, 12)])
+def test_the_caches_hold_prompt_and_output_not_the_whole_context(
+    monkeypatch: pytest.MonkeyPatch, slide: bool, positions: int
+) -> None:
+    """Without ``slide`` a cache of ``T0 + max_new_tokens`` positions is enough (less memory than the context of
+    12); with it, the cache takes the whole context. Either way the tokens are those of the uncached path."""
+    model = tiny()
+    made: list[list[object]] = []
+    real = model.make_kv_caches
+
+    def recording(batch_size: int, max_len: int | None = None) -> list:
+        made.append(real(batch_size, max_len))
+        return made[-1]
+
+    monkeypatch.setattr(model, "make_kv_caches", recording)
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    out = generate(model, prompt, 5, temperature=0.0, slide=slide)
+    assert [[cache.keys.shape for cache in caches] for caches in made] == [[(2, 4, positions, 4)] * 2]  # type: ignore[attr-defined]
+    assert torch.equal(out, generate(model, prompt, 5, temperature=0.0, use_cache=False))
+
+
+@pytest.mark.parametrize(
+    ("policy", "chunk", "prompt_chunks"),
+    [
+        (CachePolicy("window", window=8), None, [4, 4, 3]),  # half the window at a time
+        (CachePolicy("window", window=8), 3, [3, 3, 3, 2]),  # a smaller prefill_chunk is kept
+        (CachePolicy("window", window=8), 6, [4, 4, 3]),  # a larger one is cut to half the window
+        (CachePolicy("sinks", window=3, sinks=2), None, [1] * 11),  # half of 3 rounds down to 1
+    ],
+    ids=["window", "smaller-chunk", "larger-chunk", "sinks"],
+)
+def test_a_rolling_cache_takes_the_prompt_in_half_windows_then_one_token_a_step(
+    monkeypatch: pytest.MonkeyPatch, policy: CachePolicy, chunk: int | None, prompt_chunks: list[int]
+) -> None:
+    """Past the context (11 + 30 > 32 tokens) without ``slide``: every step's logits equal a fresh pass over the
+    tokens the cache keeps (exact for a one-layer model, see tests/test_kv_cache.py), the prompt went in chunks
+    of at most half the window, and each step fed only the newest token."""
+    model = tiny_rotary_gpt()
+    fed: list[int] = []
+    caches: list[list] = []
+    steps: list[tuple[torch.Tensor, list[int]]] = []
+    real_feed, real_sample = generation.feed, generation.sample_next
+
+    def feeding(model: GPT, tokens: torch.Tensor, kv_caches: list) -> torch.Tensor:
+        fed.append(tokens.shape[1])
+        caches.append(kv_caches)
+        return real_feed(model, tokens, kv_caches)
+
+    def recording(logits: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        steps.append((logits.clone(), caches[-1][0].kept()))
+        return real_sample(logits, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(generation, "feed", feeding)
+    monkeypatch.setattr(generation, "sample_next", recording)
+    prompt = torch.randint(13, (2, 11), generator=torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(0)
+    out = generate(model, prompt, 30, temperature=1.0, generator=generator, cache=policy, prefill_chunk=chunk)
+    assert out.shape == (2, 41) and torch.equal(out[:, :11], prompt)
+    assert fed == [*prompt_chunks, *[1] * 29]  # the last token is sampled, never fed
+    assert len(steps) == 30 and steps[-1][1][-1] == 39  # the cache ends with the last token fed
+    with torch.no_grad():
+        for step, (logits, kept) in enumerate(steps):
+            assert len(kept) <= policy.num_sinks + (policy.window or 0)
+            fresh = model(out[:, kept])[0][:, -1, :]  # the kept tokens alone, at positions 0 .. S - 1
+            torch.testing.assert_close(logits, fresh, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+
+
+def test_a_rolling_cache_needs_use_cache() -> None:
+    with pytest.raises(ValueError, match=r"^the 'window' cache policy needs use_cache=True$"):
+        generate(tiny_rotary_gpt(), torch.tensor([[1, 2]]), 3, cache="window", use_cache=False)

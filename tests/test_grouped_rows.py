@@ -16,7 +16,13 @@ from conftest import reference_attention
 from selfattention import attention
 from selfattention.backends import BACKENDS
 from selfattention.checks import _largest_score
-from selfattention.functional import _foldable, fold_query_groups, unfold_query_groups
+from selfattention.functional import (
+    _foldable,
+    broadcast_inputs,
+    expand_kv_heads,
+    fold_query_groups,
+    unfold_query_groups,
+)
 
 NAMES = [name for name in BACKENDS if name != "flex"]
 TOL = {"atol": 2e-6, "rtol": 1e-5}  # float32 against float64: a few ulps of the results (|z| < 3)
@@ -64,6 +70,7 @@ def test_several_queries_without_a_causal_mask_equal_repeated_heads(backend: str
     ("t", "causal", "mask_shape"),
     [
         (5, True, None),  # rows of a causal mask see different keys
+        (2, True, None),  # already with two queries: the first one does not see the last key
         (1, False, (1, 4, 1, 7)),  # a mask per head
         (3, False, (1, 1, 3, 7)),  # a mask per query row
     ],
@@ -133,3 +140,86 @@ def test_the_overflow_check_reads_grouped_heads_as_the_kernel_does() -> None:
     k = torch.zeros(1, 2, 3, 2)
     k[0, 0, 0, 0], k[0, 1, 2, 0] = 100.0, 7.0
     assert _largest_score(q, k) == 7.0  # head 3 never meets the 100 of key/value head 0
+
+
+@pytest.mark.parametrize(
+    ("q_shape", "kv_shape", "causal"),
+    [
+        ((2, 6, 5, 8), (2, 2, 7, 8), False),  # (B, H, T, D), several queries, no mask
+        ((6, 5, 8), (2, 7, 8), False),  # (H, T, D): no batch dimension
+        ((6, 1, 8), (2, 7, 8), True),  # a decoding step without a batch dimension (causal allows every key)
+    ],
+)
+def test_an_eager_backend_gets_the_key_value_heads_uncopied(
+    q_shape: tuple, kv_shape: tuple, causal: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where every row of a head sees the same keys, ``"math"`` gets the G key/value heads and H/G query heads
+    as rows of each, batched or not: no copy of K and V per query head."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(q_shape, generator=g), torch.randn(kv_shape, generator=g), torch.randn(kv_shape, generator=g)
+    assert _foldable(q, k, None, causal, None)
+    seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    real = BACKENDS["math"].fn
+
+    def spy(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **options: object):
+        seen.append((tuple(query.shape), tuple(key.shape)))
+        return real(query, key, value, **options)
+
+    monkeypatch.setitem(BACKENDS, "math", dataclasses.replace(BACKENDS["math"], fn=spy))
+    out = attention(q, k, v, causal=causal, backend="math")
+    *lead, heads, t, d = q_shape
+    assert seen == [((*lead, 2, heads // 2 * t, d), kv_shape)]
+    assert_close(out, reference_attention(q, k, v, causal=causal)[0].float(), **TOL)
+
+
+@pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("backend", ["tiled", "auto"])
+def test_a_score_mod_sees_the_query_head_not_its_group(backend: str, t: int) -> None:
+    """ALiBi-like slopes per query head with grouped key/value heads: folding the heads of a group into rows
+    would hand the score_mod the group's index; it must get each query head's own."""
+    q, k, v = _qkv(2, 4, 2, t, 7, seed=9)
+
+    def alibi(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor):
+        return score - (h + 1) * 0.5 * (q_idx + 7 - t - kv_idx).abs()
+
+    out = attention(q, k, v, score_mod=alibi, backend=backend)
+    heads = torch.arange(4).view(4, 1, 1)
+    rows, cols = torch.arange(t).view(t, 1), torch.arange(7)
+    scores = q.double() @ k.double().repeat_interleave(2, 1).mT / 8**0.5
+    want = torch.softmax(alibi(scores, 0, heads, rows, cols), -1) @ v.double().repeat_interleave(2, 1)
+    assert_close(out.double(), want, **TOL)
+
+
+def test_broadcast_inputs_repeats_grouped_heads_unless_told_to_keep_them() -> None:
+    q, k, v = torch.randn(3, 4, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 7)
+    query, key, value = broadcast_inputs(q, k, v)  # (B, H, T, D), (B, H, S, D), (B, H, S, E)
+    assert torch.equal(query, q)
+    assert torch.equal(key, k.repeat_interleave(2, 1).expand(3, 4, 6, 8))
+    assert torch.equal(value, v.repeat_interleave(2, 1).expand(3, 4, 6, 7))
+    query, key, value = broadcast_inputs(q, k, v, keep_kv_heads=True)
+    assert torch.equal(key, k.expand(3, 2, 6, 8)) and torch.equal(value, v.expand(3, 2, 6, 7))
+    query, key, value = broadcast_inputs(q[0], k[0], v[0])  # (H, T, D) and (G, S, D): no batch dimension
+    assert torch.equal(key, k[0].repeat_interleave(2, 0)) and torch.equal(value, v[0].repeat_interleave(2, 0))
+
+
+def test_expand_kv_heads_repeats_each_head_for_its_group() -> None:
+    k, v = torch.randn(2, 6, 8), torch.randn(2, 6, 3)  # (G, S, D): no batch dimension
+    key, value = expand_kv_heads(torch.randn(4, 5, 8), k, v)
+    assert torch.equal(key, k[[0, 0, 1, 1]]) and torch.equal(value, v[[0, 0, 1, 1]])  # head h reads h // 2
+    one = torch.randn(1, 1, 6, 8)
+    assert torch.equal(expand_kv_heads(torch.randn(1, 3, 5, 8), one, one)[0], one.expand(1, 3, 6, 8))
+    for q, kv in [(torch.randn(5, 8), torch.randn(2, 6, 8)), (torch.randn(4, 5, 8), torch.randn(6, 8))]:
+        key, value = expand_kv_heads(q, kv, kv)  # no head dimension on one side: nothing to repeat
+        assert key is kv and value is kv
+    same = torch.randn(4, 6, 8)
+    assert expand_kv_heads(torch.randn(4, 5, 8), same, same)[0] is same
+
+
+@pytest.mark.parametrize("kv_heads", [3, 0])
+def test_expand_kv_heads_refuses_heads_that_do_not_divide(kv_heads: int) -> None:
+    kv = torch.randn(kv_heads, 6, 8)
+    message = rf"^query heads \(4\) must be a multiple of key/value heads \({kv_heads}\) for grouped-query"
+    with pytest.raises(ValueError, match=message):
+        expand_kv_heads(torch.randn(4, 5, 8), kv, kv)

@@ -182,9 +182,10 @@ def attention(
             f"dropout_p={dropout_p}): weights after dropout cannot be recomputed from the log-sum-exp"
         )
     largest = checks.qkv(query, key, value, bounds)
+    lead = checks.leading(query, key)  # (..., H); refuses batches that do not broadcast, before any folding
     num_queries, num_keys = query.shape[-2], key.shape[-2]
     if mask is not None:
-        checks.mask(mask, (*checks.leading(query, key), num_queries, num_keys))
+        checks.mask(mask, (*lead, num_queries, num_keys))
     if is_causal(mask, num_queries, num_keys):
         mask, causal = None, True  # the same mask, and the fused kernel has a fast path for the flag
     if causal and num_queries == 1:
@@ -213,8 +214,11 @@ def attention(
     query, key, value = broadcast_inputs(query, key, value, keep_kv_heads=grouped)
     checks.magnitudes(query, key, value, float(scale), largest)
     weights: Tensor | None  # the weights, or the log-sum-exp with return_lse
-    if key.shape[-2] == 0 or query[..., 0].numel() == 0 or (value.shape[-1] == 0 and not return_weights):
-        context, weights = _without_work(query, key, value)  # no key, or nothing to compute
+    # No key, or nothing to compute (values of width 0 still have weights and a log-sum-exp); and never T = 0
+    # for PyTorch's CPU flash kernel behind the "sdpa" log-sum-exp: it stops the process with SIGFPE.
+    no_context = value.shape[-1] == 0 and not (return_weights or return_lse)
+    if key.shape[-2] == 0 or query[..., 0].numel() == 0 or no_context:
+        context, weights = _without_work(query, key, value)
         weights = _no_lse(query) if return_lse else weights
     else:
         if isinstance(mask, MaskDescription) and not chosen.takes_mask_descriptions:
@@ -266,8 +270,9 @@ def broadcast_inputs(
             kv_lead = (*lead[:-1], key.shape[-3])
         else:  # grouped-query heads: (..., G, S, D) -> (..., H, S, D)
             key, value = expand_kv_heads(query, key, value)
-    query = query if query.shape[:-2] == lead else query.expand(*lead, *query.shape[-2:])
-    key, value = (x if x.shape[:-2] == kv_lead else x.expand(*kv_lead, *x.shape[-2:]) for x in (key, value))
+    # views, no copies (a tensor that has the shape already is returned as a view of itself)
+    query = query.expand(*lead, *query.shape[-2:])
+    key, value = (x.expand(*kv_lead, *x.shape[-2:]) for x in (key, value))
     return query, key, value
 
 
@@ -314,7 +319,9 @@ def _without_work(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Te
     context = query.new_zeros((*query.shape[:-1], value.shape[-1]))
     weights = query.new_zeros((*query.shape[:-1], key.shape[-2]))
     if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (query, key, value)):
-        tie = 0.0 * (query.sum() + key.sum() + value.sum())
+        # zero times each (finite) entry, then summed: a sum of the entries themselves could overflow to inf
+        # (half-precision queries of 100 do), and 0 * inf would make every output NaN
+        tie = sum((0.0 * tensor).sum() for tensor in (query, key, value))
         context, weights = context + tie, weights + tie
     return context, weights
 

@@ -100,9 +100,8 @@ def sample_next(
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     probs = next_token_probs(logits, temperature=temperature, top_k=top_k)
-    if generator is not None and generator.device != probs.device:  # a CPU generator for a CUDA model
-        return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator)
+    draw_on = probs.device if generator is None else generator.device  # a CPU generator for a CUDA model
+    return torch.multinomial(probs.to(draw_on), 1, generator=generator).to(probs.device)
 
 
 @torch.no_grad()
