@@ -8,6 +8,7 @@ than the suite's 150 examples (about 2 minutes).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -185,12 +186,16 @@ def test_the_first_key_value_batch_broadcast_over_two(backend: str) -> None:
     _check_rows(out, q, kv[:1], kv[:1], [0, 1], causal=True)
 
 
-def test_batches_that_do_not_broadcast_are_refused_alike() -> None:
-    q, kv = torch.randn(2, 4, 64, 16), torch.randn(3, 4, 128, 16)
-    message = r"the batch dimensions of query \(2, 4, 64, 16\) and key/value \(3, 4, 128, 16\) do not broadcast"
-    for backend in NAMES:
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_batches_that_do_not_broadcast_are_refused_alike(kv_heads: int) -> None:
+    """The message names the caller's shapes, also where grouped heads would be folded into query rows."""
+    q, kv = torch.randn(2, 4, 64, 16), torch.randn(3, kv_heads, 128, 16)
+    message = (
+        rf"the batch dimensions of query \(2, 4, 64, 16\) and key/value \(3, {kv_heads}, 128, 16\) do not broadcast"
+    )
+    for backend, causal in itertools.product(NAMES, (True, False)):  # without a causal mask, rows can be folded
         with pytest.raises(ValueError, match=message):
-            attention(q, kv, kv, causal=True, backend=backend)
+            attention(q, kv, kv, causal=causal, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["blocksparse", "auto", "tiled", "sdpa", "math"])
@@ -245,3 +250,77 @@ def test_empty_calls_give_zeros_with_zero_gradients(backend: str) -> None:
         assert out.shape == (2, 3, t, e) and bool((out == 0).all())
         out.sum().backward()
         assert q.grad is not None and bool((q.grad == 0).all())
+
+
+@pytest.mark.parametrize("backend", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_empty_calls_give_the_log_sum_exp_of_no_key(backend: str, dtype: torch.dtype) -> None:
+    """A row with no key has log-sum-exp ``-inf`` (in float32, float64 for float64), one per query and head."""
+    from selfattention.functional import _no_lse
+
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    for t, s, e in [(0, 5, 4), (3, 0, 4)]:
+        q, k, v = (
+            torch.randn(2, 3, t, 4).to(dtype),
+            torch.randn(2, 3, s, 4).to(dtype),
+            torch.randn(2, 3, s, e).to(dtype),
+        )
+        context, lse = attention(q, k, v, backend=backend, return_lse=True)
+        assert torch.equal(context, torch.zeros(2, 3, t, e, dtype=dtype))
+        assert torch.equal(lse, torch.full((2, 3, t), -math.inf, dtype=work))
+    lse = _no_lse(torch.empty(2, 3, 7, 4, dtype=dtype, device="meta"))  # on the query's device
+    assert (lse.shape, lse.dtype, lse.device.type) == ((2, 3, 7), work, "meta")
+
+
+def test_empty_calls_return_weights_of_the_call_s_shape() -> None:
+    """``(..., H, T, S)`` zeros, whichever side is empty (three-dimensional inputs: H = 2, D = 4)."""
+    for t, s in [(0, 5), (3, 0)]:
+        q, k, v = torch.randn(2, t, 4), torch.randn(2, s, 4), torch.randn(2, s, 6)
+        context, weights = attention(q, k, v, backend="math", return_weights=True)
+        assert torch.equal(context, torch.zeros(2, t, 6)) and torch.equal(weights, torch.zeros(2, t, s))
+
+
+def test_no_key_gives_zeros_and_zero_gradients_for_large_half_precision_queries() -> None:
+    """The zeros are tied to the inputs for the backward pass without summing them: 8192 half-precision
+    entries of 100 sum to inf in float16, and inf times 0 would make every output NaN (then refused)."""
+    for grad in (False, True):
+        q = torch.full((1, 2, 64, 64), 100.0, dtype=torch.float16)
+        q[0, 0, 0] = 0.0  # zeros among the entries
+        q.requires_grad_(grad)
+        k = torch.zeros(1, 2, 0, 64, dtype=torch.float16, requires_grad=grad)
+        out = attention(q, k, k)
+        assert torch.equal(out, torch.zeros(1, 2, 64, 64, dtype=torch.float16))
+        if grad:
+            out.float().sum().backward()
+            assert q.grad is not None and torch.equal(q.grad, torch.zeros_like(q))
+
+
+@pytest.mark.parametrize("backend", NAMES)
+def test_empty_calls_with_grouped_heads_give_zeros(backend: str) -> None:
+    """4 query heads on 2 key/value heads, with no query, no key or no value width."""
+    for t, s, e in [(0, 5, 4), (3, 0, 4), (3, 5, 0)]:
+        q, k, v = torch.randn(2, 4, t, 4), torch.randn(2, 2, s, 4), torch.randn(2, 2, s, e)
+        assert torch.equal(attention(q, k, v, backend=backend), torch.zeros(2, 4, t, e))
+        if s * t == 0:
+            context, lse = attention(q, k, v, backend=backend, return_lse=True)
+            assert torch.equal(context, torch.zeros(2, 4, t, e)) and torch.equal(lse, torch.full((2, 4, t), -math.inf))
+
+
+@pytest.mark.parametrize("backend", NAMES)
+@pytest.mark.parametrize("width", [0, 2])
+def test_values_of_another_width_keep_the_log_sum_exp_of_the_keys(backend: str, width: int) -> None:
+    """Values narrower than the queries (E = 0 or 2, D = 4): the log-sum-exp is that of the keys' scores, not
+    the ``-inf`` of no key, and the context is the reference's (PyTorch's CPU flash kernel, behind the
+    ``"sdpa"`` log-sum-exp, refuses E != D: the backend must not hand it such values)."""
+    g = torch.Generator().manual_seed(15)
+    q, k, v = (
+        torch.randn(2, 4, 3, 4, generator=g, dtype=torch.float64),
+        torch.randn(2, 2, 5, 4, generator=g, dtype=torch.float64),
+        torch.randn(2, 2, 5, width, generator=g, dtype=torch.float64),
+    )
+    context, lse = attention(q, k, v, backend=backend, return_lse=True)
+    assert context.shape == (2, 4, 3, width)
+    scores = q @ k.repeat_interleave(2, 1).mT / 2  # scale 1/sqrt(4)
+    want = torch.logsumexp(scores, dim=-1)
+    assert_close(context, torch.softmax(scores, dim=-1) @ v.repeat_interleave(2, 1), atol=1e-12, rtol=1e-12)
+    assert_close(lse, want, atol=1e-12, rtol=1e-12)

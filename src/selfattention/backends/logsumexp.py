@@ -38,15 +38,16 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _flash_eligible(query: Tensor, key: Tensor, mask: Any) -> bool:
-    """Whether the CPU flash kernel takes these inputs as they are: 3-D or 4-D, equal leading dims, a tensor mask."""
+def _flash_eligible(query: Tensor, key: Tensor, value: Tensor, mask: Any) -> bool:
+    """Whether the CPU flash kernel takes these inputs as they are: 3-D or 4-D, equal leading dims, one head
+    width for queries, keys and values (it refuses values of another width), a tensor mask."""
     return (
         query.device.type == "cpu"
         and query.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
         and query.dim() in (3, 4)
         and query.shape[:-2] == key.shape[:-2]
         and not isinstance(mask, MaskDescription)
-        and query.shape[-1] == key.shape[-1]
+        and query.shape[-1] == key.shape[-1] == value.shape[-1]
     )
 
 
@@ -59,7 +60,7 @@ def sdpa_with_lse(
     masked rows give zeros, and their lse is ``-inf``); elsewhere this falls back to the ``"sdpa"`` backend
     plus :func:`row_logsumexp`.
     """
-    if not _flash_eligible(query, key, mask):
+    if not _flash_eligible(query, key, value, mask):
         context, _ = sdpa.attention(
             query, key, value, mask=mask, causal=causal, scale=scale, dropout_p=0.0, return_weights=False
         )
