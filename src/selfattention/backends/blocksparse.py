@@ -162,24 +162,42 @@ def _shape(tensor: Tensor | None) -> tuple[int, ...] | None:
     return None if tensor is None else tuple(tensor.shape)
 
 
-def _take(x: Tensor, spans: list[tuple[int, int]]) -> Tensor:
-    """``x (B, H, L, W)`` at rows ``[a, b)`` of each span, ``(m * B, H, b - a, W)``, member by member.
+def _view(x: Tensor, spans: list[tuple[int, int]]) -> Tensor | None:
+    """``x (B, H, L, W)`` at rows ``[a, b)`` of each span as one view ``(m, H, b - a, W)`` where one exists.
 
-    A view for one span, and for ``B = 1`` with evenly spaced spans (a window's blocks): the members are a
-    dimension of stride ``step`` rows, overlapping where the windows do; otherwise a copy.
+    For one span, or for ``B = 1`` with evenly spaced spans (a window's blocks): the members are a dimension
+    of stride ``step`` rows, overlapping where the windows do. ``None`` otherwise.
     """
     a, b = spans[0]
     if len(spans) == 1:
         return x[..., a:b, :]
     step = spans[1][0] - a
-    if x.shape[0] == 1 and all(later[0] - earlier[0] == step for earlier, later in pairwise(spans)):
-        strides = x.stride()
-        return x.as_strided(
-            (len(spans), x.shape[1], b - a, x.shape[3]),
-            (step * strides[2], strides[1], strides[2], strides[3]),
-            x.storage_offset() + a * strides[2],
-        )
-    return torch.stack([x[..., start:end, :] for start, end in spans]).flatten(0, 1)
+    if x.shape[0] != 1 or any(later[0] - earlier[0] != step for earlier, later in pairwise(spans)):
+        return None
+    strides = x.stride()
+    return x.as_strided(
+        (len(spans), x.shape[1], b - a, x.shape[3]),
+        (step * strides[2], strides[1], strides[2], strides[3]),
+        x.storage_offset() + a * strides[2],
+    )
+
+
+def _take(x: Tensor, spans: list[tuple[int, int]]) -> Tensor:
+    """``x (B, H, L, W)`` at rows ``[a, b)`` of each span, ``(m * B, H, b - a, W)``, member by member: a view
+    where :func:`_view` finds one, else a copy."""
+    view = _view(x, spans)
+    return torch.stack([x[..., a:b, :] for a, b in spans]).flatten(0, 1) if view is None else view
+
+
+def _put(x: Tensor, spans: list[tuple[int, int]], rows: Tensor) -> None:
+    """Write ``rows (m * B, H, b - a, W)`` into ``x (B, H, L, W)`` at the spans (which do not overlap)."""
+    view = _view(x, spans)
+    if view is not None:
+        view.copy_(rows)
+        return
+    batch = x.shape[0]
+    for member, (a, b) in enumerate(spans):
+        x[..., a:b, :] = rows[member * batch : (member + 1) * batch]
 
 
 def _stacked(tiles: list[Tensor], batch: int) -> Tensor:
@@ -196,17 +214,32 @@ def _mask(runs: tuple[_Run, ...], batch: int) -> Tensor | None:
     return _stacked(tiles, batch) if tiles else None
 
 
+def _add(x: Tensor, spans: list[tuple[int, int]], rows: Tensor) -> None:
+    """Add ``rows (m * B, H, b - a, W)`` into ``x (B, H, L, W)`` at the spans, which may overlap (windows)."""
+    view = _view(x, spans)
+    if view is not None and (len(spans) == 1 or spans[1][0] - spans[0][0] >= spans[0][1] - spans[0][0]):
+        view.add_(rows)  # no two members share a row
+        return
+    batch = x.shape[0]
+    for member, (a, b) in enumerate(spans):
+        x[..., a:b, :] += rows[member * batch : (member + 1) * batch]
+
+
 def blocksparse_forward(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: AnyMask, causal: bool, block: int = BLOCK
 ) -> tuple[Tensor, Tensor]:
     """``(out, lse)`` of attention over the non-empty tiles only, for 4-D ``(B, H, T|S, D)`` inputs."""
     forward, _ = _fused()
     tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block, block_k=block)
-    out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    groups = _groups(tiles, q.dtype)
     work = checks.work_dtype(q.dtype)
-    lse = torch.full(q.shape[:-1], -math.inf, dtype=work, device=q.device)
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(*q.shape[:-1], 1, dtype=work, device=q.device)  # (B, H, T, 1) as the rows of _put
+    if sum(q1 - q0 for rows, _ in groups for q0, q1 in rows) < q.shape[-2]:  # query blocks with no key
+        out.zero_()
+        lse.fill_(-math.inf)
     batch = q.shape[0]
-    for rows, columns in _groups(tiles, q.dtype):
+    for rows, columns in groups:
         q_g = _take(q, rows)  # (m * B, H, bq, D): the group's query blocks, member by member
 
         def part(runs: tuple[_Run, ...], q_g: Tensor = q_g) -> tuple[Tensor, Tensor]:
@@ -219,10 +252,9 @@ def blocksparse_forward(
             return part_out.to(work), part_lse  # the kernel's lse is in the work dtype already
 
         merged = reduce(lambda a, b: merge_partials(*a, *b), map(part, columns))
-        for member, (q0, q1) in enumerate(rows):
-            out[..., q0:q1, :] = merged[0][member * batch : (member + 1) * batch]  # out takes q's dtype
-            lse[..., q0:q1] = merged[1][member * batch : (member + 1) * batch]
-    return out, lse
+        _put(out, rows, merged[0])  # out takes q's dtype
+        _put(lse, rows, merged[1].unsqueeze(-1))
+    return out, lse[..., 0]
 
 
 def blocksparse_backward(
@@ -247,11 +279,9 @@ def blocksparse_backward(
             spans = [(run.k0, run.k1) for run in runs]
             dq_r, dk_r, dv_r = backward(do_g, q_g, _take(k, spans), _take(v, spans), out_g, lse_g, 0.0,
                                         runs[0].is_causal, attn_mask=_mask(runs, batch), scale=scale)  # fmt: skip
-            for member, (q0, q1) in enumerate(rows):
-                (k0, k1), these = spans[member], slice(member * batch, (member + 1) * batch)
-                dq[..., q0:q1, :] += dq_r[these]
-                dk[..., k0:k1, :] += dk_r[these]
-                dv[..., k0:k1, :] += dv_r[these]
+            _add(dq, rows, dq_r)
+            _add(dk, spans, dk_r)
+            _add(dv, spans, dv_r)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
