@@ -349,20 +349,23 @@ def _holes(t: int) -> torch.Tensor:
     return allowed
 
 
-GROUP_CASES = {  # name -> (B, T, mask, fused query shapes (B * blocks, H, rows, D) of a forward, tiles of 16)
+GROUP_CASES = {  # name -> (B, T, mask, B * blocks of each fused forward call; H = 3, tiles of 16)
     # block 0 sees keys [0, 16) in the kernel's causal mode, blocks 1..7 a window of 32 keys with one mask
-    "window": (1, 128, lambda t: masks.sliding_window(17), [(1, 2, 16, 8), (7, 2, 16, 8)]),
+    "window": (1, 128, lambda t: masks.sliding_window(17), [1, 7]),
+    # documents of 24 tokens in tiles of 16: blocks at one offset from their keys with masks of their own
+    # (two distinct masks among the three blocks of the first call: stacked, never one shared)
+    "documents of 24": (1, 128, lambda t: masks.documents([i // 24 for i in range(t)]), [3, 2, 3]),
     # a mask tensor: every block's one run spans all 64 keys, at another offset from the block each time
-    "tensor with an empty row": (1, 64, _holes, [(1, 2, 16, 8)] * 4),
+    "tensor with an empty row": (1, 64, _holes, [1, 1, 1, 1]),
     # blocks 1 and 2 see the 32 keys from 16 before them, with masks that differ along the batch (stacked);
     # blocks 0 and 3 see 16 keys at other offsets (block 3's own keys are padding in both rows of the
     # batch), and in block 3 the second row's queries see no key
-    "padding & window": (2, 64, lambda t: masks.sliding_window(9) & masks.padding([40, 23]),
-                         [(2, 2, 16, 8), (4, 2, 16, 8), (2, 2, 16, 8)]),
+    "padding & window": (2, 64, lambda t: masks.sliding_window(9) & masks.padding([40, 23]), [2, 4, 2]),
+    # the same with equal rows of the batch: each block's mask has a batch dimension of 2 all the same
+    "equal padding & window": (2, 64, lambda t: masks.sliding_window(9) & masks.padding([40, 40]), [2, 4, 2]),
     # block 0's one run is a FULL tile of 16 keys, block 1's a PARTIAL one of the same size (two documents
     # in it): a mask and no mask are never one call
-    "full and partial of one size": (1, 32, lambda t: masks.documents([0] * 16 + [1] * 8 + [2] * 8),
-                                     [(1, 2, 16, 8), (1, 2, 16, 8)]),
+    "full and partial of one size": (1, 32, lambda t: masks.documents([0] * 16 + [1] * 8 + [2] * 8), [1, 1]),
 }  # fmt: skip
 
 
@@ -374,26 +377,63 @@ def test_query_blocks_whose_runs_have_one_shape_share_fused_calls(monkeypatch, n
     batch, t, make_mask, calls = GROUP_CASES[name]
     mask = make_mask(t)
     monkeypatch.setattr(blocksparse, "BLOCK", 16)
-    q, k, v, grad = _inputs(batch, 2, t, t, 8, 8, seed=11)
+    q, k, v, grad = _inputs(batch, 3, t, t, 8, 8, seed=11)
     shapes = _count_fused_calls(monkeypatch)
     attention(q.detach(), k.detach(), v.detach(), mask=mask, backend="blocksparse")
-    assert shapes == calls
+    assert shapes == [(rows, 3, 16, 8) for rows in calls]
     _against_reference(q, k, v, grad, backend="blocksparse", mask=mask)
 
 
-@pytest.mark.parametrize(("limit", "calls"), [(3000, 2), (1, 4)])
-def test_a_group_is_cut_where_its_scores_pass_the_limit(monkeypatch, limit: int, calls: int) -> None:
-    """GROUP_LIMIT bounds the scores (and so the stacked masks) of one call. 64 queries after 64 cached keys
-    with a window of 17: each block of 16 sees the 32 keys from 16 before it, 1024 scores with 2 heads; a
-    limit of 3000 takes the 4 blocks 2 at a time, a limit below one block's scores takes them one by one."""
+LIMIT_CASES = {  # (T, S, GROUP_LIMIT) -> B * blocks of each fused forward call, tiles of 16, window of 17
+    # each block of the group sees the 32 keys from 16 before it: 1024 scores with 2 heads
+    (128, 128, 3000): [1, 2, 2, 2, 1],  # block 0 alone (keys from 0), blocks 1..7 two at a time
+    (128, 128, 1): [1] * 8,  # a limit below one block's scores: one by one
+    (64, 128, 3000): [2, 2],  # 64 cached keys: block 0 too starts 16 keys before itself
+}
+
+
+@pytest.mark.parametrize(("t", "s", "limit"), list(LIMIT_CASES))
+def test_a_group_is_cut_where_its_scores_pass_the_limit(monkeypatch, t: int, s: int, limit: int) -> None:
+    """GROUP_LIMIT bounds the scores (and so the stacked masks) of one call."""
     monkeypatch.setattr(blocksparse, "BLOCK", 16)
     monkeypatch.setattr(blocksparse, "GROUP_LIMIT", limit)
-    q, k, v, grad = _inputs(1, 2, 64, 128, 8, 8, seed=12)
+    q, k, v, grad = _inputs(1, 2, t, s, 8, 8, seed=12)
     shapes = _count_fused_calls(monkeypatch)
     mask = masks.sliding_window(17)
     attention(q.detach(), k.detach(), v.detach(), mask=mask, backend="blocksparse")
-    assert shapes == [(4 // calls, 2, 16, 8)] * calls
+    assert shapes == [(rows, 2, 16, 8) for rows in LIMIT_CASES[t, s, limit]]
     _against_reference(q, k, v, grad, backend="blocksparse", mask=mask)
+
+
+def test_a_window_s_group_reads_the_inputs_in_place_and_makes_each_mask_once(monkeypatch) -> None:
+    """What makes a long window fast: the group's queries, keys and values handed to the fused kernel are
+    views of the inputs (no copies), and a shift-invariant mask is built once per offset, not per block."""
+    monkeypatch.setattr(blocksparse, "BLOCK", 16)
+    q, k, v, _ = _inputs(1, 2, 128, 128, 8, 8, seed=16)
+    q, k, v = (x.detach() for x in (q, k, v))
+    storages: list[tuple[bool, ...]] = []
+    forward, backward = blocksparse._fused()
+
+    def recording(query, key, value, *args, **kwargs):
+        storages.append(tuple(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                              for a, b in ((query, q), (key, k), (value, v))))  # fmt: skip
+        return forward(query, key, value, *args, **kwargs)
+
+    built: list[tuple[tuple[int, int], tuple[int, int]]] = []
+    tile_mask = Tiles.tile_mask
+
+    def counted(self, rows, cols):
+        built.append((rows, cols))
+        return tile_mask(self, rows, cols)
+
+    monkeypatch.setattr(blocksparse, "_fused", lambda: (recording, backward))
+    monkeypatch.setattr(Tiles, "tile_mask", counted)
+    attention(q, k, v, mask=masks.sliding_window(17), backend="blocksparse")
+    assert storages == [(True, True, True)] * 2  # block 0, then blocks 1..7
+    assert built == [((0, 16), (0, 16)), ((16, 32), (0, 32))]  # block 0's mask, and one for blocks 1..7
+    built.clear()
+    attention(q, k, v, mask=masks.documents([i // 24 for i in range(128)]), backend="blocksparse")
+    assert len(built) == 8  # not shift-invariant: every block's mask is made
 
 
 @pytest.mark.parametrize("t", [120, 128])
