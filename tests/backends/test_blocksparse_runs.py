@@ -355,6 +355,8 @@ GROUP_CASES = {  # name -> (B, T, mask, B * blocks of each fused forward call; H
     # documents of 24 tokens in tiles of 16: blocks at one offset from their keys with masks of their own
     # (two distinct masks among the three blocks of the first call: stacked, never one shared)
     "documents of 24": (1, 128, lambda t: masks.documents([i // 24 for i in range(t)]), [3, 2, 3]),
+    # documents of 22: blocks 1 and 3 share a call, with two different masks
+    "documents of 22": (1, 96, lambda t: masks.documents([i // 22 for i in range(t)]), [1, 2, 1, 1, 1]),
     # a mask tensor: every block's one run spans all 64 keys, at another offset from the block each time
     "tensor with an empty row": (1, 64, _holes, [1, 1, 1, 1]),
     # blocks 1 and 2 see the 32 keys from 16 before them, with masks that differ along the batch (stacked);
@@ -434,6 +436,11 @@ def test_a_window_s_group_reads_the_inputs_in_place_and_makes_each_mask_once(mon
     built.clear()
     attention(q, k, v, mask=masks.documents([i // 24 for i in range(128)]), backend="blocksparse")
     assert len(built) == 8  # not shift-invariant: every block's mask is made
+    built.clear()  # spans split into FULL and PARTIAL runs (above MASK_LIMIT): still one mask per offset
+    monkeypatch.setattr(blocksparse, "MASK_LIMIT", 16 * 32)
+    attention(q, k, v, mask=masks.sliding_window(40), backend="blocksparse")
+    made = [(cols[0] - rows[0], rows[1] - rows[0], cols[1] - cols[0]) for rows, cols in built]
+    assert len(built) > 2 and len(made) == len(set(made))
 
 
 @pytest.mark.parametrize("t", [120, 128])

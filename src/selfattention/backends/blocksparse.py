@@ -215,11 +215,11 @@ def _mask(runs: tuple[_Run, ...], batch: int) -> Tensor | None:
 
 
 def _add(x: Tensor, spans: list[tuple[int, int]], rows: Tensor) -> None:
-    """Add ``rows (m * B, H, b - a, W)`` into ``x (B, H, L, W)`` at the spans, which may overlap (windows)."""
-    view = _view(x, spans)
-    if view is not None and (len(spans) == 1 or spans[1][0] - spans[0][0] >= spans[0][1] - spans[0][0]):
-        view.add_(rows)  # no two members share a row
-        return
+    """Add ``rows (m * B, H, b - a, W)`` into ``x (B, H, L, W)`` at the spans, one span at a time.
+
+    Key windows overlap, and an in-place add through overlapping views is left to chance once PyTorch
+    splits it over threads.
+    """
     batch = x.shape[0]
     for member, (a, b) in enumerate(spans):
         x[..., a:b, :] += rows[member * batch : (member + 1) * batch]
@@ -234,7 +234,7 @@ def blocksparse_forward(
     groups = _groups(tiles, q.dtype)
     work = checks.work_dtype(q.dtype)
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(*q.shape[:-1], 1, dtype=work, device=q.device)  # (B, H, T, 1) as the rows of _put
+    lse = torch.empty(q.shape[:-1], dtype=work, device=q.device)
     if sum(q1 - q0 for rows, _ in groups for q0, q1 in rows) < q.shape[-2]:  # query blocks with no key
         out.zero_()
         lse.fill_(-math.inf)
@@ -253,8 +253,8 @@ def blocksparse_forward(
 
         merged = reduce(lambda a, b: merge_partials(*a, *b), map(part, columns))
         _put(out, rows, merged[0])  # out takes q's dtype
-        _put(lse, rows, merged[1].unsqueeze(-1))
-    return out, lse[..., 0]
+        _put(lse.unsqueeze(-1), rows, merged[1].unsqueeze(-1))  # (B, H, T, 1) as rows of width 1
+    return out, lse
 
 
 def blocksparse_backward(
@@ -279,7 +279,11 @@ def blocksparse_backward(
             spans = [(run.k0, run.k1) for run in runs]
             dq_r, dk_r, dv_r = backward(do_g, q_g, _take(k, spans), _take(v, spans), out_g, lse_g, 0.0,
                                         runs[0].is_causal, attn_mask=_mask(runs, batch), scale=scale)  # fmt: skip
-            _add(dq, rows, dq_r)
+            dq_view = _view(dq, rows)
+            if dq_view is None:
+                _add(dq, rows, dq_r)
+            else:
+                dq_view += dq_r  # the query blocks of a group never overlap
             _add(dk, spans, dk_r)
             _add(dv, spans, dv_r)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
