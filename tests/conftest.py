@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterator
@@ -122,3 +123,22 @@ def smollm2_reference():  # type: ignore[no-untyped-def]
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+def count_backend_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the calls of each backend (plain or with the log-sum-exp, as a capture asks) for the rest of a test."""
+    from selfattention.backends import BACKENDS
+
+    calls: dict[str, int] = {}
+
+    def counted(fn, label):  # type: ignore[no-untyped-def]
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls[label] = calls.get(label, 0) + 1
+            return fn(*args, **kwargs)
+
+        return run
+
+    for name, backend in list(BACKENDS.items()):
+        replaced = dataclasses.replace(backend, fn=counted(backend.fn, name), with_lse=counted(backend.with_lse, name))
+        monkeypatch.setitem(BACKENDS, name, replaced)
+    return calls

@@ -3,15 +3,14 @@ float64 reference built from the math core, dropout, gradients and the errors.""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 from torch.testing import assert_close
 
+from conftest import count_backend_calls
 from selfattention import CausalAttention, SelfAttention, SelfAttentionV1
-from selfattention.backends import BACKENDS
 from selfattention.examples import embeddings
 from selfattention.functional import attention_scores, attention_weights, causal_mask, context_vectors
 from selfattention.modules import AttentionModule
@@ -173,23 +172,6 @@ def test_linear_projections_have_biases_exactly_when_asked(qkv_bias):
         assert [name for name, _ in module.named_parameters()] == want
 
 
-def backend_calls(monkeypatch):
-    """Count the calls of each backend (plain or with the log-sum-exp) for the rest of the test."""
-    calls: dict[str, int] = {}
-    for name, backend in list(BACKENDS.items()):
-
-        def counted(fn, label):
-            def run(*args, **kwargs):
-                calls[label] = calls.get(label, 0) + 1
-                return fn(*args, **kwargs)
-
-            return run
-
-        replaced = dataclasses.replace(backend, fn=counted(backend.fn, name), with_lse=counted(backend.with_lse, name))
-        monkeypatch.setitem(BACKENDS, name, replaced)
-    return calls
-
-
 @pytest.mark.parametrize(
     "make",
     [
@@ -200,7 +182,7 @@ def backend_calls(monkeypatch):
     ids=["v1", "linear", "causal"],
 )
 def test_the_ladder_runs_the_fused_kernel_unless_another_backend_is_named(monkeypatch, make):
-    calls = backend_calls(monkeypatch)
+    calls = count_backend_calls(monkeypatch)
     x = torch.rand(2, 6, 3)
     torch.manual_seed(0)
     auto = make().eval()

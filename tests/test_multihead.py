@@ -3,7 +3,6 @@ padding, dropout, the KV cache, the position hook, backend choice and errors."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -11,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from conftest import count_backend_calls
 from selfattention import KVCache, MultiHeadAttention, capture, checks
-from selfattention.backends import BACKENDS
 from selfattention.functional import attention_scores, attention_weights, causal_mask, context_vectors
 from selfattention.kv_cache import RollingKVCache
 from selfattention.strategies import LocalAttention
@@ -288,25 +287,8 @@ def test_position_hook_sees_positions_and_agrees_with_the_cache():
     assert_close(torch.cat(steps, dim=1), full, atol=1e-6, rtol=1e-5)
 
 
-def spy(monkeypatch):
-    """Count calls per backend (plain or with the log-sum-exp, as a capture asks)."""
-    calls: dict[str, int] = {}
-    for name, backend in list(BACKENDS.items()):
-
-        def counted(fn, label):
-            def run(*args, **kwargs):
-                calls[label] = calls.get(label, 0) + 1
-                return fn(*args, **kwargs)
-
-            return run
-
-        replaced = dataclasses.replace(backend, fn=counted(backend.fn, name), with_lse=counted(backend.with_lse, name))
-        monkeypatch.setitem(BACKENDS, name, replaced)
-    return calls
-
-
 def test_auto_uses_the_fused_kernel_unless_it_must_not(monkeypatch):
-    calls = spy(monkeypatch)
+    calls = count_backend_calls(monkeypatch)
     module = make(dropout=0.1)
     x = torch.randn(2, 6, 12)
     module.eval()(x)
@@ -428,7 +410,7 @@ def test_scale_and_causal_reach_the_output_and_the_weights_on_every_backend(back
 
 
 def test_weights_come_from_the_named_backend_when_it_can_return_them(monkeypatch):
-    calls = spy(monkeypatch)
+    calls = count_backend_calls(monkeypatch)
     x = torch.randn(2, 6, 12)
     make(backend="loop")(x, return_weights=True)
     assert calls == {"loop": 1}
@@ -453,7 +435,7 @@ def test_capture_keeps_the_backend_and_records_what_it_computed(monkeypatch, bac
     x = torch.randn(2, 5, 12)
     mask = allowed_pairs(2, 4, 5, 5)
     plain = module(x, attn_mask=mask)
-    calls = spy(monkeypatch)
+    calls = count_backend_calls(monkeypatch)
     with capture(module) as cap:
         out = module(x, attn_mask=mask)
     assert calls == {"sdpa" if backend == "auto" else "math": 1}
@@ -562,7 +544,7 @@ def test_from_torch_passes_on_context_length_and_backend(monkeypatch):
     ours = MultiHeadAttention.from_torch(torch.nn.MultiheadAttention(8, 2), context_length=4, backend="math").eval()
     with pytest.raises(ValueError, match="5 tokens exceed context_length=4"):
         ours(torch.randn(5, 8))
-    calls = spy(monkeypatch)
+    calls = count_backend_calls(monkeypatch)
     ours(torch.randn(4, 8))
     assert calls == {"math": 1}
 
