@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +143,22 @@ def count_backend_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         replaced = dataclasses.replace(backend, fn=counted(backend.fn, name), with_lse=counted(backend.with_lse, name))
         monkeypatch.setitem(BACKENDS, name, replaced)
     return calls
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT checkpoint folder, trained for 20 steps by the ``train`` command itself (about a second).
+
+    Shared by the command tests (``explain``, ``heads``); a second conftest.py under tests/ would shadow
+    this module for ``from conftest import ...``.
+    """
+    from selfattention.cli import main
+
+    folder = tmp_path_factory.mktemp("trained")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("MACBETH:\nIs this a dagger which I see before me?\n\n" * 50, encoding="utf-8")
+    before = torch.get_num_threads()
+    argv = ["train", "--corpus", str(corpus), "--out", str(folder / "ckpt"), "--config", "tiny"]
+    assert main([*argv, "--width", "16", "--context", "24", "--steps", "20", "--no-progress"]) == 0
+    torch.set_num_threads(before)  # the command sets the threads it trains with; the other tests keep theirs
+    return folder / "ckpt"
