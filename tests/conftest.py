@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,23 +127,31 @@ def smollm2_reference():  # type: ignore[no-untyped-def]
     return model.eval(), tokenizer
 
 
-def count_backend_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Count the calls of each backend (plain or with the log-sum-exp, as a capture asks) for the rest of a test."""
+def spy_on_backends(monkeypatch: pytest.MonkeyPatch, lse_suffix: str = "") -> list[tuple[str, dict]]:
+    """Every backend call for the rest of a test, in order, as ``(name, options)``.
+
+    A call that also returns the log-sum-exp (as a capture asks) is named ``name + lse_suffix``.
+    """
     from selfattention.backends import BACKENDS
 
-    calls: dict[str, int] = {}
+    seen: list[tuple[str, dict]] = []
 
-    def counted(fn, label):  # type: ignore[no-untyped-def]
-        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
-            calls[label] = calls.get(label, 0) + 1
-            return fn(*args, **kwargs)
+    def spied(fn, label):  # type: ignore[no-untyped-def]
+        def run(*args, **options):  # type: ignore[no-untyped-def]
+            seen.append((label, options))
+            return fn(*args, **options)
 
         return run
 
     for name, backend in list(BACKENDS.items()):
-        replaced = dataclasses.replace(backend, fn=counted(backend.fn, name), with_lse=counted(backend.with_lse, name))
-        monkeypatch.setitem(BACKENDS, name, replaced)
-    return calls
+        spies = {"fn": spied(backend.fn, name), "with_lse": spied(backend.with_lse, name + lse_suffix)}
+        monkeypatch.setitem(BACKENDS, name, dataclasses.replace(backend, **spies))
+    return seen
+
+
+def counts(seen: list[tuple[str, dict]]) -> Counter[str]:
+    """How many of the calls :func:`spy_on_backends` saw went to each name."""
+    return Counter(name for name, _ in seen)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import reference_attention
+from conftest import reference_attention, spy_on_backends
 from selfattention import attention, attention_scores, attention_weights, causal_mask, context_vectors
 from selfattention.examples import TOKENS, embeddings
 
@@ -161,27 +161,6 @@ def test_lse_with_weights_or_dropout_is_refused_naming_both(return_weights: bool
         attention(x, x, x, backend="math", return_weights=return_weights, dropout_p=dropout_p, return_lse=True)
 
 
-def _spy_on_backends(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict]]:
-    """Replace every backend's functions by ones that record (name, options) and then run the real ones."""
-    import dataclasses
-
-    from selfattention.backends import BACKENDS
-
-    seen: list[tuple[str, dict]] = []
-    for name, backend in list(BACKENDS.items()):
-
-        def spy(*args, real=backend.fn, name=name, **options):
-            seen.append((name, options))
-            return real(*args, **options)
-
-        def spy_lse(*args, real=backend.with_lse, name=name, **options):
-            seen.append((name, options))
-            return real(*args, **options)
-
-        monkeypatch.setitem(BACKENDS, name, dataclasses.replace(backend, fn=spy, with_lse=spy_lse))
-    return seen
-
-
 AUTO_CALLS = {  # what "auto" runs for each kind of call, by the rules of backends.AUTO: (T, S, options, backend)
     "weights": (5, 5, {"return_weights": True}, "math"),
     "dropout": (5, 5, {"dropout_p": 0.5}, "math"),
@@ -213,7 +192,7 @@ def test_auto_runs_the_backend_its_rules_name(case: str, monkeypatch: pytest.Mon
         options["mask"] = masks.sliding_window(4)
     elif options.get("mask") == "tensor":
         options["mask"] = torch.rand(t, s, generator=g) > 0.3
-    seen = _spy_on_backends(monkeypatch)
+    seen = spy_on_backends(monkeypatch)
     out = attention(q, k, v, **options)
     assert [name for name, _ in seen] == [expected]
     if "dropout_p" in options:
@@ -244,7 +223,7 @@ def test_a_causal_description_reaches_the_fused_kernel_as_its_flag(
 
     g = torch.Generator().manual_seed(12)
     q, k, v = torch.randn(2, t, 8, generator=g), torch.randn(2, s, 8, generator=g), torch.randn(2, s, 8, generator=g)
-    seen = _spy_on_backends(monkeypatch)
+    seen = spy_on_backends(monkeypatch)
     out = attention(q, k, v, mask=masks.causal(align), backend="sdpa")  # type: ignore[arg-type]
     ((name, options),) = seen
     assert name == "sdpa"
@@ -288,7 +267,7 @@ def test_values_of_width_zero_still_return_the_weights() -> None:
 
 @pytest.mark.parametrize(("t", "s", "e"), [(0, 5, 4), (3, 0, 4), (3, 5, 0)])
 def test_an_empty_result_runs_no_backend(t: int, s: int, e: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = _spy_on_backends(monkeypatch)
+    seen = spy_on_backends(monkeypatch)
     q, k, v = torch.randn(2, 3, t, 4), torch.randn(2, 3, s, 4), torch.randn(2, 3, s, e)
     for backend in ("loop", "math", "sdpa", "tiled", "blocksparse", "auto"):
         assert torch.equal(attention(q, k, v, backend=backend), torch.zeros(2, 3, t, e))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 from torch.testing import assert_close
 
+from conftest import counts, spy_on_backends
 from selfattention import (
     CausalAttention,
     MultiHeadAttention,
@@ -16,7 +16,6 @@ from selfattention import (
     capture,
     capture_projections,
 )
-from selfattention.backends import BACKENDS
 from selfattention.examples import embeddings
 from selfattention.functional import causal_mask
 
@@ -70,30 +69,17 @@ def test_capture_gives_the_fast_path_output_and_context():
 
 
 def test_capture_keeps_the_usual_backend_and_eager_only_for_dropout(monkeypatch):
-    calls: dict[str, int] = {}
-
-    def counted(name, fn):
-        def run(*args, **kwargs):
-            calls[name] = calls.get(name, 0) + 1
-            return fn(*args, **kwargs)
-
-        return run
-
-    for name, backend in list(BACKENDS.items()):
-        replaced = dataclasses.replace(
-            backend, fn=counted(name, backend.fn), with_lse=counted(f"{name}+lse", backend.with_lse)
-        )
-        monkeypatch.setitem(BACKENDS, name, replaced)
+    seen = spy_on_backends(monkeypatch, lse_suffix="+lse")
     module = MultiHeadAttention(8, 8, 16, 0.5, 2).eval()
     x = torch.randn(1, 4, 8)
     with capture(module):
         module(x)
-    assert calls == {"sdpa+lse": 1}  # the fused kernel, and its log-sum-exp
+    assert counts(seen) == {"sdpa+lse": 1}  # the fused kernel, and its log-sum-exp
     module(x)
-    assert calls == {"sdpa+lse": 1, "sdpa": 1}
+    assert counts(seen) == {"sdpa+lse": 1, "sdpa": 1}
     with capture(module.train()) as cap:
         module(x)
-    assert calls == {"sdpa+lse": 1, "sdpa": 1, "math": 1}  # weights after dropout: only the eager path has them
+    assert counts(seen) == {"sdpa+lse": 1, "sdpa": 1, "math": 1}  # weights after dropout: only the eager path has them
     assert cap[""].stored_weights is not None and cap[""].lse is None
     assert module._recorder is None
 

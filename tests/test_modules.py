@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import count_backend_calls
+from conftest import counts, spy_on_backends
 from selfattention import CausalAttention, SelfAttention, SelfAttentionV1
 from selfattention.examples import embeddings
 from selfattention.functional import attention_scores, attention_weights, causal_mask, context_vectors
@@ -182,13 +182,13 @@ def test_linear_projections_have_biases_exactly_when_asked(qkv_bias):
     ids=["v1", "linear", "causal"],
 )
 def test_the_ladder_runs_the_fused_kernel_unless_another_backend_is_named(monkeypatch, make):
-    calls = count_backend_calls(monkeypatch)
+    seen = spy_on_backends(monkeypatch)
     x = torch.rand(2, 6, 3)
     torch.manual_seed(0)
     auto = make().eval()
     auto(x)
-    assert calls == {"sdpa": 1}
+    assert counts(seen) == {"sdpa": 1}
     torch.manual_seed(0)
     named = make(backend="math").eval()
     assert_close(named(x), auto(x))
-    assert calls == {"sdpa": 2, "math": 1}
+    assert counts(seen) == {"sdpa": 2, "math": 1}

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from conftest import count_backend_calls
+from conftest import counts, spy_on_backends
 from selfattention import KVCache, MultiHeadAttention, capture, checks
 from selfattention.functional import attention_scores, attention_weights, causal_mask, context_vectors
 from selfattention.kv_cache import RollingKVCache
@@ -288,15 +288,15 @@ def test_position_hook_sees_positions_and_agrees_with_the_cache():
 
 
 def test_auto_uses_the_fused_kernel_unless_it_must_not(monkeypatch):
-    calls = count_backend_calls(monkeypatch)
+    seen = spy_on_backends(monkeypatch)
     module = make(dropout=0.1)
     x = torch.randn(2, 6, 12)
     module.eval()(x)
-    assert calls == {"sdpa": 1}
+    assert counts(seen) == {"sdpa": 1}
     module.train()(x)  # dropout in training: applied to the explicit weights
-    assert calls == {"sdpa": 1, "math": 1}
+    assert counts(seen) == {"sdpa": 1, "math": 1}
     module.eval()(x, return_weights=True)
-    assert calls == {"sdpa": 1, "math": 2}
+    assert counts(seen) == {"sdpa": 1, "math": 2}
 
 
 @pytest.mark.parametrize(
@@ -410,15 +410,15 @@ def test_scale_and_causal_reach_the_output_and_the_weights_on_every_backend(back
 
 
 def test_weights_come_from_the_named_backend_when_it_can_return_them(monkeypatch):
-    calls = count_backend_calls(monkeypatch)
+    seen = spy_on_backends(monkeypatch)
     x = torch.randn(2, 6, 12)
     make(backend="loop")(x, return_weights=True)
-    assert calls == {"loop": 1}
+    assert counts(seen) == {"loop": 1}
     for fused in ("sdpa", "tiled"):  # these return no weights: the math backend computes them
         make(backend=fused)(x, return_weights=True)
-    assert calls == {"loop": 1, "math": 2}
+    assert counts(seen) == {"loop": 1, "math": 2}
     make(backend="math")(x)  # a named backend is used without weights too
-    assert calls == {"loop": 1, "math": 3}
+    assert counts(seen) == {"loop": 1, "math": 3}
 
 
 def allowed_pairs(*shape: int, seed: int = 5) -> torch.Tensor:
@@ -435,10 +435,10 @@ def test_capture_keeps_the_backend_and_records_what_it_computed(monkeypatch, bac
     x = torch.randn(2, 5, 12)
     mask = allowed_pairs(2, 4, 5, 5)
     plain = module(x, attn_mask=mask)
-    calls = count_backend_calls(monkeypatch)
+    seen = spy_on_backends(monkeypatch)
     with capture(module) as cap:
         out = module(x, attn_mask=mask)
-    assert calls == {"sdpa" if backend == "auto" else "math": 1}
+    assert counts(seen) == {"sdpa" if backend == "auto" else "math": 1}
     assert_close(out, plain, atol=1e-6, rtol=1e-5)
     record = cap[""]
     for got, want in zip((record.query, record.key, record.value), projections(module, x), strict=True):
@@ -544,9 +544,9 @@ def test_from_torch_passes_on_context_length_and_backend(monkeypatch):
     ours = MultiHeadAttention.from_torch(torch.nn.MultiheadAttention(8, 2), context_length=4, backend="math").eval()
     with pytest.raises(ValueError, match="5 tokens exceed context_length=4"):
         ours(torch.randn(5, 8))
-    calls = count_backend_calls(monkeypatch)
+    seen = spy_on_backends(monkeypatch)
     ours(torch.randn(4, 8))
-    assert calls == {"math": 1}
+    assert counts(seen) == {"math": 1}
 
 
 class RecordingStrategy:
