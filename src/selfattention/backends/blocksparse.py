@@ -89,7 +89,7 @@ class _Run:
             return
         tile = tiles.tile_mask(rows, (k0, k1))
         assert tile is not None, "a partial tile has a mask"
-        tile = tile.reshape((1,) * (4 - tile.dim()) + tuple(tile.shape))  # (B|1, H|1, rows, keys)
+        tile = as_4d(tile)  # (B|1, H|1, rows, keys)
         if tile.dtype == torch.bool:
             if not every_row_has_a_key:
                 self.row_ok = tile.any(dim=-1, keepdim=True)  # rows with at least one allowed key in the run
@@ -189,12 +189,19 @@ def _take(x: Tensor, spans: list[tuple[int, int]]) -> Tensor:
     return torch.stack([x[..., a:b, :] for a, b in spans]).flatten(0, 1) if view is None else view
 
 
-def _put(x: Tensor, spans: list[tuple[int, int]], rows: Tensor) -> None:
-    """Write ``rows (m * B, H, b - a, W)`` into ``x (B, H, L, W)`` at the spans (which do not overlap)."""
+def _put(x: Tensor, spans: list[tuple[int, int]], rows: Tensor, *, add: bool = False) -> None:
+    """Write (or with ``add``, add) ``rows (m * B, H, b - a, W)`` into ``x (B, H, L, W)`` at spans that do not
+    overlap (query blocks): through one view where :func:`_view` finds one."""
     view = _view(x, spans)
-    if view is not None:
+    if view is None:
+        (_add if add else _assign)(x, spans, rows)
+    elif add:
+        view += rows
+    else:
         view.copy_(rows)
-        return
+
+
+def _assign(x: Tensor, spans: list[tuple[int, int]], rows: Tensor) -> None:
     batch = x.shape[0]
     for member, (a, b) in enumerate(spans):
         x[..., a:b, :] = rows[member * batch : (member + 1) * batch]
@@ -279,11 +286,7 @@ def blocksparse_backward(
             spans = [(run.k0, run.k1) for run in runs]
             dq_r, dk_r, dv_r = backward(do_g, q_g, _take(k, spans), _take(v, spans), out_g, lse_g, 0.0,
                                         runs[0].is_causal, attn_mask=_mask(runs, batch), scale=scale)  # fmt: skip
-            dq_view = _view(dq, rows)
-            if dq_view is None:
-                _add(dq, rows, dq_r)
-            else:
-                dq_view += dq_r  # the query blocks of a group never overlap
+            _put(dq, rows, dq_r, add=True)
             _add(dk, spans, dk_r)
             _add(dv, spans, dv_r)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
