@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from selfattention.generate import generate
-from selfattention.models.llama import Llama, LlamaConfig
+from selfattention.kv_cache import rotate_half
+from selfattention.models.llama import Llama, LlamaConfig, RMSNorm, SwiGLU
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,3 +121,49 @@ def test_errors_name_the_values() -> None:
             model(torch.zeros(1, 3, dtype=torch.long), logits_to_keep=bad)
     with pytest.raises(ValueError, match="must be divisible"):
         LlamaConfig(vocab_size=4, emb_dim=16, num_heads=4, num_kv_heads=3)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 16), (2, 5, 16), (3, 16)])
+def test_rms_norm_is_torchs_bit_for_bit_with_the_same_gradients(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(1)
+    ours, torchs = RMSNorm(16, eps=1e-5), nn.RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        torchs.weight.copy_(ours.weight)
+    x = (torch.randn(shape) * torch.rand(*shape[:-1], 1) * 20).requires_grad_()
+    x_torch = x.detach().clone().requires_grad_()
+    out = ours(x)
+    assert torch.equal(out, torchs(x_torch))
+    grad = torch.randn(shape)
+    out.backward(grad)
+    torchs(x_torch).backward(grad)
+    torch.testing.assert_close(x.grad, x_torch.grad)
+    torch.testing.assert_close(ours.weight.grad, torchs.weight.grad)
+
+
+def test_rotate_half_is_the_concatenated_formula_bit_for_bit_with_the_same_gradients() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 7, 8, requires_grad=True)
+    cos, sin = torch.randn(2, 1, 7, 8), torch.randn(2, 1, 7, 8)
+    first, second = x.chunk(2, dim=-1)
+    expected = x * cos + torch.cat([-second, first], dim=-1) * sin  # the textbook "rotate half" RoPE
+    out = rotate_half(x, cos, sin)
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, x, grad)
+    (want,) = torch.autograd.grad(expected, x, grad)
+    torch.testing.assert_close(got, want)
+
+
+def test_swiglu_in_place_product_keeps_the_values_and_gradients() -> None:
+    torch.manual_seed(3)
+    mlp = SwiGLU(8, 12)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    expected = mlp.down(nn.functional.silu(mlp.gate(x)) * mlp.up(x))
+    out = mlp(x)
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, *mlp.parameters()], grad)
+    want = torch.autograd.grad(expected, [x, *mlp.parameters()], grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
