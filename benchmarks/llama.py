@@ -92,12 +92,15 @@ def in_child(side: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 def interleaved(fns: dict[str, Callable[[], float]], repeat: int) -> dict[str, float]:
-    """Median seconds of each function (which returns its own seconds) over ``repeat`` rounds after a warm-up."""
+    """Median seconds of each function (which returns its own seconds) over ``repeat`` rounds after a warm-up.
+
+    The order alternates from round to round, so that neither side always runs right after the other.
+    """
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
-    for _ in range(repeat):
-        for name, fn in fns.items():
+    for round_ in range(repeat):
+        for name, fn in list(fns.items())[:: -1 if round_ % 2 else 1]:
             samples[name].append(fn())
     return {name: statistics.median(values) for name, values in samples.items()}
 
