@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from selfattention import checks, masks
-from selfattention.backends.tiled import merge_partials, tiled_backward, tiled_forward
+from selfattention.backends.tiled import merge_partials, tile_sizes, tiled_backward, tiled_forward
 from selfattention.backends.tiles import batch_and_heads
 from selfattention.functional import expand_kv_heads
 from selfattention.masks import EMPTY, MaskDescription
@@ -392,7 +392,9 @@ class _Attend:
         pair of segments is one call at its global offsets, and pairs the mask empties are skipped (with
         ``causal`` that is every pair whose keys all come after its queries).
         """
-        options: dict[str, Any] = {"scale": self.scale, "mask": self.mask, "score_mod": self.score_mod}
+        block_q, block_k = tile_sizes(self.batch * self.heads)
+        options: dict[str, Any] = {"scale": self.scale, "mask": self.mask, "score_mod": self.score_mod,
+                                   "block_q": block_q, "block_k": block_k}  # fmt: skip
         if self.mask is None and self.score_mod is None:
             return [(slice(None), slice(None), options)]
         total = ring.total
