@@ -392,7 +392,7 @@ class _Attend:
         pair of segments is one call at its global offsets, and pairs the mask empties are skipped (with
         ``causal`` that is every pair whose keys all come after its queries).
         """
-        block_q, block_k = tile_sizes(self.batch * self.heads)
+        block_q, block_k = tile_sizes(self.batch * self.heads, sparse=self.mask is not None)
         options: dict[str, Any] = {"scale": self.scale, "mask": self.mask, "score_mod": self.score_mod,
                                    "block_q": block_q, "block_k": block_k}  # fmt: skip
         if self.mask is None and self.score_mod is None:
