@@ -65,16 +65,38 @@ def _tile_scores(
     cols: tuple[int, int],
     partial: bool,
     score_mod: ScoreMod | None,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(raw, final)`` scores of one tile from ``k_t = K_jᵀ``: raw ``Q_i K_jᵀ · scale``; final after score_mod
-    and mask."""
-    raw = q_scaled @ k_t  # (..., bq, D) @ (..., D, bk) -> (..., bq, bk)
+    """``(raw, final)`` scores of one tile from ``k_t = K_jᵀ``: raw ``Q_i K_jᵀ · scale`` (written into ``out``
+    when given); final after score_mod and mask."""
+    raw = torch.matmul(q_scaled, k_t, out=out)  # (..., bq, D) @ (..., D, bk) -> (..., bq, bk)
     scores = raw
     if score_mod is not None:
         scores = score_mod(raw, *tiles.indices(rows, cols))
     if partial:
         scores = apply_mask(scores, tiles.tile_mask(rows, cols))
     return raw, scores
+
+
+class _Scratch:
+    """One buffer per tile shape, reused by every tile of that shape for a product the loop writes anew each
+    time: allocating and freeing tiles of megabytes made the memory allocator return pages to the system and
+    fault them in again, a fifth of the dense forward+backward at 4096 tokens."""
+
+    def __init__(self, lead: tuple[int, ...], like: Tensor) -> None:
+        self.lead, self.like = lead, like
+        self.buffers: dict[tuple[str, int, int], Tensor] = {}
+
+    def __call__(self, name: str, rows: int, cols: int) -> Tensor:
+        """The ``(..., rows, cols)`` buffer called ``name`` (its contents are overwritten by the caller)."""
+        key = (name, rows, cols)
+        if key not in self.buffers:
+            self.buffers[key] = self.like.new_empty((*self.lead, rows, cols))
+        return self.buffers[key]
+
+    def product(self, a: Tensor, b: Tensor, name: str) -> Tensor:
+        """``a @ b`` ``(..., rows, n) @ (..., n, cols)`` written into the buffer ``name``."""
+        return torch.matmul(a, b, out=self(name, a.shape[-2], b.shape[-1]))
 
 
 def tiled_forward(
@@ -121,17 +143,20 @@ def tiled_forward(
     tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block_q, block_k=block_k,
                   q_offset=q_offset, kv_offset=kv_offset, total=total)  # fmt: skip
     work = checks.work_dtype(q.dtype)
+    q, k, v = q.detach(), k.detach(), v.detach()  # not differentiable itself: products can write into buffers
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
     out = torch.zeros(*lead, q.shape[-2], v.shape[-1], dtype=work, device=q.device)
     lse = torch.empty((*lead, q.shape[-2]), dtype=work, device=q.device)  # every query block writes its rows
     k_t = k.to(work).transpose(-2, -1).contiguous()  # (..., D, S): Q Kᵀ without a transposed operand, faster
+    scratch = _Scratch(lead, out)
     for i, q0, q1 in tiles.query_blocks():
         q_scaled = q[..., q0:q1, :].to(work) * scale
         m = torch.full((*lead, q1 - q0), -math.inf, dtype=work, device=q.device)  # running max
         total_sum = torch.zeros_like(m)  # running row sum l
         acc = torch.zeros(*lead, q1 - q0, v.shape[-1], dtype=work, device=q.device)  # unnormalised output
         for _, k0, k1, partial in tiles.key_blocks(i):
-            _, s = _tile_scores(tiles, q_scaled, k_t[..., k0:k1], (q0, q1), (k0, k1), partial, score_mod)
+            buffer = scratch("scores", q1 - q0, k1 - k0)
+            _, s = _tile_scores(tiles, q_scaled, k_t[..., k0:k1], (q0, q1), (k0, k1), partial, score_mod, buffer)
             m_new = torch.maximum(m, s.amax(dim=-1))
             shift = torch.where(m_new == -math.inf, 0.0, m_new)  # a row with nothing allowed yet: exp -> 0
             # (..., bq, bk), in place: the scores are not read again (score_mod's may be a tensor of the caller's)
@@ -184,6 +209,7 @@ def tiled_backward(
     tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block_q, block_k=block_k,
                   q_offset=q_offset, kv_offset=kv_offset, total=total)  # fmt: skip
     work = checks.work_dtype(q.dtype)
+    q, k, v = q.detach(), k.detach(), v.detach()  # as in tiled_forward; score_mod's gradient goes by q_scaled
     grad_out, out = grad_out.to(work), out.to(work)
     delta = (grad_out * out).sum(dim=-1)  # D_i = rowsum(dO ∘ O), (..., T)
     lse = torch.where(torch.isfinite(lse), lse, math.inf).to(work)  # no key allowed: P = exp(-inf) = 0
@@ -196,19 +222,21 @@ def tiled_backward(
     dq = torch.zeros(*lead, *q.shape[-2:], dtype=work, device=q.device)
     dk_t = torch.zeros(*lead, k.shape[-1], k.shape[-2], dtype=work, device=q.device)
     dv_t = torch.zeros(*lead, v.shape[-1], v.shape[-2], dtype=work, device=q.device)
+    scratch = _Scratch(lead, dq)
     for i, q0, q1 in tiles.query_blocks():
         q_scaled = q[..., q0:q1, :].to(work) * scale
         q_scaled_t = q_scaled.transpose(-2, -1).contiguous()  # (..., D, bq)
         do_i_t = grad_out[..., q0:q1, :].transpose(-2, -1).contiguous()  # (..., E, bq)
         lse_i, delta_i = lse[..., q0:q1].unsqueeze(-1), delta[..., q0:q1].unsqueeze(-1)
         for _, k0, k1, partial in tiles.key_blocks(i):
+            buffer = scratch("scores", q1 - q0, k1 - k0) if score_mod is None else None  # autograd: no out=
             with torch.enable_grad():
                 raw, s = _tile_scores(tiles, q_scaled.detach().requires_grad_(score_mod is not None),
-                                      k_t[..., k0:k1], (q0, q1), (k0, k1), partial, score_mod)  # fmt: skip
+                                      k_t[..., k0:k1], (q0, q1), (k0, k1), partial, score_mod, buffer)  # fmt: skip
             # the softmax weights of this tile, recomputed in place (score_mod's backward may read s: a copy)
             p = (s.detach().clone() if score_mod is not None else s).sub_(lse_i).exp_()
             dv_t[..., k0:k1].add_(do_i_t @ p)  # dVᵀ += dOᵀ P
-            dp = grad_out[..., q0:q1, :] @ v_t[..., k0:k1]  # (..., bq, bk)
+            dp = scratch.product(grad_out[..., q0:q1, :], v_t[..., k0:k1], "dP")  # (..., bq, bk)
             ds = dp.sub_(delta_i).mul_(p)  # P ∘ (dP - D_i), in place
             if score_mod is not None:  # through score_mod back to the raw scaled scores
                 (ds,) = torch.autograd.grad(s, raw, ds)
