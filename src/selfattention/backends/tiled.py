@@ -47,14 +47,15 @@ from selfattention.backends.tiles import AnyMask, Tiles, apply_mask
 from selfattention.masks import MaskDescription
 from selfattention.steps import ScoreMod
 
-BLOCK_Q = 512
+BLOCK_Q = 2048
 """Default number of queries per tile (the backend function may take fewer, see :func:`tile_sizes`)."""
 BLOCK_K = 1024
 """Default number of keys per tile."""
-TILE_LIMIT = 1 << 20
-"""Most scores of one tile over every batch and head (4 MiB of float32, about the CPU's L2 cache):
-measured fastest on the CPU for dense attention at 4096 tokens, with one head (512 x 1024) and four
-(512 x 512); tiles of 256 x 512 were 1.1 to 1.3 times slower, four times larger ones up to 1.4 times."""
+TILE_LIMIT = 1 << 21
+"""Most scores of one tile over every batch and head (8 MiB of float32), as measured fastest on the CPU for
+dense attention at 4096 tokens, forward+backward: with one head 2048 x 1024 (93 ms; 512 x 1024: 116 ms,
+256 x 512: 153 ms), with four heads 512 x 1024 (380 ms; 1024 x 2048: 450 ms). Larger tiles mean fewer
+Python steps and fewer calls; past this size they fall out of the cache."""
 
 
 def _tile_scores(
@@ -292,27 +293,26 @@ def attention_with_lse(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``(context, lse)``: the backend's output and the log-sum-exp its forward kernel computed anyway."""
     heads = math.prod(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2]))
-    block_q, block_k = tile_sizes(heads, sparse=isinstance(mask, MaskDescription))
+    block_q, block_k = tile_sizes(heads, sparse=isinstance(mask, MaskDescription), causal=causal)
     options = {"scale": scale, "mask": mask, "causal": causal, "score_mod": score_mod,
                "block_q": block_q, "block_k": block_k}  # fmt: skip
     return recompute_attention(query, key, value, forward=tiled_forward, backward=tiled_backward, options=options)
 
 
-def tile_sizes(heads: int, *, sparse: bool = False) -> tuple[int, int]:
+def tile_sizes(heads: int, *, sparse: bool = False, causal: bool = False) -> tuple[int, int]:
     """``(block_q, block_k)`` for ``heads`` (batch times heads) computed together: :data:`BLOCK_Q` by
     :data:`BLOCK_K`, the larger side halved while a tile of every head holds more than :data:`TILE_LIMIT`
     scores, down to 256 by 512.
 
-    ``sparse``: the mask is a description, which empties whole tiles; smaller tiles skip more of its work,
-    so it gets the smallest (with 512 x 1024, sliding_window(256) and documents(16) at 4096 tokens were
-    1.2 to 1.6 times slower forward+backward).
+    Smaller tiles skip more of the work a mask empties, so ``causal`` starts from 512 x 512 (at 4096 tokens
+    with one head, forward+backward 97 ms; 2048 x 1024: 143 ms) and ``sparse`` (a mask description) takes
+    256 x 512 (with 512 x 1024, sliding_window(256) and documents(16) were 1.26 and 1.64 times slower).
 
-    >>> tile_sizes(1), tile_sizes(4), tile_sizes(64), tile_sizes(1, sparse=True)
-    ((512, 1024), (512, 512), (256, 512), (256, 512))
+    >>> tile_sizes(1), tile_sizes(4), tile_sizes(64), tile_sizes(1, causal=True), tile_sizes(1, sparse=True)
+    ((2048, 1024), (512, 1024), (256, 512), (512, 512), (256, 512))
     """
-    block_q, block_k = BLOCK_Q, BLOCK_K
-    limit = 1 if sparse else TILE_LIMIT
-    while block_q * block_k * heads > limit and block_q * block_k > 256 * 512:
+    block_q, block_k = (256, 512) if sparse else (512, 512) if causal else (BLOCK_Q, BLOCK_K)
+    while block_q * block_k * heads > TILE_LIMIT and block_q * block_k > 256 * 512:
         if block_k > block_q:
             block_k //= 2
         else:
