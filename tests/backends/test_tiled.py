@@ -315,3 +315,31 @@ def test_merge_partials_keeps_the_dtypes_of_out_and_lse():
     want = want + (lse_b.double() - want_lse).exp()[:, None] * out_b.double()
     torch.testing.assert_close(merged, want.bfloat16())
     torch.testing.assert_close(lse, want_lse.float())
+
+
+def test_tile_sizes_halve_the_larger_side_until_every_head_fits_the_limit():
+    # dense: 2048 x 1024 for one head, then within TILE_LIMIT = 2^21 scores over every head, down to 256 x 512
+    assert [tiled.tile_sizes(h) for h in (1, 2, 4, 8, 16, 1000)] == [
+        (2048, 1024), (1024, 1024), (512, 1024), (512, 512), (256, 512), (256, 512)
+    ]  # fmt: skip
+    assert [tiled.tile_sizes(h, causal=True) for h in (1, 8, 16)] == [(512, 512), (512, 512), (256, 512)]
+    assert [tiled.tile_sizes(h, sparse=True) for h in (1, 64)] == [(256, 512), (256, 512)]
+    for heads in (1, 3, 4, 8, 16):
+        block_q, block_k = tiled.tile_sizes(heads)
+        assert block_q * block_k * heads <= tiled.TILE_LIMIT
+
+
+@pytest.mark.parametrize("kind", ["dense", "causal", "description"])
+def test_the_backend_function_takes_the_tile_sizes_of_its_heads_and_mask(kind, monkeypatch):
+    seen = {}
+
+    def spy(q, k, v, *, forward, backward, options):
+        seen.update(options)
+        return tiled_forward(q, k, v, **options)
+
+    monkeypatch.setattr(tiled, "recompute_attention", spy)
+    q = torch.randn(1, 1, 8, 4)  # one head: the three kinds get three different sizes
+    mask = masks.sliding_window(3) if kind == "description" else None
+    tiled.attention_with_lse(q, q, q, mask=mask, causal=kind == "causal", scale=0.5)
+    expected = tiled.tile_sizes(1, sparse=kind == "description", causal=kind == "causal")
+    assert (seen["block_q"], seen["block_k"]) == expected
