@@ -343,3 +343,23 @@ def test_the_backend_function_takes_the_tile_sizes_of_its_heads_and_mask(kind, m
     tiled.attention_with_lse(q, q, q, mask=mask, causal=kind == "causal", scale=0.5)
     expected = tiled.tile_sizes(1, sparse=kind == "description", causal=kind == "causal")
     assert (seen["block_q"], seen["block_k"]) == expected
+
+
+def test_a_score_mod_may_return_a_table_that_only_broadcasts_to_the_tile():
+    q, k, v = inputs(2, 6, 4, keys=6, seed=7)
+    table = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+
+    def bias_only(score, b, h, q_idx, kv_idx):
+        return table[q_idx, kv_idx]  # (bq, bk): the scores are ignored
+
+    out, lse = tiled_forward(q, k, v, scale=0.5, score_mod=bias_only, block_q=4, block_k=4)
+    torch.testing.assert_close(out, torch.softmax(table, dim=-1).expand(2, 6, 6) @ v)
+    torch.testing.assert_close(lse, torch.logsumexp(table, dim=-1).expand(2, 6))
+
+
+def test_a_second_derivative_is_refused_not_computed_wrong():
+    q, k, v = (x.requires_grad_() for x in inputs(2, 6, 4, keys=6, seed=9))
+    out = tiled.attention(q, k, v, mask=None, causal=True, scale=0.5, dropout_p=0.0, return_weights=False)[0]
+    (grad_q,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_q.sum().backward()

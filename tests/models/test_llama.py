@@ -167,3 +167,24 @@ def test_swiglu_in_place_product_keeps_the_values_and_gradients() -> None:
     want = torch.autograd.grad(expected, [x, *mlp.parameters()], grad)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_in_half_precision_is_torchs_computed_in_float32(dtype: torch.dtype) -> None:
+    torch.manual_seed(4)
+    ours, torchs = RMSNorm(576, eps=1e-5), nn.RMSNorm(576, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        torchs.weight.copy_(ours.weight)
+    ours, torchs = ours.to(dtype), torchs.to(dtype)
+    x = (torch.randn(3, 576) * 20).to(dtype)  # squares summed in float16 would reach inf
+    out = ours(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert torch.equal(out, torchs(x))
+
+
+def test_rotate_half_with_a_sin_table_wider_than_the_input_broadcasts() -> None:
+    torch.manual_seed(5)
+    x, cos, sin = torch.randn(2, 1, 7, 8), torch.randn(7, 8), torch.randn(2, 3, 7, 8)
+    first, second = x.chunk(2, dim=-1)
+    assert torch.equal(rotate_half(x, cos, sin), x * cos + torch.cat([-second, first], dim=-1) * sin)

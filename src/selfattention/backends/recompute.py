@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 Forward = Callable[..., tuple[Tensor, Tensor]]
 """``forward(q, k, v, **options) -> (out (..., T, E), lse (..., T))``."""
@@ -34,6 +35,7 @@ class _RecomputeAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable  # the kernels compute first derivatives only: a second one is refused, not wrong
     def backward(ctx: Any, grad_out: Tensor, _grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ctx.backward_kernel(q, k, v, out, lse, grad_out, **ctx.options)

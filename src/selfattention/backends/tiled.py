@@ -160,8 +160,9 @@ def tiled_forward(
             _, s = _tile_scores(tiles, q_scaled, k_t[..., k0:k1], (q0, q1), (k0, k1), partial, score_mod, buffer)
             m_new = torch.maximum(m, s.amax(dim=-1))
             shift = torch.where(m_new == -math.inf, 0.0, m_new)  # a row with nothing allowed yet: exp -> 0
-            # (..., bq, bk), in place: the scores are not read again (score_mod's may be a tensor of the caller's)
-            p = (s if score_mod is None else s.clone()).sub_(shift.unsqueeze(-1)).exp_()
+            # (..., bq, bk), in place: the scores are not read again; a score_mod's result may be the caller's
+            # tensor, or one that only broadcasts to the tile: subtracted out of place
+            p = (s.sub_(shift.unsqueeze(-1)) if score_mod is None else s - shift.unsqueeze(-1)).exp_()
             correction = torch.exp(m - shift)  # rescales what was summed relative to the old maximum
             total_sum.mul_(correction).add_(p.sum(dim=-1))
             acc.mul_(correction.unsqueeze(-1)).add_(p @ v[..., k0:k1, :].to(work))
@@ -234,8 +235,9 @@ def tiled_backward(
             with torch.enable_grad():
                 raw, s = _tile_scores(tiles, q_scaled.detach().requires_grad_(score_mod is not None),
                                       k_t[..., k0:k1], (q0, q1), (k0, k1), partial, score_mod, buffer)  # fmt: skip
-            # the softmax weights of this tile, recomputed in place (score_mod's backward may read s: a copy)
-            p = (s.detach().clone() if score_mod is not None else s).sub_(lse_i).exp_()
+            # the softmax weights of this tile, recomputed in place (out of place after a score_mod, whose
+            # backward may read s)
+            p = (s.sub_(lse_i) if score_mod is None else s.detach() - lse_i).exp_()
             dv_t[..., k0:k1].add_(do_i_t @ p)  # dVᵀ += dOᵀ P
             dp = scratch.product(grad_out[..., q0:q1, :], v_t[..., k0:k1], "dP")  # (..., bq, bk)
             ds = dp.sub_(delta_i).mul_(p)  # P ∘ (dP - D_i), in place

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from selfattention.checks import LOW_PRECISION
 from selfattention.kv_cache import rotate_half
 from selfattention.modules import KVCache, MultiHeadAttention
 
@@ -131,8 +132,8 @@ class LlamaAttention(MultiHeadAttention):
 class RMSNorm(nn.Module):
     """``x / sqrt(mean(x**2) + eps) * weight`` over the last axis: ``(..., C) -> (..., C)``.
 
-    The values of ``nn.RMSNorm`` and of Hugging Face's ``LlamaRMSNorm`` (bit for bit on float32: the same
-    sum, divided by ``C``); the sum of squares is one dot product per row, which on the CPU is six times
+    The values of ``nn.RMSNorm`` and of Hugging Face's ``LlamaRMSNorm`` (bit for bit: the same sum, divided
+    by ``C``); the sum of squares is one dot product per row, which on the CPU is six times
     faster than their ``pow`` and ``mean`` at 512 tokens.
     """
 
@@ -142,9 +143,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(width))
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(..., C) -> (..., C)``."""
+        """``(..., C) -> (..., C)``; half and bfloat16 inputs are computed in float32, as ``nn.RMSNorm`` does."""
+        if x.dtype in LOW_PRECISION:  # their sum of squares would overflow or round away
+            return self._normalise(x.float(), self.weight.float()).to(x.dtype)
+        return self._normalise(x, self.weight)
+
+    def _normalise(self, x: Tensor, weight: Tensor) -> Tensor:
         mean_square = torch.linalg.vecdot(x, x).unsqueeze(-1) / x.shape[-1]  # (..., C) -> (..., 1)
-        return self.weight * (x * torch.rsqrt(mean_square + self.eps))
+        return weight * (x * torch.rsqrt(mean_square + self.eps))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
