@@ -11,7 +11,7 @@ three running quantities. For one block of queries ``Q_i`` and key blocks ``j = 
    it is rescaled by ``c = exp(m - m_new)``: the row sums ``l = c·l + rowsum(p)`` and the unnormalised
    output ``acc = c·acc + p V_j``.
 4. **Finish**: ``out_i = acc / l`` and the log-sum-exp ``lse_i = m + log l``, the only thing saved for the
-   backward pass. Memory beyond the inputs: one tile plus ``O(T)`` numbers, not ``O(T·S)``.
+   backward pass. Memory beyond the inputs: a few tiles plus ``O(T + S)`` numbers, not ``O(T·S)``.
 
 A row with no allowed key has ``l = 0``: its output is 0 and its ``lse`` is ``-inf``.
 
