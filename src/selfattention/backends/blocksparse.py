@@ -222,23 +222,41 @@ def _mask(runs: tuple[_Run, ...], batch: int) -> Tensor | None:
 
 
 def _add(x: Tensor, spans: list[tuple[int, int]], rows: Tensor) -> None:
-    """Add ``rows (m * B, H, b - a, W)`` into ``x (B, H, L, W)`` at the spans, one span at a time.
+    """Add ``rows (m * B, H, b - a, W)`` into ``x (B, H, L, W)`` at the spans: through one view where they
+    follow one another without overlapping (documents) and :func:`_view` finds one, else one at a time.
 
     Key windows overlap, and an in-place add through overlapping views is left to chance once PyTorch
     splits it over threads.
     """
+    disjoint = all(end <= start for (_, end), (start, _) in pairwise(spans))
+    view = _view(x, spans) if disjoint else None
+    if view is not None:
+        view += rows
+        return
     batch = x.shape[0]
     for member, (a, b) in enumerate(spans):
         x[..., a:b, :] += rows[member * batch : (member + 1) * batch]
 
 
+Plan = list[tuple[list[tuple[int, int]], list[tuple[_Run, ...]]]]
+"""What :func:`_groups` returns: the fused calls of one attention call, the same for its backward pass."""
+
+
+def plan(q: Tensor, k: Tensor, *, mask: AnyMask, causal: bool, block: int = BLOCK) -> Plan:
+    """The grouped runs of attention of ``q (B, H, T, D)`` over ``k (B, H, S, D)`` with tiles of ``block``."""
+    return _groups(Tiles(q, k, mask=mask, causal=causal, block_q=block, block_k=block), q.dtype)
+
+
 def blocksparse_forward(
-    q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: AnyMask, causal: bool, block: int = BLOCK
-) -> tuple[Tensor, Tensor]:
-    """``(out, lse)`` of attention over the non-empty tiles only, for 4-D ``(B, H, T|S, D)`` inputs."""
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: AnyMask, causal: bool, block: int = BLOCK,
+    groups: Plan | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``(out, lse)`` of attention over the non-empty tiles only, for 4-D ``(B, H, T|S, D)`` inputs.
+
+    ``groups``: :func:`plan`'s for these inputs, when made already (the backward pass takes the same).
+    """
     forward, _ = _fused()
-    tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block, block_k=block)
-    groups = _groups(tiles, q.dtype)
+    groups = plan(q, k, mask=mask, causal=causal, block=block) if groups is None else groups
     work = checks.work_dtype(q.dtype)
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=work, device=q.device)
@@ -266,11 +284,11 @@ def blocksparse_forward(
 
 def blocksparse_backward(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, *, scale: float,
-    mask: AnyMask, causal: bool, block: int = BLOCK,
+    mask: AnyMask, causal: bool, block: int = BLOCK, groups: Plan | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``(dq, dk, dv)``: the fused backward of every run, given the merged ``out`` and ``lse``."""
     _, backward = _fused()
-    tiles = Tiles(q, k, mask=mask, causal=causal, block_q=block, block_k=block)
+    groups = plan(q, k, mask=mask, causal=causal, block=block) if groups is None else groups
     work = checks.work_dtype(q.dtype)
     # a row with no key: weights exp(-inf) = 0; the kernel takes lse in the work dtype
     lse = torch.where(torch.isfinite(lse), lse, math.inf).to(work).unsqueeze(-1)  # (B, H, T, 1)
@@ -279,7 +297,7 @@ def blocksparse_backward(
     dk = torch.zeros(k.shape, dtype=work, device=q.device)
     dv = torch.zeros(v.shape, dtype=work, device=q.device)
     batch = q.shape[0]
-    for rows, columns in _groups(tiles, q.dtype):
+    for rows, columns in groups:
         q_g, out_g, do_g = _take(q, rows), _take(out, rows), _take(grad_out, rows)
         lse_g = _take(lse, rows)[..., 0]  # (m * B, H, bq)
         for runs in columns:
@@ -325,7 +343,9 @@ def attention_with_lse(
     # columns added to v give output columns that are cut off again.
     width = max(query.shape[-1], value.shape[-1])
     q, k, v = (as_4d(_widened(tensor, width)) for tensor in (query, key, value))
-    options = {"scale": scale, "mask": _mask_as_4d(mask, query), "causal": causal, "block": block or BLOCK}
+    mask = _mask_as_4d(mask, query)
+    groups = plan(q, k, mask=mask, causal=causal, block=block or BLOCK)  # once, for both passes
+    options = {"scale": scale, "mask": mask, "causal": causal, "block": block or BLOCK, "groups": groups}
     context, lse = recompute_attention(
         q, k, v, forward=blocksparse_forward, backward=blocksparse_backward, options=options
     )
