@@ -454,3 +454,18 @@ def test_a_window_over_strided_inputs_equals_the_reference(monkeypatch, t: int) 
     q, k, v = (x.transpose(1, 2).requires_grad_() for x in (q, k, v))  # (B, H, T, D), not contiguous
     grad = torch.randn(1, 2, t, 8, generator=gen, dtype=torch.float64)
     _against_reference(q, k, v, grad, backend="blocksparse", mask=masks.sliding_window(21))
+
+
+@pytest.mark.parametrize("mask", [masks.sliding_window(40), masks.documents(torch.arange(256) // 64)], ids=str)
+def test_the_runs_are_planned_once_for_both_passes_and_the_gradients_match(mask, monkeypatch):
+    made = []
+    real_plan = blocksparse.plan
+
+    def counted(*args, **kwargs):
+        made.append(1)
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(blocksparse, "plan", counted)
+    monkeypatch.setattr(blocksparse, "BLOCK", 32)
+    _against_reference(*_inputs(1, 2, 256, 256, 8, 8, seed=11), backend="blocksparse", mask=mask)
+    assert len(made) == 1  # the backward pass took the forward's plan
