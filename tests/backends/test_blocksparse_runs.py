@@ -469,3 +469,27 @@ def test_the_runs_are_planned_once_for_both_passes_and_the_gradients_match(mask,
     monkeypatch.setattr(blocksparse, "BLOCK", 32)
     _against_reference(*_inputs(1, 2, 256, 256, 8, 8, seed=11), backend="blocksparse", mask=mask)
     assert len(made) == 1  # the backward pass took the forward's plan
+
+
+@pytest.mark.parametrize(
+    ("mask", "causal"), [(masks.sliding_window(40), False), (None, True)], ids=["window", "causal"]
+)
+def test_the_kernels_called_without_a_plan_make_the_same_one(mask, causal):
+    q, k, v, grad = (x.detach() for x in _inputs(1, 2, 200, 200, 8, 8, seed=14))
+    options = {"scale": 0.5, "mask": mask, "causal": causal, "block": 32}
+    given = blocksparse.plan(q, k, mask=mask, causal=causal, block=32)
+    out, lse = blocksparse.blocksparse_forward(q, k, v, **options)
+    out_given, lse_given = blocksparse.blocksparse_forward(q, k, v, **options, groups=given)
+    assert torch.equal(out, out_given) and torch.equal(lse, lse_given)
+    grads = blocksparse.blocksparse_backward(q, k, v, out, lse, grad, **options)
+    grads_given = blocksparse.blocksparse_backward(q, k, v, out, lse, grad, **options, groups=given)
+    for a, b in zip(grads, grads_given, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_split_runs_with_a_batch_of_two_equal_the_reference(small_runs: None) -> None:
+    """With B = 2 the query blocks of a group are no single view: the gradients of each block's several runs
+    (a window of 40 over tiles of 16 splits into FULL and PARTIAL runs) are added row by row; overwriting
+    them would keep only the last run's."""
+    assert _split(160, 160, causal=False, mask=masks.sliding_window(40))[0] >= 1
+    _against_reference(*_inputs(2, 2, 160, 160, 8, 6, seed=16), backend="blocksparse", mask=masks.sliding_window(40))

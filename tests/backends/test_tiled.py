@@ -327,10 +327,38 @@ def test_tile_sizes_halve_the_larger_side_until_every_head_fits_the_limit():
     for heads in (1, 3, 4, 8, 16):
         block_q, block_k = tiled.tile_sizes(heads)
         assert block_q * block_k * heads <= tiled.TILE_LIMIT
+        assert type(block_q) is int and type(block_k) is int  # they are range() steps
 
 
+def test_every_tile_of_one_shape_writes_its_products_into_one_reused_buffer(monkeypatch):
+    buffers = []
+    real_call = tiled._Scratch.__call__
+
+    def spy(self, name, rows, cols):
+        buffer = real_call(self, name, rows, cols)
+        buffers.append((name, rows, cols, buffer.data_ptr()))
+        return buffer
+
+    monkeypatch.setattr(tiled._Scratch, "__call__", spy)
+    q, k, v = inputs(2, 12, 4, keys=10, seed=13)
+    options = {"scale": 0.5, "block_q": 4, "block_k": 4}  # 3 x 3 tiles, the last key block 2 wide
+    out, lse = tiled_forward(q, k, v, **options)
+    assert [b[:3] for b in buffers] == [("scores", 4, 4), ("scores", 4, 4), ("scores", 4, 2)] * 3
+    forward = buffers[:]
+    buffers.clear()
+    tiled_backward(q, k, v, out, lse, torch.ones_like(out), **options)
+    assert sorted({b[:3] for b in buffers}) == [("dP", 4, 2), ("dP", 4, 4), ("scores", 4, 2), ("scores", 4, 4)]
+    for calls in (forward, buffers):  # one buffer per name and shape, and the two names never share memory
+        places = {b[:3]: set() for b in calls}
+        for name, rows, cols, pointer in calls:
+            places[name, rows, cols].add(pointer)
+        assert all(len(pointers) == 1 for pointers in places.values())
+        assert len({pointer for pointers in places.values() for pointer in pointers}) == len(places)
+
+
+@pytest.mark.parametrize("lead", [(1, 1), (2, 3)], ids=["one head", "2 x 3 heads"])
 @pytest.mark.parametrize("kind", ["dense", "causal", "description"])
-def test_the_backend_function_takes_the_tile_sizes_of_its_heads_and_mask(kind, monkeypatch):
+def test_the_backend_function_takes_the_tile_sizes_of_its_heads_and_mask(kind, lead, monkeypatch):
     seen = {}
 
     def spy(q, k, v, *, forward, backward, options):
@@ -338,10 +366,10 @@ def test_the_backend_function_takes_the_tile_sizes_of_its_heads_and_mask(kind, m
         return tiled_forward(q, k, v, **options)
 
     monkeypatch.setattr(tiled, "recompute_attention", spy)
-    q = torch.randn(1, 1, 8, 4)  # one head: the three kinds get three different sizes
+    q = torch.randn(*lead, 8, 4)  # with one head the three kinds get three different sizes
     mask = masks.sliding_window(3) if kind == "description" else None
     tiled.attention_with_lse(q, q, q, mask=mask, causal=kind == "causal", scale=0.5)
-    expected = tiled.tile_sizes(1, sparse=kind == "description", causal=kind == "causal")
+    expected = tiled.tile_sizes(math.prod(lead), sparse=kind == "description", causal=kind == "causal")
     assert (seen["block_q"], seen["block_k"]) == expected
 
 
