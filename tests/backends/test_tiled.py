@@ -97,7 +97,11 @@ def squash(score, b, h, q_idx, kv_idx):
     return torch.tanh(score)  # tanh's backward reads its own output: the backward kernel must not overwrite it
 
 
-@pytest.mark.parametrize("score_mod", [alibi, soft_cap, squash])
+def alibi_in_place(score, b, h, q_idx, kv_idx):
+    return score.sub_((h + 1) * 0.25 * (q_idx - kv_idx).abs()).mul_(0.5)  # edits the scores it is given
+
+
+@pytest.mark.parametrize("score_mod", [alibi, soft_cap, squash, alibi_in_place])
 def test_score_mod_values_and_gradients(score_mod):
     q, k, v = inputs(2, 10, 4, keys=10, seed=3)
     q, k = q * 3, k * 3  # large scores, so that soft-capping bites

@@ -73,7 +73,10 @@ def _tile_scores(
     raw = torch.matmul(q_scaled, k_t, out=out)  # (..., bq, D) @ (..., D, bk) -> (..., bq, bk)
     scores = raw
     if score_mod is not None:
-        scores = score_mod(raw, *tiles.indices(rows, cols))
+        # The backward differentiates ``scores`` with respect to ``raw``: a score_mod that edits its input
+        # in place gets a copy there, or ``raw`` would become its own result and the gradient the identity.
+        given = raw.clone() if raw.requires_grad else raw
+        scores = score_mod(given, *tiles.indices(rows, cols))
     if partial:
         scores = apply_mask(scores, tiles.tile_mask(rows, cols))
     return raw, scores
