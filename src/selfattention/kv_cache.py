@@ -54,9 +54,10 @@ def rotate_half(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """
     half = x.shape[-1] // 2
     rotated = x * cos
-    shape = torch.broadcast_shapes(rotated.shape, sin.shape)
-    if rotated.shape != shape:  # a sin table wider than x * cos: the in-place sums below need the full shape
-        rotated = rotated.expand(shape).clone()
+    if sin.shape != cos.shape:  # a sin table wider than x * cos: the in-place sums below need the full shape
+        shape = torch.broadcast_shapes(rotated.shape, sin.shape)  # (slow in Python: not for equal tables)
+        if rotated.shape != shape:
+            rotated = rotated.expand(shape).clone()
     # The same sums as ``x * cos + cat([-x2, x1]) * sin``, bit for bit, written into the halves of one
     # product instead of building the rotated copy with a negation and a concatenation (a third faster).
     rotated[..., :half].sub_(x[..., half:] * sin[..., :half])
