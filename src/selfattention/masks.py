@@ -399,8 +399,10 @@ class _Documents(MaskDescription):
 def _block_min_max(ids: Tensor, block: int) -> tuple[Tensor, Tensor]:
     """Per-tile minimum and maximum of ``ids (rows, n)`` along the last axis."""
     pad = -ids.shape[1] % block
-    lo = torch.nn.functional.pad(ids, (0, pad), value=int(ids.max()) if ids.numel() else 0)
-    hi = torch.nn.functional.pad(ids, (0, pad), value=int(ids.min()) if ids.numel() else 0)
+    lo = hi = ids
+    if pad:  # the last tile is short: padded with values that change neither its minimum nor its maximum
+        lo = torch.nn.functional.pad(ids, (0, pad), value=int(ids.max()) if ids.numel() else 0)
+        hi = torch.nn.functional.pad(ids, (0, pad), value=int(ids.min()) if ids.numel() else 0)
     return lo.unflatten(1, (-1, block)).amin(-1), hi.unflatten(1, (-1, block)).amax(-1)
 
 

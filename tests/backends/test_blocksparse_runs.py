@@ -493,3 +493,40 @@ def test_split_runs_with_a_batch_of_two_equal_the_reference(small_runs: None) ->
     them would keep only the last run's."""
     assert _split(160, 160, causal=False, mask=masks.sliding_window(40))[0] >= 1
     _against_reference(*_inputs(2, 2, 160, 160, 8, 6, seed=16), backend="blocksparse", mask=masks.sliding_window(40))
+
+
+@pytest.mark.parametrize(
+    ("spans", "length", "once"),
+    [
+        ([(256, 512), (0, 256)], 512, True),  # any order
+        ([(0, 256), (128, 512)], 512, False),  # overlapping (a window's keys)
+        ([(0, 256), (256, 384)], 512, False),  # rows 384.. have no run
+        ([(0, 256), (0, 256)], 512, False),  # the same rows twice, as long as the whole in all
+    ],
+)
+def test_tiles_once_is_an_exact_cover(spans: list[tuple[int, int]], length: int, once: bool) -> None:
+    assert blocksparse._tiles_once(spans, length) is once
+
+
+@pytest.mark.parametrize(
+    ("ids", "assigned"),
+    [
+        ([0] * 8 + [1] * 8 + [2] * 8, [True, True, True]),  # documents aligned to the 8-token tiles
+        # a tile over two documents: each query block is still one run, but keys 8..15 are in two
+        ([0] * 5 + [1] * 11 + [2] * 8, [True, False, False]),
+    ],
+)
+def test_gradients_written_once_go_into_uninitialised_memory_and_equal_the_reference(
+    monkeypatch: pytest.MonkeyPatch, ids: list[int], assigned: list[bool]
+) -> None:
+    monkeypatch.setattr(blocksparse, "BLOCK", 8)
+    kinds: list[bool] = []
+
+    def poisoned(shape, dtype, device, assign):  # NaN where the backend takes uninitialised memory
+        kinds.append(assign)
+        return torch.full(shape, math.nan if assign else 0.0, dtype=dtype, device=device)
+
+    monkeypatch.setattr(blocksparse, "_gradient_buffer", poisoned)
+    q, k, v, grad = _inputs(1, 2, 24, 24, 4, 4, seed=11)
+    _against_reference(q, k, v, grad, backend="blocksparse", mask=masks.documents(ids))
+    assert kinds == assigned  # dq, dk, dv

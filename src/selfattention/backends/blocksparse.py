@@ -293,9 +293,13 @@ def blocksparse_backward(
     # a row with no key: weights exp(-inf) = 0; the kernel takes lse in the work dtype
     lse = torch.where(torch.isfinite(lse), lse, math.inf).to(work).unsqueeze(-1)  # (B, H, T, 1)
     grad_out = grad_out.to(q.dtype).contiguous()
-    dq = torch.zeros(q.shape, dtype=work, device=q.device)
-    dk = torch.zeros(k.shape, dtype=work, device=q.device)
-    dv = torch.zeros(v.shape, dtype=work, device=q.device)
+    # Where the runs' rows tile the whole sequence once (documents aligned to the blocks), each gradient row
+    # has one contribution: it is written into uninitialised memory instead of added to zeros.
+    query_spans = [span for rows, columns in groups for span in rows for _ in columns]
+    key_spans = [(run.k0, run.k1) for _, columns in groups for runs in columns for run in runs]
+    assign_q, assign_k = _tiles_once(query_spans, q.shape[-2]), _tiles_once(key_spans, k.shape[-2])
+    dq = _gradient_buffer(q.shape, work, q.device, assign_q)
+    dk, dv = (_gradient_buffer(x.shape, work, q.device, assign_k) for x in (k, v))
     batch = q.shape[0]
     for rows, columns in groups:
         q_g, out_g, do_g = _take(q, rows), _take(out, rows), _take(grad_out, rows)
@@ -304,10 +308,22 @@ def blocksparse_backward(
             spans = [(run.k0, run.k1) for run in runs]
             dq_r, dk_r, dv_r = backward(do_g, q_g, _take(k, spans), _take(v, spans), out_g, lse_g, 0.0,
                                         runs[0].is_causal, attn_mask=_mask(runs, batch), scale=scale)  # fmt: skip
-            _put(dq, rows, dq_r, add=True)
-            _add(dk, spans, dk_r)
-            _add(dv, spans, dv_r)
+            _put(dq, rows, dq_r, add=not assign_q)
+            write = _put if assign_k else _add
+            write(dk, spans, dk_r)
+            write(dv, spans, dv_r)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _tiles_once(spans: list[tuple[int, int]], length: int) -> bool:
+    """Whether ``spans`` cover ``[0, length)`` exactly once (in any order)."""
+    ordered = sorted(spans)
+    return sum(b - a for a, b in ordered) == length and all(end <= start for (_, end), (start, _) in pairwise(ordered))
+
+
+def _gradient_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device, assigned: bool) -> Tensor:
+    """Where a gradient is summed: zeros, or uninitialised memory when every row is assigned once."""
+    return (torch.empty if assigned else torch.zeros)(shape, dtype=dtype, device=device)
 
 
 def attention(
