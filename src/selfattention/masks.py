@@ -51,6 +51,9 @@ class MaskDescription:
 
     shift_invariant: bool = False
     """True when the rule reads ``q_idx - kv_idx`` only (and ``T``, ``S``): tiles at one offset have one mask."""
+    window: int | None = None
+    """The most keys a query may attend, counting its own position, when the rule bounds them (a sliding
+    window's ``size``); ``None`` when it does not. Block-sparse backends pick narrower tiles for narrow windows."""
 
     def allowed(self, b: Tensor, h: Tensor, q: Tensor, kv: Tensor, num_queries: int, num_keys: int) -> Tensor:
         """Boolean tensor, ``True`` where query ``q`` may attend key ``kv`` (index tensors broadcast)."""
@@ -267,7 +270,7 @@ class _SlidingWindow(MaskDescription):
     shift_invariant = True
 
     def __init__(self, size: int):
-        self.size = size
+        self.size = self.window = size
 
     def allowed(self, b: Tensor, h: Tensor, q: Tensor, kv: Tensor, num_queries: int, num_keys: int) -> Tensor:
         p = q + (num_keys - num_queries)
@@ -459,6 +462,11 @@ class _Combined(MaskDescription):
                 raise TypeError(f"can only combine mask descriptions, got {type(side).__name__}")
         self.left, self.right, self.op = left, right, op
         self.shift_invariant = left.shift_invariant and right.shift_invariant
+        windows = [side.window for side in (left, right) if side.window is not None]
+        if op == "and" and windows:  # both must allow: the narrower window bounds the keys
+            self.window = min(windows)
+        elif op == "or" and len(windows) == 2:  # either may allow: the wider one
+            self.window = max(windows)
 
     def check(self, batch: int, heads: int, num_queries: int, num_keys: int) -> None:
         self.left.check(batch, heads, num_queries, num_keys)

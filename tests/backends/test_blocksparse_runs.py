@@ -379,6 +379,7 @@ def test_query_blocks_whose_runs_have_one_shape_share_fused_calls(monkeypatch, n
     batch, t, make_mask, calls = GROUP_CASES[name]
     mask = make_mask(t)
     monkeypatch.setattr(blocksparse, "BLOCK", 16)
+    monkeypatch.setattr(blocksparse, "block_size", lambda mask: 16)  # tiles of 16 for the window of 9 too
     q, k, v, grad = _inputs(batch, 3, t, t, 8, 8, seed=11)
     shapes = _count_fused_calls(monkeypatch)
     attention(q.detach(), k.detach(), v.detach(), mask=mask, backend="blocksparse")
@@ -530,3 +531,28 @@ def test_gradients_written_once_go_into_uninitialised_memory_and_equal_the_refer
     q, k, v, grad = _inputs(1, 2, 24, 24, 4, 4, seed=11)
     _against_reference(q, k, v, grad, backend="blocksparse", mask=masks.documents(ids))
     assert kinds == assigned  # dq, dk, dv
+
+
+@pytest.mark.parametrize(
+    ("mask", "block"),
+    [
+        (masks.sliding_window(256), 128),  # a window no wider than a tile: half tiles
+        (masks.sliding_window(257), 256),
+        (masks.sliding_window(100) & masks.causal(), 128),  # both must allow: the window bounds
+        (masks.documents([0] * 8) & masks.sliding_window(100), 256),  # tiles aligned to documents run whole
+        (masks.sliding_window(100) & masks.sliding_window(1000), 128),  # the narrower one
+        (masks.sliding_window(100) | masks.sliding_window(1000), 256),  # either may allow: the wider one
+        (masks.sliding_window(100) | masks.causal(), 256),  # causal reaches every key before
+        (masks.documents([0] * 8), 256),
+        (torch.ones(8, 8, dtype=torch.bool), 256),
+        (None, 256),
+    ],
+)
+def test_narrow_windows_get_narrower_tiles(mask, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert blocksparse.block_size(mask) == block
+    seen: list[int] = []
+    plan = blocksparse.plan
+    monkeypatch.setattr(blocksparse, "plan", lambda *a, **kw: seen.append(kw["block"]) or plan(*a, **kw))
+    q = torch.randn(1, 1, 8, 4)
+    blocksparse.attention_with_lse(q, q, q, mask=mask, causal=False, scale=0.5)
+    assert seen == [block]
