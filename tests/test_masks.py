@@ -276,3 +276,14 @@ def test_shift_invariant_rules_give_equal_tiles_at_equal_offsets() -> None:
         full = rule.materialize(1, 1, 32, 40)[0, 0]  # (T, S) = (32, 40)
         for q0, k0 in [(0, 0), (8, 8), (16, 16), (8, 16), (0, 16), (16, 0)]:  # tiles inside (32, 40)
             assert torch.equal(full[q0 : q0 + 8, k0 : k0 + 16], full[q0 + 8 : q0 + 16, k0 + 8 : k0 + 24])
+
+
+def test_version_changes_with_an_in_place_edit_and_is_unknown_for_functions() -> None:
+    lengths, ids = torch.tensor([3, 5]), torch.tensor([0, 0, 1, 1, 1])
+    rule = masks.padding(lengths) & masks.documents(ids) & masks.sliding_window(2)
+    before = rule.version()
+    assert before is not None and masks.causal().version() == ()
+    lengths_rule = rule.left.left  # type: ignore[attr-defined]
+    lengths_rule.lengths[0] = 4  # the description's own tensor, edited in place
+    assert rule.version() != before
+    assert (masks.documents(ids) | masks.from_function(lambda b, h, q, kv: kv <= q)).version() is None

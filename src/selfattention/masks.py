@@ -62,6 +62,12 @@ class MaskDescription:
     def check(self, batch: int, heads: int, num_queries: int, num_keys: int) -> None:
         """Raise ValueError when the description does not fit attention of this shape."""
 
+    def version(self) -> tuple[int, ...] | None:
+        """Changes when the rule does: the versions of the tensors it reads (ids, lengths), which an in-place
+        edit bumps; ``()`` for rules of plain numbers; ``None`` when unknown (a function's). What is derived
+        from a description (a GPU block mask) is reused only while this stays the same."""
+        return ()
+
     def _bounds_map(self, bounds: _Bounds) -> Tensor | None:
         """The block map from tile bounds alone, or None when the rule needs the generic evaluation."""
         return None
@@ -319,6 +325,9 @@ class _Padding(MaskDescription):
     def __init__(self, lengths: Tensor):
         self.lengths = lengths
 
+    def version(self) -> tuple[int, ...]:
+        return (self.lengths._version,)
+
     def check(self, batch: int, heads: int, num_queries: int, num_keys: int) -> None:
         _rows("padding lengths", self.lengths.shape[0], batch)
         longest = int(self.lengths.max()) if self.lengths.numel() else 0
@@ -366,6 +375,9 @@ def padding(lengths: Tensor | Sequence[int]) -> MaskDescription:
 class _Documents(MaskDescription):
     def __init__(self, ids: Tensor):
         self.ids = ids  # (rows, S)
+
+    def version(self) -> tuple[int, ...]:
+        return (self.ids._version,)
 
     def check(self, batch: int, heads: int, num_queries: int, num_keys: int) -> None:
         _rows("document ids", self.ids.shape[0], batch)
@@ -472,6 +484,10 @@ class _Combined(MaskDescription):
         self.left.check(batch, heads, num_queries, num_keys)
         self.right.check(batch, heads, num_queries, num_keys)
 
+    def version(self) -> tuple[int, ...] | None:
+        left, right = self.left.version(), self.right.version()
+        return None if left is None or right is None else (*left, *right)
+
     def allowed(self, b: Tensor, h: Tensor, q: Tensor, kv: Tensor, num_queries: int, num_keys: int) -> Tensor:
         left = self.left.allowed(b, h, q, kv, num_queries, num_keys)
         right = self.right.allowed(b, h, q, kv, num_queries, num_keys)
@@ -499,6 +515,9 @@ class _Combined(MaskDescription):
 class _FromFunction(MaskDescription):
     def __init__(self, fn: MaskFn):
         self.fn = fn
+
+    def version(self) -> None:
+        return None  # what the function reads cannot be seen from here
 
     def allowed(self, b: Tensor, h: Tensor, q: Tensor, kv: Tensor, num_queries: int, num_keys: int) -> Tensor:
         return self.fn(b, h, q, kv)

@@ -186,3 +186,49 @@ def test_a_tensor_mask_goes_to_the_fused_kernel():
     out, _ = flex.attention(q, k, v, mask=mask, causal=False, scale=0.25, dropout_p=0.0, return_weights=False)
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, mask=mask, scale=0.25)[0], atol=2e-6,
                                rtol=1e-5)  # fmt: skip
+
+
+def test_a_block_mask_is_made_once_per_description_shape_and_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path reuses the block mask of the same description (every layer of a model, every step of a
+    loop); a new shape, causal flag or an in-place edit of the ids makes a new one, and the values follow."""
+    made: list[int] = []
+    build = flex.block_mask
+    monkeypatch.setattr(flex, "block_mask", lambda *a, **kw: made.append(1) or build(*a, **kw))
+    ids = torch.tensor([0] * 150 + [1] * 150)
+    rule = masks.documents(ids) & masks.sliding_window(64)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=gen) for _ in range(3))
+
+    def run(causal: bool = False) -> torch.Tensor:
+        with torch.no_grad():
+            return flex.flex_forward(q, k, v, scale=0.25, mask=rule, causal=causal, compiled=False)
+
+    first = run()
+    assert torch.equal(run(), first) and len(made) == 1  # the same call again: reused
+    run(causal=True)
+    flex.cached_block_mask(q[:, :, :200], k, mask=rule, causal=False)
+    assert len(made) == 3  # another flag, another number of queries
+    ids[100:] = 1  # the ids edited in place: the first document now ends at 100
+    edited = run()
+    assert len(made) == 4
+    want, _ = reference_attention(q, k, v, mask=reference_mask(rule, False, 1, 300, 300), scale=0.25)
+    torch.testing.assert_close(edited.double(), want, atol=2e-6, rtol=1e-5)
+    assert not torch.allclose(edited, first)
+
+
+def test_function_rules_are_not_cached_and_entries_go_with_their_description(monkeypatch) -> None:
+    made: list[int] = []
+    build = flex.block_mask
+    monkeypatch.setattr(flex, "block_mask", lambda *a, **kw: made.append(1) or build(*a, **kw))
+    q = torch.zeros(1, 1, 256, 16)
+    rule = masks.from_function(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx)
+    flex.cached_block_mask(q, q, mask=rule, causal=False)
+    flex.cached_block_mask(q, q, mask=rule, causal=False)
+    assert len(made) == 2  # what the function reads cannot be seen: made each time
+    window = masks.sliding_window(8)
+    for length in range(16, 16 * (flex.CACHED + 2), 16):  # more shapes than CACHED: the oldest go
+        flex.cached_block_mask(q[:, :, :length], q[:, :, :length], mask=window, causal=False)
+    assert len(flex._BLOCK_MASKS[window]) == flex.CACHED
+    before = len(flex._BLOCK_MASKS)
+    del window
+    assert len(flex._BLOCK_MASKS) == before - 1

@@ -26,6 +26,7 @@ so does a call of at most ``SMALL`` (256²) pairs, such as one decoding step, wi
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -103,6 +104,34 @@ def block_mask(
     )
 
 
+_BLOCK_MASKS: weakref.WeakKeyDictionary[MaskDescription, dict[tuple[object, ...], BlockMask]] = (
+    weakref.WeakKeyDictionary()
+)
+CACHED = 8
+"""Block masks kept per mask description (for as many shapes, devices and causal flags)."""
+
+
+def cached_block_mask(query: Tensor, key: Tensor, *, mask: MaskDescription | None, causal: bool) -> BlockMask:
+    """:func:`block_mask`, remembered for the same description object, shapes, device and ``causal``.
+
+    A model passes one description to every layer and a training loop to every step: the classification,
+    the block lists and the ``mask_mod`` are made once instead of on every call. A description that changes
+    (ids edited in place: :meth:`~selfattention.masks.MaskDescription.version`) gets a new one; a
+    ``from_function`` rule, whose inputs cannot be seen, is never cached. Entries go with their description.
+    """
+    version = None if mask is None else mask.version()
+    if mask is None or version is None:
+        return block_mask(query, key, mask=mask, causal=causal)
+    known = _BLOCK_MASKS.setdefault(mask, {})
+    # B and H too: a per-row rule (documents, padding) is classified over the batch
+    entry = (tuple(query.shape[:-1]), key.shape[-2], causal, str(query.device), version)
+    if entry not in known:
+        if len(known) >= CACHED:
+            known.pop(next(iter(known)))  # the oldest
+        known[entry] = block_mask(query, key, mask=mask, causal=causal)
+    return known[entry]
+
+
 @functools.cache
 def compiled_flex_attention() -> Any:
     """``torch.compile(flex_attention)``, made once: without compiling, FlexAttention builds every score."""
@@ -121,7 +150,7 @@ def flex_forward(
     """
     from torch.nn.attention.flex_attention import flex_attention
 
-    blocks = block_mask(q, k, mask=mask, causal=causal)
+    blocks = cached_block_mask(q, k, mask=mask, causal=causal)
     run = compiled_flex_attention() if compiled else flex_attention
     return run(q, k, v, block_mask=blocks, scale=scale)
 
