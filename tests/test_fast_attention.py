@@ -190,6 +190,8 @@ def test_grouped_heads_and_leading_dims_work_in_the_fast_backends():
         ({"score_mod": alibi}, "tiled"),
         ({"mask": masks.sliding_window(256), "shape": (4096, 4096)}, "blocksparse"),
         ({"mask": masks.sliding_window(256), "shape": (64, 64)}, "sdpa"),
+        ({"mask": masks.sliding_window(256), "shape": (512, 512)}, "sdpa"),  # measured faster up to 512²
+        ({"mask": masks.sliding_window(256), "shape": (513, 512)}, "blocksparse"),
         ({"causal": True, "shape": (100, 300)}, "blocksparse"),
         ({"causal": True, "shape": (300, 300)}, "sdpa"),
         ({"mask": torch.ones(3, 3, dtype=torch.bool), "causal": True, "shape": (3, 5)}, "sdpa"),

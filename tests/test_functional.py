@@ -165,7 +165,7 @@ AUTO_CALLS = {  # what "auto" runs for each kind of call, by the rules of backen
     "weights": (5, 5, {"return_weights": True}, "math"),
     "dropout": (5, 5, {"dropout_p": 0.5}, "math"),
     "score_mod": (5, 5, {"score_mod": lambda s, b, h, q, kv: s - 0.1 * (q - kv).abs()}, "tiled"),
-    "large description": (300, 300, {"mask": "window"}, "blocksparse"),
+    "large description": (520, 520, {"mask": "window"}, "blocksparse"),
     "small description": (8, 8, {"mask": "window"}, "sdpa"),
     "causal T != S": (3, 5, {"causal": True}, "blocksparse"),
     "causal T == S": (5, 5, {"causal": True}, "sdpa"),

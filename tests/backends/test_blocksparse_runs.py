@@ -103,7 +103,7 @@ CALLS = {  # name -> (T, S, causal, mask): each backend's main paths, and "auto"
     "causal T = S": (30, 30, True, None),
     "causal T != S": (20, 300, True, None),  # auto: blocksparse
     "tensor mask": (20, 30, False, "tensor"),
-    "description": (300, 300, False, masks.sliding_window(40)),  # auto: blocksparse (T·S > 256²)
+    "description": (520, 520, False, masks.sliding_window(40)),  # auto: blocksparse (T·S > 512²)
 }
 
 
