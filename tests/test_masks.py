@@ -287,3 +287,10 @@ def test_version_changes_with_an_in_place_edit_and_is_unknown_for_functions() ->
     lengths_rule.lengths[0] = 4  # the description's own tensor, edited in place
     assert rule.version() != before
     assert (masks.documents(ids) | masks.from_function(lambda b, h, q, kv: kv <= q)).version() is None
+
+
+def test_window_is_the_widest_reach_a_rule_allows() -> None:
+    w5, w9 = masks.sliding_window(5), masks.sliding_window(9)
+    assert w5.window == 5 and masks.causal().window is None and masks.documents([0, 0]).window is None
+    assert (w5 & w9).window == 5 and (w9 & masks.causal()).window == 9  # both must allow: the narrower
+    assert (w5 | w9).window == 9 and (w5 | masks.causal()).window is None  # either may: the wider, or none
