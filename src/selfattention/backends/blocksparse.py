@@ -245,8 +245,7 @@ def _add(x: Tensor, spans: list[tuple[int, int]], rows: Tensor) -> None:
     Key windows overlap, and an in-place add through overlapping views is left to chance once PyTorch
     splits it over threads.
     """
-    disjoint = all(end <= start for (_, end), (start, _) in pairwise(spans))
-    view = _view(x, spans) if disjoint else None
+    view = _view(x, spans) if _in_order(spans) else None
     if view is not None:
         view += rows
         return
@@ -332,10 +331,14 @@ def blocksparse_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _in_order(spans: list[tuple[int, int]]) -> bool:
+    """Whether each span ends at or before the next one starts: no overlap, in this order."""
+    return all(end <= start for (_, end), (start, _) in pairwise(spans))
+
+
 def _tiles_once(spans: list[tuple[int, int]], length: int) -> bool:
     """Whether ``spans`` cover ``[0, length)`` exactly once (in any order)."""
-    ordered = sorted(spans)
-    return sum(b - a for a, b in ordered) == length and all(end <= start for (_, end), (start, _) in pairwise(ordered))
+    return sum(b - a for a, b in spans) == length and _in_order(sorted(spans))
 
 
 def _gradient_buffer(shape: torch.Size, dtype: torch.dtype, device: torch.device, assigned: bool) -> Tensor:
