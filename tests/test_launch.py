@@ -38,3 +38,15 @@ def test_the_whole_run_times_out():
     with pytest.raises(LaunchError, match="2 ranks did not finish within 3 s"):
         run_local(_sleep_on_rank_one, 2, timeout=3)
     assert time.monotonic() - start < 20
+
+
+def _both_fail_one_later():
+    time.sleep(0.5 * (1 - dist.get_rank()))  # rank 1 fails at once, rank 0 half a second later
+    raise ValueError(f"rank {dist.get_rank()} has bad input")
+
+
+def test_a_peer_that_fails_shortly_after_reports_its_own_error():
+    with pytest.raises(LaunchError) as error:
+        run_local(_both_fail_one_later, 2, timeout=60)
+    for rank in (0, 1):
+        assert f"rank {rank} failed: ValueError: rank {rank} has bad input" in str(error.value)

@@ -5,8 +5,10 @@ without ``torchrun``. It only starts processes and sets up the process group; al
 them goes through ``torch.distributed`` itself, so the code under test is the code that runs across
 machines.
 
-Failure handling: a rank that raises ends its process; the launcher then terminates the other ranks (which
-may be blocked waiting for the dead one) and raises :class:`LaunchError` with the failing rank's traceback.
+Failure handling: a rank that raises ends its process; the launcher gives the other ranks :data:`GRACE`
+seconds to end on their own (a peer that fails too reports its own error), then terminates those still
+running (which may be blocked waiting for the dead one) and raises :class:`LaunchError` naming every failed
+rank, with the traceback of the failure seen first.
 Collective and point-to-point operations also time out after ``op_timeout`` seconds, and the whole run after
 ``timeout`` seconds, so a failure never turns into a hang.
 """
@@ -19,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,8 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 HOST = "127.0.0.1"
+GRACE = 2.0
+"""Seconds the other ranks get to end on their own once one has failed, before they are terminated."""
 
 
 class LaunchError(RuntimeError):
@@ -89,7 +94,7 @@ def run_local(
         )
         deadline = time.monotonic() + timeout
         try:
-            while not context.join(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
+            while not context.join(timeout=_settle(context.processes, deadline)):
                 if time.monotonic() >= deadline:
                     raise LaunchError(f"{world_size} ranks did not finish within {timeout} s")
         except ProcessException as error:  # join() has already terminated the other ranks
@@ -127,6 +132,25 @@ def _worker(
         path.with_suffix(".tmp").replace(path)
     finally:
         dist.destroy_process_group()
+
+
+def _settle(processes: list[Any], deadline: float) -> float:
+    """Wait up to a second for a rank to end; once one has failed, up to :data:`GRACE` more for the others.
+
+    ``join()`` terminates every other rank as soon as it sees a failure: a peer about to fail too (the same
+    bad input on every rank) would be killed before writing its error. Returns the timeout for ``join()``,
+    which then only collects what has happened (0).
+    """
+    running = [process.sentinel for process in processes if process.exitcode is None]
+    if running:
+        wait(running, timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+    end = min(deadline, time.monotonic() + GRACE)
+    while any(process.exitcode not in (None, 0) for process in processes) and time.monotonic() < end:
+        running = [process.sentinel for process in processes if process.exitcode is None]
+        if not running:
+            break
+        wait(running, timeout=end - time.monotonic())
+    return 0.0
 
 
 def _failures(error_files: list[str], first: ProcessException) -> str:
