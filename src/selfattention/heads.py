@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from selfattention.inspect import capture
-from selfattention.interventions import attention_modules, model_logits
+from selfattention.interventions import attention_modules, model_device, model_logits
 
 PATTERNS = ("previous_token", "duplicate_token", "induction", "sink")
 """The score names, in the order :class:`HeadScores` holds them."""
@@ -111,8 +111,8 @@ def pattern_scores(weights: Tensor, length: int) -> dict[str, Tensor]:
     """
     if weights.dim() != 4 or weights.shape[-1] != weights.shape[-2] or weights.shape[-1] != 2 * length:
         raise ValueError(f"weights must be (B, H, {2 * length}, {2 * length}), got {tuple(weights.shape)}")
-    second = torch.arange(length, 2 * length)  # positions of the second copy
-    later = torch.arange(1, 2 * length)
+    second = torch.arange(length, 2 * length, device=weights.device)  # positions of the second copy
+    later = torch.arange(1, 2 * length, device=weights.device)
     return {
         "previous_token": weights[..., later, later - 1].mean(dim=(0, 2)),  # (B, H, T-1) -> (H,)
         "duplicate_token": weights[..., second, second - length].mean(dim=(0, 2)),
@@ -145,13 +145,15 @@ def detect_heads(model: nn.Module, *, length: int = 50, batch: int = 4, seed: in
         batch: rows of random tokens. seed: their seed. low: the smallest id drawn (to skip special tokens).
 
     Returns:
-        A :class:`HeadScores`; the losses are ``None`` for an encoder.
+        A :class:`HeadScores` on the CPU (the run is on the model's device); the losses are ``None`` for an
+        encoder.
 
     Raises:
         ValueError: a run longer than the model's context, or bad ``length``/``batch``.
     """
     config: Any = model.config
-    ids = repeated_tokens(int(config.vocab_size), length, batch=batch, seed=seed, low=low)
+    ids = repeated_tokens(int(config.vocab_size), length, batch=batch, seed=seed, low=low)  # the same on any device
+    ids = ids.to(model_device(model))
     modules = attention_modules(model)
     was_training = model.training
     model.eval()
@@ -161,6 +163,6 @@ def detect_heads(model: nn.Module, *, length: int = 50, batch: int = 4, seed: in
     finally:
         model.train(was_training)
     per_layer = [pattern_scores(cap[name].weights, length) for name, _ in modules]
-    stacked = {p: torch.stack([scores[p] for scores in per_layer]) for p in PATTERNS}  # (L, H) each
+    stacked = {p: torch.stack([scores[p] for scores in per_layer]).cpu() for p in PATTERNS}  # (L, H) each
     first, second = copy_losses(logits, ids) if logits is not None else (None, None)
     return HeadScores(**stacked, first_copy_loss=first, second_copy_loss=second, length=length, seed=seed)

@@ -61,6 +61,11 @@ def causal_blocks(model: nn.Module) -> nn.ModuleList:
     return blocks
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (the CPU for a model without any): where its inputs must be made."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 def model_logits(model: nn.Module, ids: Tensor) -> Tensor | None:
     """Run ``model`` on ``ids (B, T)``; its next-token logits ``(B, T, V)``, or ``None`` for an encoder."""
     out = model(ids)
@@ -237,8 +242,8 @@ def patch_residual(model: nn.Module, layer: int, source: Tensor, positions: Tens
         if positions is None:
             x[:] = source.to(x.dtype)
         else:
-            rows = torch.arange(x.shape[0])
-            x[rows, positions] = source.expand_as(x)[rows, positions].to(x.dtype)
+            rows, at = torch.arange(x.shape[0], device=x.device), positions.to(x.device)
+            x[rows, at] = source.expand_as(x)[rows, at].to(x.dtype)
         return (x, *args[1:])
 
     handle = blocks[layer].register_forward_pre_hook(hook)
@@ -296,7 +301,7 @@ def patching_effects(
 
     Args:
         model: a causal language model (:func:`causal_blocks`).
-        clean, corrupted: ``(1, T)`` token ids of the same length.
+        clean, corrupted: ``(1, T)`` token ids of the same length, on the model's device.
         answer, wrong: the token ids whose logit difference is the metric.
         residual: also patch the residual stream. progress: called with ``(done, total)`` forward passes.
 
@@ -326,16 +331,16 @@ def patching_effects(
     source = head_outputs(model, clean)
     batch = corrupted.expand(num_heads, -1)
     baseline = metric(batch)
-    heads = torch.zeros(num_layers, num_heads)
+    heads = torch.zeros(num_layers, num_heads)  # the results stay on the CPU, wherever the model runs
     for layer in range(num_layers):
 
         def edit(z: Tensor, clean_z: Tensor = source[layer]) -> Tensor:
-            rows = torch.arange(z.shape[0])
+            rows = torch.arange(z.shape[0], device=z.device)
             z[rows, :, rows] = clean_z[0].transpose(0, 1).to(z.dtype)  # row h gets head h: (T, H, E) -> (H, T, E)
             return z
 
         with edit_heads(model, {layer: edit}):
-            heads[layer] = metric(batch) - baseline
+            heads[layer] = (metric(batch) - baseline).cpu()
         if progress is not None:
             progress(layer + 1, total)
     effects = torch.zeros(num_layers, num_tokens)
@@ -344,8 +349,9 @@ def patching_effects(
         batch = corrupted.expand(num_tokens, -1)
         baseline = metric(batch)
         for layer in range(num_layers):
-            with patch_residual(model, layer, streams[layer], positions=torch.arange(num_tokens)):
-                effects[layer] = metric(batch) - baseline
+            positions = torch.arange(num_tokens, device=corrupted.device)
+            with patch_residual(model, layer, streams[layer], positions=positions):
+                effects[layer] = (metric(batch) - baseline).cpu()
             if progress is not None:
                 progress(num_layers + layer + 1, total)
     return PatchingResult(clean=clean_diff, corrupted=corrupted_diff, heads=heads, residual=effects)

@@ -14,7 +14,14 @@ COMMANDS = {
     "train": ["train", "--out", "never-written", "--config", "tiny"],
     "generate": ["generate", "--checkpoint", "never-read", "To be"],
     "context": ["context"],
+    "context --model smollm2": ["context", "--model", "smollm2"],
     "explain --model": ["explain", "--model", "minilm"],
+    "explain --model smollm2": ["explain", "--model", "smollm2", "The capital"],
+    "explain --logit-lens": ["explain", "--model", "smollm2", "The capital", "--logit-lens"],
+    "explain --rollout": ["explain", "--model", "smollm2", "The capital", "--rollout"],
+    "view --model": ["view", "--model", "smollm2"],
+    "heads": ["heads", "--model", "smollm2"],
+    "patch": ["patch", "--model", "smollm2"],
 }
 
 
@@ -43,7 +50,14 @@ def test_a_gpu_number_beyond_the_count_is_refused(monkeypatch):
 def test_cpu_is_the_default_and_explain_takes_device_only_with_a_model(capsys):
     assert resolve_device("cpu") == torch.device("cpu")
     assert main(["explain", "--device", "cuda"]) == 2
-    assert "--device cuda is only used with --model minilm (an encoder)" in capsys.readouterr().err
+    assert "--device cuda is only used with a model: --model NAME or --checkpoint DIR" in capsys.readouterr().err
+
+
+def test_the_viewers_example_refuses_a_device(capsys):
+    assert main(["view", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    only = "--device cuda is only used with a model (minilm, smollm2, FILE.gguf, a checkpoint)"
+    assert err == f"selfattention view: error: {only}\n"
 
 
 def test_one_process_trains_where_it_is_told(monkeypatch):

@@ -128,10 +128,10 @@ def _language_model(
     args: argparse.Namespace, sentences: list[str], probes: tuple[list[str], list[str], list[bool]] | None
 ) -> int:
     """The similarity table and the probe view for a causal language model."""
-    for name, value in (("--device", args.device != "cpu"), ("--plot", args.plot)):
-        if value:
-            raise UsageError(f"{name} is only used with --model minilm (an encoder)")
-    followed = follow_in_language_model(args.model, args.word, sentences)
+    if args.plot:
+        raise UsageError("--plot is only used with --model minilm (an encoder)")
+    device = resolve_device(args.device)  # before anything is read: a missing GPU is said at once
+    followed = follow_in_language_model(args.model, args.word, sentences, device)
     layers = len(followed.depths) - 1
     layer = layers - 1 if args.layer is None else args.layer
     if not 0 <= layer < layers:

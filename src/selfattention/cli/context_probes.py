@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -158,8 +159,9 @@ class Followed:
     static: Callable[[list[str]], Tensor]
 
 
-def follow_in_language_model(spec: str, word: str, sentences: list[str]) -> Followed:
-    """``word`` through the causal language model ``spec`` (``smollm2``, a ``.gguf`` file or a checkpoint).
+def follow_in_language_model(spec: str, word: str, sentences: list[str], device: Any = "cpu") -> Followed:
+    """``word`` through the causal language model ``spec`` (``smollm2``, a ``.gguf`` file or a checkpoint), run
+    on ``device``; the vectors come back on the CPU.
 
     Raises:
         UsageError: a model that is not a language model, or a sentence without the word.
@@ -167,6 +169,7 @@ def follow_in_language_model(spec: str, word: str, sentences: list[str]) -> Foll
     from selfattention.cli.models import load_causal
 
     lm = load_causal(spec)
+    lm.model.to(device)
     try:
         result = word_in_language_model(lm.model, lm.encode, lm.decode, word, sentences)
     except ValueError as error:
@@ -174,7 +177,7 @@ def follow_in_language_model(spec: str, word: str, sentences: list[str]) -> Foll
     table = lm.model.tok_emb.weight
 
     def static(words: list[str]) -> Tensor:
-        return probe_vectors(table, [lm.encode(" " + w) for w in words])
+        return probe_vectors(table, [lm.encode(" " + w) for w in words]).cpu()
 
     depths = ["static", *(f"layer {n}" for n in range(len(result.layer_names) - 1))]
     return Followed(lm.name, depths, result.vectors, static)

@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     kind = model_kind(args.model) if args.model else None
     if kind in ("checkpoint", "gguf"):
         args.checkpoint = args.model
-    if args.device != "cpu" and kind != "encoder":
-        raise UsageError(f"--device {args.device} is only used with --model minilm (an encoder)")
+    if args.device != "cpu" and kind not in ("encoder", "checkpoint", "gguf") and not args.checkpoint:
+        raise UsageError(f"--device {args.device} is only used with a model: --model NAME or --checkpoint DIR")
     if args.logit_lens and not args.checkpoint:
         raise UsageError("--logit-lens needs a causal language model: --model smollm2, FILE.gguf or a CHECKPOINT_DIR")
     if args.checkpoint:

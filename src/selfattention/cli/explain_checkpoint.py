@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 
+from selfattention.cli.device import resolve_device
 from selfattention.cli.options import json_text
 
 VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥"}
@@ -38,10 +40,14 @@ def token_labels(pieces: Sequence[str]) -> list[str]:
     return ["".join(VISIBLE.get(c, c) for c in piece) or "∅" for piece in pieces]
 
 
-def checkpoint_weights(directory: str, text: str, layer: int | None, head: int) -> tuple[list[str], Tensor, str]:
-    """The tokens of ``text``, the weights α ``(T, T)`` of one head, and a description of where they come from.
+def checkpoint_weights(
+    directory: str, text: str, layer: int | None, head: int, device: Any = "cpu"
+) -> tuple[list[str], Tensor, str]:
+    """The tokens of ``text``, the weights α ``(T, T)`` of one head (on the CPU), and a description of where
+    they come from.
 
-    ``directory`` is a checkpoint folder, ``smollm2`` or a ``.gguf`` file (any causal language model).
+    ``directory`` is a checkpoint folder, ``smollm2`` or a ``.gguf`` file (any causal language model), run on
+    ``device``.
 
     Raises:
         ValueError: an empty text or one longer than the context, characters the tokenizer does not know,
@@ -53,7 +59,7 @@ def checkpoint_weights(directory: str, text: str, layer: int | None, head: int) 
     from selfattention.inspect import capture
 
     lm = load_causal(directory)
-    model, config = lm.model, lm.model.config
+    model, config = lm.model.to(device), lm.model.config
     if not text:
         raise ValueError('give the text to explain, e.g. explain --checkpoint DIR "To be, or not"')
     layer = config.num_layers - 1 if layer is None else layer
@@ -65,8 +71,8 @@ def checkpoint_weights(directory: str, text: str, layer: int | None, head: int) 
     if len(ids) > config.context_length:
         raise ValueError(f"the text has {len(ids)} tokens, more than the context of {config.context_length}")
     with torch.no_grad(), capture(model) as cap:
-        model(torch.tensor([ids], dtype=torch.long))
-    weights = cap[f"blocks.{layer}.attn"].head(head).weights[0]  # (1, T, T) -> (T, T)
+        model(torch.tensor([ids], dtype=torch.long, device=device))
+    weights = cap[f"blocks.{layer}.attn"].head(head).weights[0].cpu()  # (1, T, T) -> (T, T)
     where = f"layer {layer} of {config.num_layers}, head {head} of {config.num_heads}"
     return token_labels([lm.decode([i]) for i in ids]), weights, where
 
@@ -81,7 +87,8 @@ def explain_checkpoint(args: argparse.Namespace) -> int:
         from selfattention.cli.explain_lens import explain_lens
 
         return explain_lens(args)
-    tokens, weights, where = checkpoint_weights(args.checkpoint, args.text or "", args.layer, args.head)
+    device = resolve_device(getattr(args, "device", "cpu"))
+    tokens, weights, where = checkpoint_weights(args.checkpoint, args.text or "", args.layer, args.head, device)
     if getattr(args, "format", "text") == "json":
         sys.stdout.write(json_text({"where": where, "tokens": tokens, "weights": weights}, indent=None))
         _plot(args, tokens, weights, where, announce=False)

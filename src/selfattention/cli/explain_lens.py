@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import Any
 
+from selfattention.cli.device import resolve_device
 from selfattention.cli.options import json_text
 
 SHOWN = 3  # predictions listed per layer for the last position
@@ -25,11 +26,13 @@ def explain_lens(args: argparse.Namespace) -> int:
     from selfattention.cli.models import load_causal
     from selfattention.lens import logit_lens, top_predictions
 
+    device = resolve_device(getattr(args, "device", "cpu"))
     lm = load_causal(args.checkpoint)
     if not args.text:
         raise ValueError('give the text to read, e.g. explain --model smollm2 "The capital of France is" --logit-lens')
     ids = lm.encode(args.text)
-    probs, top = top_predictions(logit_lens(lm.model.eval(), torch.tensor([ids]))[:, 0], SHOWN)  # (L, T, k)
+    lens = logit_lens(lm.model.to(device).eval(), torch.tensor([ids], device=device))[:, 0].cpu()  # (L, T, V)
+    probs, top = top_predictions(lens, SHOWN)  # (L, T, k)
     tokens = token_labels([lm.decode([i]) for i in ids])
 
     def label(token_id: Any) -> str:

@@ -43,7 +43,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         f'TEXT defaults to "{DEFAULT_TEXT}"); smollm2, FILE.gguf, DIR: what each token of TEXT attends to '
         "(layers and heads from 0, default: the last layer)",
     )
-    add_device_argument(parser, note="; with --model only")
+    add_device_argument(parser, note="; with --model or --checkpoint")
 
 
 def explain_model(args: argparse.Namespace) -> int:

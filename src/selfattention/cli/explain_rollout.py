@@ -14,6 +14,7 @@ import sys
 import torch
 from torch import Tensor
 
+from selfattention.cli.device import resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.cli.options import json_text
 from selfattention.inspect import capture
@@ -53,7 +54,6 @@ def model_weights(spec: str, text: str | None, device: str = "cpu") -> tuple[str
     if kind == "example":
         raise UsageError("--rollout and --flow need a model with layers: --model minilm, smollm2, FILE.gguf or DIR")
     if kind == "encoder":
-        from selfattention.cli.device import resolve_device
         from selfattention.cli.explain_model import DEFAULT_TEXT
         from selfattention.cli.pretrained_models import load_model
 
@@ -61,22 +61,21 @@ def model_weights(spec: str, text: str | None, device: str = "cpu") -> tuple[str
         sentence = DEFAULT_TEXT if text is None else text
         with capture(encoder.encoder) as cap:
             encoded = encoder.encode([sentence])
-        layers = [record.weights[0] for _, record in cap.items()]  # each (1, H, T, T) -> (H, T, T)
+        layers = [record.weights[0].cpu() for _, record in cap.items()]  # each (1, H, T, T) -> (H, T, T)
         return encoder.name, encoded.batch.tokens(0), layers
-    if device != "cpu":
-        raise UsageError(f"--device {device} is only used with --model minilm (an encoder)")
     if not text:
         raise UsageError(f'give the text, e.g. explain --model {spec} "The capital of France" --rollout')
     from selfattention.cli.explain_checkpoint import token_labels
 
+    where = resolve_device(device)
     lm = load_causal(spec)
     ids = lm.encode(text)
     context = lm.model.config.context_length
     if len(ids) > context:
         raise ValueError(f"the text has {len(ids)} tokens, more than the context of {context}")
-    with torch.no_grad(), capture(lm.model) as cap:
-        lm.model(torch.tensor([ids], dtype=torch.long))
-    layers = [record.weights[0] for _, record in cap.items()]
+    with torch.no_grad(), capture(lm.model.to(where)) as cap:
+        lm.model(torch.tensor([ids], dtype=torch.long, device=where))
+    layers = [record.weights[0].cpu() for _, record in cap.items()]
     return lm.name, token_labels([lm.decode([i]) for i in ids]), layers
 
 

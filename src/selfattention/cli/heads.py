@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.cli.models import MODEL_HELP, load_causal, model_kind, refuse
 from selfattention.cli.options import at_least, json_text
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--mean", action="store_true", help="with --ablate: set the heads to their mean output")
     parser.add_argument("--plot", metavar="DIR", help="write a layers x heads heatmap per pattern into DIR")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
+    add_device_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -61,8 +63,8 @@ def parse_heads(text: str) -> list[tuple[int, int]]:
     return heads
 
 
-def load_model(spec: str) -> tuple[Any, str]:
-    """The model ``spec`` names for head analysis, and its name: a causal language model or MiniLM.
+def load_model(spec: str, device: Any = "cpu") -> tuple[Any, str]:
+    """The model ``spec`` names for head analysis, on ``device``, and its name: a causal language model or MiniLM.
 
     Raises:
         UsageError: the worked example (it has no learned heads) or a missing weights package.
@@ -72,9 +74,9 @@ def load_model(spec: str) -> tuple[Any, str]:
     if kind == "encoder":
         from selfattention.cli.pretrained_models import load_model as load_encoder
 
-        return load_encoder(spec).encoder.eval(), spec
+        return load_encoder(spec, device).encoder.eval(), spec
     lm = load_causal(spec)
-    return lm.model.eval(), lm.name
+    return lm.model.to(device).eval(), lm.name
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,14 +89,15 @@ def run(args: argparse.Namespace) -> int:
     heads = parse_heads(args.ablate) if args.ablate else []
     if args.mean and not heads:
         raise UsageError("--mean needs --ablate L.H,...")
-    model, name = load_model(args.model)
+    device = resolve_device(args.device)  # before anything is read: a missing GPU is said at once
+    model, name = load_model(args.model, device)
     if heads and not hasattr(model, "out_head"):
         raise UsageError(f"--ablate needs a causal language model (its loss); {args.model} is an encoder")
     check_heads(model, heads)
     scores = detect_heads(model, length=args.length, batch=args.batch, seed=args.seed)
     ablated = None
     if heads:
-        ids = repeated_tokens(int(model.config.vocab_size), args.length, batch=args.batch, seed=args.seed)
+        ids = repeated_tokens(int(model.config.vocab_size), args.length, batch=args.batch, seed=args.seed).to(device)
         with torch.no_grad():
             means = head_means(model, ids) if args.mean else None
             with ablate_heads(model, heads, means=means):

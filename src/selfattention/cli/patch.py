@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.cli.explain_checkpoint import token_labels
 from selfattention.cli.models import MODEL_HELP, load_causal
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-residual", action="store_true", help="skip the residual stream (half the time)")
     parser.add_argument("--plot", metavar="DIR", help="write the heatmaps patch_heads.png and patch_residual.png")
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
+    add_device_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -64,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     from selfattention.interventions import patching_effects
 
+    device = resolve_device(args.device)  # before anything is read: a missing GPU is said at once
     lm = load_causal(args.model)
     clean, corrupted = lm.encode(args.clean), lm.encode(args.corrupted)
     if len(clean) != len(corrupted) or not clean:
@@ -78,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"\rpatching: {done}/{total} layers", end="" if done < total else "\n", file=sys.stderr)
 
     result = patching_effects(
-        lm.model.eval(),
-        torch.tensor([clean]),
-        torch.tensor([corrupted]),
+        lm.model.to(device).eval(),
+        torch.tensor([clean], device=device),
+        torch.tensor([corrupted], device=device),
         answer,
         wrong,
         residual=not args.no_residual,

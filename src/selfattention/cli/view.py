@@ -6,10 +6,13 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.files import write_text
 
 if TYPE_CHECKING:
+    import torch
+
     from selfattention.viz.html import AttentionView
 
 DEFAULT_OUT = "attention-view.html"
@@ -54,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=0, help="with --cache: first continue TEXT greedily (default: 0)"
     )
+    add_device_argument(parser, note="; with a model, not the example")
     parser.set_defaults(func=run)
 
 
@@ -61,13 +65,18 @@ def run(args: argparse.Namespace) -> int:
     """Build the page; write it, serve it, or both."""
     from selfattention.viz.sources import model_view
 
+    if args.model == "example" and args.device != "cpu":
+        raise UsageError(f"--device {args.device} is only used with a model (minilm, smollm2, FILE.gguf, a checkpoint)")
+    device = resolve_device(args.device)  # before anything is read: a missing GPU is said at once
     if args.model == "example" and args.text and len(args.text.split()) > MAX_TOKENS:
         _too_long(len(args.text.split()))
     try:
         if args.cache is not None:
-            view = _streaming_view(args)
+            view = _streaming_view(args, device)
         else:
-            view = model_view(args.model, args.text, num_heads=args.heads, causal=args.causal, seed=args.seed)
+            view = model_view(
+                args.model, args.text, num_heads=args.heads, causal=args.causal, seed=args.seed, device=device
+            )
     except ImportError as error:  # an optional model whose packages are not installed: say what to install
         raise ValueError(str(error)) from error
     if len(view.tokens) > MAX_TOKENS:
@@ -108,7 +117,7 @@ def serve(page: str, port: int, summary: str) -> None:
         server.server_close()
 
 
-def _streaming_view(args: argparse.Namespace) -> AttentionView:
+def _streaming_view(args: argparse.Namespace, device: torch.device) -> AttentionView:
     """``--cache``: the prompt (and a greedy continuation) streamed through the cache; its last step."""
     import torch
 
@@ -124,7 +133,9 @@ def _streaming_view(args: argparse.Namespace) -> AttentionView:
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be at least 0, got {args.max_new_tokens}")
     lm = load_causal(args.model)
+    lm.model.to(device)
     ids = lm.encode(" ".join(examples.TOKENS) if args.text is None else args.text)
-    stream = generate(lm.model, torch.tensor([ids]), args.max_new_tokens, temperature=0.0, cache=policy)[0]
+    prompt = torch.tensor([ids], device=device)
+    stream = generate(lm.model, prompt, args.max_new_tokens, temperature=0.0, cache=policy)[0]
     pieces = [lm.decode([int(i)]).replace("\n", "⏎").replace("\t", "⇥") or "∅" for i in stream]
     return streaming_view(lm.model, stream, pieces, policy, title=lm.name)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from selfattention.generate import generate
+from selfattention.interventions import model_device
 from selfattention.models.llama import Llama
 
 
@@ -135,10 +136,13 @@ class LanguageModel:
     ) -> list[int]:
         """Continue ``prompt``; returns the new token ids (stopping early after the end-of-sequence token).
 
+        The model runs where its weights are (``lm.model.to("cuda")`` moves it); ``seed`` seeds a generator
+        on the CPU, which draws the samples for a model on any device.
+
         Raises:
             ValueError: an empty prompt, or prompt plus ``max_new_tokens`` beyond the context.
         """
-        ids = torch.tensor([self.encode(prompt)], dtype=torch.long)
+        ids = torch.tensor([self.encode(prompt)], dtype=torch.long, device=model_device(self.model))
         out = generate(
             self.model,
             ids,

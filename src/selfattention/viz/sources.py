@@ -28,6 +28,7 @@ from torch import Tensor
 
 from selfattention import examples
 from selfattention.inspect import capture, capture_projections
+from selfattention.interventions import model_device
 from selfattention.viz.html import AttentionView, HeadData, heads_from_record, view_from_capture
 from selfattention.walkthrough import walk
 
@@ -101,8 +102,9 @@ def pretrained_view(model: PretrainedEncoder, text: str) -> AttentionView:
     return replace(view, layer_names=names)
 
 
-def checkpoint_view(directory: str | Path, text: str) -> AttentionView:
-    """Every head of every layer of a GPT trained by ``selfattention train``, on ``text``, causal mask shown.
+def checkpoint_view(directory: str | Path, text: str, *, device: torch.device | str = "cpu") -> AttentionView:
+    """Every head of every layer of a GPT trained by ``selfattention train``, on ``text``, causal mask shown;
+    the model runs on ``device``.
 
     Tokens are the tokenizer's pieces, each decoded alone; a newline shows as ⏎ and a tab as ⇥.
 
@@ -120,11 +122,12 @@ def checkpoint_view(directory: str | Path, text: str) -> AttentionView:
             f"the text has {len(ids)} tokens, more than the model's context of {model.config.context_length}"
         )
     pieces = [tokenizer.decode([i]).replace("\n", "⏎").replace("\t", "⇥") or "∅" for i in ids]
-    return _causal_view(model, ids, pieces, title=f"{Path(directory).name}: {text}")
+    return _causal_view(model.to(device), ids, pieces, title=f"{Path(directory).name}: {text}")
 
 
-def gguf_view(path: str, text: str) -> AttentionView:
-    """Every head of every layer of a GGUF language model (``"smollm2"`` or a file) on ``text``, causal.
+def gguf_view(path: str, text: str, *, device: torch.device | str = "cpu") -> AttentionView:
+    """Every head of every layer of a GGUF language model (``"smollm2"`` or a file) on ``text``, causal; the
+    model runs on ``device``.
 
     Raises:
         ValueError: for a damaged file, empty text, or text longer than the model's context.
@@ -135,25 +138,32 @@ def gguf_view(path: str, text: str) -> AttentionView:
     ids = lm.encode(text)
     if len(ids) > lm.context_length:
         raise ValueError(f"the text has {len(ids)} tokens, more than the model's context of {lm.context_length}")
-    return _causal_view(lm.model, ids, lm.tokens(ids), title=f"{lm.name}: {text}")
+    return _causal_view(lm.model.to(device), ids, lm.tokens(ids), title=f"{lm.name}: {text}")
 
 
 def _causal_view(model: torch.nn.Module, ids: list[int], pieces: list[str], *, title: str) -> AttentionView:
     """Run ``ids`` through ``model`` once while :func:`capture` records it; layers are named from 0."""
     with torch.no_grad(), capture(model) as cap:
-        model(torch.tensor([ids], dtype=torch.long))
+        model(torch.tensor([ids], dtype=torch.long, device=model_device(model)))
     view = view_from_capture(cap, pieces, title=title)
     return replace(view, layer_names=[f"layer {n} ({name})" for n, name in enumerate(view.layer_names)])
 
 
 def model_view(
-    model: str, text: str | None = None, *, num_heads: int = 4, causal: bool = False, seed: int = 123
+    model: str,
+    text: str | None = None,
+    *,
+    num_heads: int = 4,
+    causal: bool = False,
+    seed: int = 123,
+    device: torch.device | str = "cpu",
 ) -> AttentionView:
     """The view for ``selfattention view --model MODEL``: ``"example"``, ``"minilm"``, ``"smollm2"``, a ``.gguf``
     file or a checkpoint folder.
 
     ``num_heads``, ``causal`` and ``seed`` apply to the example only; the pretrained encoder and a trained GPT
-    read ``text`` (default: the worked example's sentence).
+    read ``text`` (default: the worked example's sentence). ``device``: where a model runs (the example's
+    few numbers are computed on the CPU).
 
     Raises:
         ValueError: for a model that is none of these. ImportError: for a model whose packages are not
@@ -161,14 +171,15 @@ def model_view(
     """
     if model == "example":
         return example_view(text, num_heads=num_heads, causal=causal, seed=seed)
+    text = " ".join(examples.TOKENS) if text is None else text
     if model == "minilm":
         from selfattention.pretrained import load_minilm
 
-        return pretrained_view(load_minilm(), " ".join(examples.TOKENS) if text is None else text)
+        return pretrained_view(load_minilm().to(device), text)
     if Path(model).is_dir():
-        return checkpoint_view(model, " ".join(examples.TOKENS) if text is None else text)
+        return checkpoint_view(model, text, device=device)
     if model == "smollm2" or model.endswith(".gguf"):
-        return gguf_view(model, " ".join(examples.TOKENS) if text is None else text)
+        return gguf_view(model, text, device=device)
     raise ValueError(
         f"--model {model!r} is not 'example', 'minilm', 'smollm2', a .gguf file or an existing checkpoint folder"
     )

@@ -80,7 +80,8 @@ def _last_row_head(record: Record, index: int, columns: list[int], size: int) ->
     key, value = torch.zeros(size, width), torch.zeros(size, value_width)
     scores, weights = torch.zeros(size, size), torch.zeros(size, size)
     at = torch.tensor(columns)
-    query[-1], context[-1] = head.query[0, -1], head.context[0, -1]
-    key[at], value[at] = head.key[0], head.value[0]
-    scores[-1, at], weights[-1, at] = head.scores[0, -1], head.weights[0, -1]
+    # the page is built on the CPU, wherever the model ran
+    query[-1], context[-1] = head.query[0, -1].cpu(), head.context[0, -1].cpu()
+    key[at], value[at] = head.key[0].cpu(), head.value[0].cpu()
+    scores[-1, at], weights[-1, at] = head.scores[0, -1].cpu(), head.weights[0, -1].cpu()
     return HeadData.from_tensors(query, key, value, scores, weights, context)
