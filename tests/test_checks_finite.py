@@ -40,6 +40,7 @@ def test_largest_finite_is_the_largest_magnitude_of_each_tensor():
     plain, empty = torch.randn(2, 3, 4), torch.empty(0, 4)
     largest = checks.largest_finite(a=expanded, b=plain, c=empty)
     assert largest == (9.0, plain.abs().max().item(), 0.0)
+    assert checks.largest_finite(c=empty, b=plain, a=expanded) == (0.0, plain.abs().max().item(), 9.0)  # in order
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
