@@ -528,9 +528,46 @@ def test_gradients_written_once_go_into_uninitialised_memory_and_equal_the_refer
         return torch.full(shape, math.nan if assign else 0.0, dtype=dtype, device=device)
 
     monkeypatch.setattr(blocksparse, "_gradient_buffer", poisoned)
+    monkeypatch.setattr(blocksparse, "_as_sequence", lambda *args: None)  # not the kernel's memory (below)
     q, k, v, grad = _inputs(1, 2, 24, 24, 4, 4, seed=11)
     _against_reference(q, k, v, grad, backend="blocksparse", mask=masks.documents(ids))
     assert kinds == assigned  # dq, dk, dv
+
+
+def test_one_call_over_every_row_returns_the_kernels_memory_with_the_same_bits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Documents aligned to the tiles and B = 1: one fused call covers every query and key once, so its output
+    and gradients are views of the kernel's own memory (no copy into buffers), with the bits of the path that
+    copies them and the reference's values. Three heads: the head stride sits between the members'."""
+    monkeypatch.setattr(blocksparse, "BLOCK", 8)
+    q, k, v, grad = _inputs(1, 3, 24, 24, 4, 4, seed=12)
+    mask = masks.documents([0] * 8 + [1] * 8 + [2] * 8)
+    found: list[torch.Tensor | None] = []
+    as_sequence = blocksparse._as_sequence
+    monkeypatch.setattr(blocksparse, "_as_sequence", lambda *args: found.append(x := as_sequence(*args)) or x)
+
+    def run() -> list[torch.Tensor]:
+        out = attention(q, k, v, mask=mask, backend="blocksparse")
+        return [out, *torch.autograd.grad(out, (q, k, v), grad)]
+
+    viewed = run()
+    assert len(found) == 5 and all(x is not None for x in found)  # out, lse; dq, dk, dv
+    assert not viewed[1].is_contiguous()  # dq as the kernel laid it out: (B, T, H, D) memory
+    monkeypatch.setattr(blocksparse, "_as_sequence", lambda *args: None)
+    for mine, copied in zip(viewed, run(), strict=True):
+        assert torch.equal(mine, copied)
+    _against_reference(q, k, v, grad, backend="blocksparse", mask=mask)
+
+
+def test_as_sequence_views_members_laid_out_one_after_another() -> None:
+    whole = torch.randn(1, 3, 12, 2)
+    members = whole.as_strided((3, 3, 4, 2), (4 * 2, 12 * 2, 2, 1))  # rows 0-3, 4-7, 8-11 of every head
+    spans = [(0, 4), (4, 8), (8, 12)]
+    assert torch.equal(blocksparse._as_sequence(members, spans, 12), whole)
+    assert blocksparse._as_sequence(members.contiguous(), spans, 12) is None  # heads between the members
+    assert blocksparse._as_sequence(members, [(4, 8), (0, 4), (8, 12)], 12) is None  # not in order
+    assert blocksparse._as_sequence(members, spans, 16) is None  # rows 12-15 have no member
 
 
 @pytest.mark.parametrize(

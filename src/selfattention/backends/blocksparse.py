@@ -280,6 +280,7 @@ def blocksparse_forward(
         out.zero_()
         lse.fill_(-math.inf)
     batch = q.shape[0]
+    once = batch == 1 and len(groups) == 1 and len(groups[0][1]) == 1  # maybe one fused call for every row
     for rows, columns in groups:
         q_g = _take(q, rows)  # (m * B, H, bq, D): the group's query blocks, member by member
 
@@ -293,6 +294,9 @@ def blocksparse_forward(
             return part_out.to(work), part_lse  # the kernel's lse is in the work dtype already
 
         merged = reduce(lambda a, b: merge_partials(*a, *b), map(part, columns))
+        whole = [_as_sequence(x, rows, q.shape[-2]) for x in (merged[0], merged[1].unsqueeze(-1))] if once else []
+        if whole and whole[0] is not None and whole[1] is not None:  # the kernel's memory is the output: no copy
+            return whole[0].to(q.dtype), whole[1][..., 0]
         _put(out, rows, merged[0])  # out takes q's dtype
         _put(lse.unsqueeze(-1), rows, merged[1].unsqueeze(-1))  # (B, H, T, 1) as rows of width 1
     return out, lse
@@ -317,6 +321,7 @@ def blocksparse_backward(
     dq = _gradient_buffer(q.shape, work, q.device, assign_q)
     dk, dv = (_gradient_buffer(x.shape, work, q.device, assign_k) for x in (k, v))
     batch = q.shape[0]
+    once = batch == 1 and len(groups) == 1 and len(groups[0][1]) == 1
     for rows, columns in groups:
         q_g, out_g, do_g = _take(q, rows), _take(out, rows), _take(grad_out, rows)
         lse_g = _take(lse, rows)[..., 0]  # (m * B, H, bq)
@@ -324,11 +329,33 @@ def blocksparse_backward(
             spans = [(run.k0, run.k1) for run in runs]
             dq_r, dk_r, dv_r = backward(do_g, q_g, _take(k, spans), _take(v, spans), out_g, lse_g, 0.0,
                                         runs[0].is_causal, attn_mask=_mask(runs, batch), scale=scale)  # fmt: skip
+            if once:  # one fused call; where it covered every query and key once, its memory is the gradient
+                whole = (
+                    _as_sequence(dq_r, rows, q.shape[-2]),
+                    *(_as_sequence(x, spans, k.shape[-2]) for x in (dk_r, dv_r)),
+                )
+                if all(x is not None for x in whole):
+                    return tuple(x.to(y.dtype) for x, y in zip(whole, (q, k, v), strict=True))  # type: ignore[return-value,union-attr]
             _put(dq, rows, dq_r, add=not assign_q)
             write = _put if assign_k else _add
             write(dk, spans, dk_r)
             write(dv, spans, dv_r)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _as_sequence(parts: Tensor, spans: list[tuple[int, int]], length: int) -> Tensor | None:
+    """The results ``parts (m, H, L, W)`` of the spans ``(0, L), (L, 2L), ...`` covering ``[0, length)``, as one
+    ``(1, H, length, W)`` view of their memory: where the kernel laid the members out one after another
+    (member stride ``L`` times the row stride), as it does for inputs that are such views. ``None`` otherwise.
+    """
+    members, heads, rows, width = parts.shape
+    if members * rows != length or spans != [(i * rows, (i + 1) * rows) for i in range(members)]:
+        return None
+    member_step, head_step, row_step, column_step = parts.stride()
+    if members > 1 and member_step != rows * row_step:
+        return None
+    shape, strides = (1, heads, length, width), (members * member_step, head_step, row_step, column_step)
+    return parts.as_strided(shape, strides, parts.storage_offset())
 
 
 def _in_order(spans: list[tuple[int, int]]) -> bool:
