@@ -560,6 +560,19 @@ def test_one_call_over_every_row_returns_the_kernels_memory_with_the_same_bits(
     _against_reference(q, k, v, grad, backend="blocksparse", mask=mask)
 
 
+@pytest.mark.parametrize("width", [12, 10, 4, 3])
+def test_overlapping_evenly_spaced_spans_are_added_a_stretch_at_a_time(width: int) -> None:
+    """A window's key spans, 4 rows apart and ``width`` long: the same sums as adding member by member."""
+    gen = torch.Generator().manual_seed(3)
+    spans = [(a, a + width) for a in range(0, 12, 4)]
+    rows = torch.randn(3, 2, width, 5, generator=gen, dtype=torch.float64)
+    got, want = torch.zeros(1, 2, 24, 5, dtype=torch.float64), torch.zeros(1, 2, 24, 5, dtype=torch.float64)
+    blocksparse._add(got, spans, rows)
+    for member, (a, b) in enumerate(spans):
+        want[..., a:b, :] += rows[member : member + 1]
+    assert_close(got, want, atol=1e-15, rtol=0)  # the same terms in another order: float64 rounding only
+
+
 def test_as_sequence_views_members_laid_out_one_after_another() -> None:
     whole = torch.randn(1, 3, 12, 2)
     members = whole.as_strided((3, 3, 4, 2), (4 * 2, 12 * 2, 2, 1))  # rows 0-3, 4-7, 8-11 of every head

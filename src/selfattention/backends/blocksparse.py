@@ -240,14 +240,24 @@ def _mask(runs: tuple[_Run, ...], batch: int) -> Tensor | None:
 
 def _add(x: Tensor, spans: list[tuple[int, int]], rows: Tensor) -> None:
     """Add ``rows (m * B, H, b - a, W)`` into ``x (B, H, L, W)`` at the spans: through one view where they
-    follow one another without overlapping (documents) and :func:`_view` finds one, else one at a time.
+    follow one another without overlapping (documents) and :func:`_view` finds one; through one view per
+    stretch of ``step`` rows where they are evenly spaced ``step`` apart and overlap (a window's keys: the
+    members' first ``step`` rows do not overlap, nor their next ``step``...); else one at a time.
 
-    Key windows overlap, and an in-place add through overlapping views is left to chance once PyTorch
-    splits it over threads.
+    An in-place add through overlapping views is left to chance once PyTorch splits it over threads.
     """
     view = _view(x, spans) if _in_order(spans) else None
     if view is not None:
         view += rows
+        return
+    step = spans[1][0] - spans[0][0] if len(spans) > 1 else 0
+    if step > 0 and _view(x, spans) is not None:  # B = 1, evenly spaced: the views below exist too
+        width = spans[0][1] - spans[0][0]
+        for start in range(0, width, step):
+            stretch = [(a + start, min(a + start + step, b)) for a, b in spans]
+            view = _view(x, stretch)
+            assert view is not None and _in_order(stretch)
+            view += rows[..., start : start + step, :]
         return
     batch = x.shape[0]
     for member, (a, b) in enumerate(spans):
