@@ -446,3 +446,37 @@ def test_a_call_reads_back_from_the_gpu_once_for_its_inputs_and_once_for_its_out
     # two: the inputs' extremes and the output's finiteness (before, two reads per input: seven in all); one
     # if this torch's detector does not count the stacked read as its own
     assert 1 <= len(syncs) <= 2, [str(w.message) for w in syncs]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_captured_records_read_on_the_device_equal_the_cpu(device):
+    """Every way to read a record (heads chosen by index on the record's device), recomputed from the
+    log-sum-exp (eval) or stored by the eager path (dropout in training: the same seed drops the same
+    weights only on one device, so the stored record is read on the device against itself)."""
+    from selfattention import capture, capture_top_k
+
+    model = tiny_gpt(rope=True, num_kv_heads=2)
+    on_device = copy.deepcopy(model).to(device)
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), capture(model) as want, capture(on_device) as got:
+        model(idx)
+        on_device(idx.to(device))
+    with torch.no_grad(), capture_top_k(on_device, 3) as top:
+        on_device(idx.to(device))
+    for name in want.names:
+        mine, theirs = got[name], want[name]
+        for read in ("weights", "scores", "context"):
+            assert rel_error(getattr(mine, read), getattr(theirs, read)) <= 1e-4, (name, read)
+        assert rel_error(mine.head(3).weights, theirs.head(3).weights) <= 1e-4
+        assert (
+            rel_error(mine.weights_for(heads=[1, 2], rows=(3, 9)), theirs.weights_for(heads=[1, 2], rows=(3, 9)))
+            <= 1e-4
+        )
+        assert rel_error(top[name].top_k(2, heads=[0, 3])[0], theirs.top_k(2, heads=[0, 3])[0]) <= 1e-4
+    dropping = copy.deepcopy(tiny_gpt(dropout=0.5)).to(device).train()
+    with torch.no_grad(), capture(dropping) as stored:
+        dropping(idx.to(device))
+    record = stored[stored.names[0]]
+    assert record.stored_weights is not None
+    assert torch.equal(record.weights_for(heads=[2]).cpu(), record.stored_weights[:, 2:3].cpu())
+    assert record.head(1).weights.device.type == device and record.scores.shape == record.weights.shape

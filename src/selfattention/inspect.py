@@ -55,15 +55,18 @@ Selection = int | Sequence[int] | None
 """Heads or query rows: one index, a list of indices (heads) or a ``(start, stop)`` range (rows), or all."""
 
 
-def _selection(count: int, num_queries: int, heads: Selection, rows: Selection) -> tuple[Tensor, tuple[int, int]]:
-    """Head indices and a row range, checked against ``count`` heads and ``num_queries`` rows."""
+def _selection(
+    count: int, num_queries: int, heads: Selection, rows: Selection, device: torch.device
+) -> tuple[Tensor, tuple[int, int]]:
+    """Head indices (on ``device``, where the tensors they select from are) and a row range, checked against
+    ``count`` heads and ``num_queries`` rows."""
     chosen = list(range(count)) if heads is None else [heads] if isinstance(heads, int) else list(heads)
     if any(not 0 <= h < count for h in chosen):
         raise IndexError(f"heads {chosen} out of range: the module has {count} heads")
     span = (0, num_queries) if rows is None else (rows, rows + 1) if isinstance(rows, int) else tuple(rows)
     if len(span) != 2 or not 0 <= span[0] <= span[1] <= num_queries:
         raise IndexError(f"rows {rows} out of range: give a row or (start, stop) within 0 .. {num_queries}")
-    return torch.tensor(chosen, dtype=torch.long), (int(span[0]), int(span[1]))
+    return torch.tensor(chosen, dtype=torch.long, device=device), (int(span[0]), int(span[1]))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,7 +145,7 @@ class Record:
             )
 
     def _selection(self, heads: Selection, rows: Selection) -> tuple[Tensor, tuple[int, int]]:
-        return _selection(self.num_heads, self.query.shape[-2], heads, rows)
+        return _selection(self.num_heads, self.query.shape[-2], heads, rows, self.query.device)
 
     def weights_for(self, heads: Selection = None, rows: Selection = None) -> Tensor:
         """α of the chosen heads and rows, ``(..., h, r, S)``: exact, computed a chunk of rows at a time.
@@ -264,7 +267,7 @@ class TopKeys:
         kept = self.weights.shape[-1]
         if not 1 <= k <= kept:
             raise ValueError(f"k must be within 1 .. {kept} (the keys kept per row by capture_top_k), got {k}")
-        chosen, (start, stop) = _selection(self.num_heads, self.weights.shape[-2], heads, rows)
+        chosen, (start, stop) = _selection(self.num_heads, self.weights.shape[-2], heads, rows, self.weights.device)
         weights, indices = (t.index_select(-3, chosen)[..., start:stop, :] for t in (self.weights, self.indices))
         rest = self.rest.index_select(-2, chosen)[..., start:stop]
         return weights[..., :k], indices[..., :k], rest + weights[..., k:].sum(-1)

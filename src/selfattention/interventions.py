@@ -162,7 +162,7 @@ def replace_heads(
         replacement = value(layer, chosen)
 
         def edit(z: Tensor, chosen: list[int] = chosen, new: Tensor | float = replacement) -> Tensor:
-            z[:, :, chosen] = new.to(z.dtype) if isinstance(new, Tensor) else new
+            z[:, :, chosen] = new.to(z) if isinstance(new, Tensor) else new  # z's dtype and device
             return z
 
         edits[layer] = edit
