@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c requirements/constraints.txt
 
-.PHONY: demo test lint docs install install-test install-pretrained install-docs mutation clean
+.PHONY: demo test lint docs install install-test install-pretrained install-docs mutation gpu-extra clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ MUTATE ?= --all
 mutation: install-test
 	$(PIP) -e '.[mutation]'
 	$(BIN)/python tools/mutation.py $(MUTATE)
+
+# The pure-Python packages the GPU check's GGUF tests import (tools/gpu_check.sh puts gpu-extra/ on the path).
+gpu-extra: install-test
+	rm -rf gpu-extra && mkdir gpu-extra
+	cp -r $$($(BIN)/python -c 'import gguf, yaml, os; print(*(os.path.dirname(m.__file__) for m in (gguf, yaml)))') gpu-extra/
 
 clean:
 	rm -rf $(VENV) build site src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -10,9 +10,14 @@
 # cuda-tests-attention.log/.xml, bench-cuda-bfloat16.md/.log, bench-cuda-float32.md/.log and summary.txt (each step's exit code and
 # seconds). Each step has a time limit and a failing step does not stop the next; the whole run keeps to
 # GPU_CHECK_SECONDS (default 480) by giving each step at most what is left.
+#
+# The GGUF tests need the pure-Python gguf package (and yaml, which it imports), which a bare GPU machine
+# lacks: `make gpu-extra` copies them from .venv into gpu-extra/ (git-ignored), which this script puts on
+# the path after src/ when it is there; carry gpu-extra to the machine with the working tree.
 set -u -o pipefail
 set -x
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
+[ -d gpu-extra ] && export PYTHONPATH="src:gpu-extra"
 OUT="${OUT:-./gpu-out}"
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
