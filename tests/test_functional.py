@@ -272,3 +272,63 @@ def test_an_empty_result_runs_no_backend(t: int, s: int, e: int, monkeypatch: py
     for backend in ("loop", "math", "sdpa", "tiled", "blocksparse", "auto"):
         assert torch.equal(attention(q, k, v, backend=backend), torch.zeros(2, 3, t, e))
     assert seen == []
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "blocksparse", "tiled", "math", "loop"])
+@pytest.mark.parametrize("scale", [0.0, -0.7])
+@pytest.mark.parametrize(("num_queries", "causal_as"), [(12, "flag"), (12, "description"), (5, "flag")])
+def test_a_scale_of_zero_or_below_gives_the_reference_with_causal_masks(
+    backend: str, scale: float, num_queries: int, causal_as: str
+) -> None:
+    """PyTorch's fused kernels return NaN (float32) or zero rows (bfloat16) in their causal mode for a scale
+    <= 0; attention() hands them the same scores with a positive scale (-q and |scale|, or 0 · q and 1)."""
+    from selfattention import masks
+
+    g = torch.Generator().manual_seed(21)
+    q = torch.randn(2, num_queries, 8, generator=g, requires_grad=True)
+    k, v = torch.randn(2, 12, 8, generator=g, requires_grad=True), torch.randn(2, 12, 8, generator=g)
+    options = {"causal": True} if causal_as == "flag" else {"mask": masks.causal()}
+    out = attention(q, k, v, scale=scale, backend=backend, **options)
+    want, _ = reference_attention(q.double(), k.double(), v.double(), causal=True, scale=scale)
+    assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+    grad = torch.randn(out.shape, generator=g)
+    dq, dk = torch.autograd.grad(out, (q, k), grad)
+    want_dq, want_dk = torch.autograd.grad(want, (q, k), grad.double())
+    assert_close(dq.double(), want_dq.double(), atol=2e-6, rtol=1e-5)
+    assert_close(dk.double(), want_dk.double(), atol=2e-6, rtol=1e-5)
+    if scale == 0:
+        assert not dq.any()  # the scores do not depend on q
+
+
+def test_a_negative_scale_in_bfloat16_is_not_zeroed() -> None:
+    """The case that was silently wrong: bfloat16, causal through the fused kernel, a negative scale."""
+    g = torch.Generator().manual_seed(22)
+    q, k, v = (torch.randn(1, 2, 16, 16, generator=g).bfloat16() for _ in range(3))
+    out = attention(q, k, v, causal=True, scale=-0.5)
+    want, _ = reference_attention(q.double(), k.double(), v.double(), causal=True, scale=-0.5)
+    assert (out.double() - want).abs().max() < 2e-2  # bfloat16 rounding (module docstring of test_cuda.py)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa", "auto", "loop", "tiled", "blocksparse"])
+def test_a_learned_float_mask_gets_its_gradient_or_is_refused(backend: str) -> None:
+    """A bias that requires grad: the backends that differentiate it agree with the reference; "tiled" and
+    "blocksparse" use masks as constants, so they refuse it (before, its gradient was silently dropped)."""
+    g = torch.Generator().manual_seed(23)
+    q, k, v = (
+        torch.randn(1, 2, 5, 4, generator=g),
+        torch.randn(1, 2, 6, 4, generator=g),
+        torch.randn(1, 2, 6, 3, generator=g),
+    )
+    bias = torch.randn(2, 5, 6, generator=g, requires_grad=True)
+    if backend in ("tiled", "blocksparse"):
+        with pytest.raises(ValueError, match=rf"^backend '{backend}' gives no gradient to a float mask that requires"):
+            attention(q, k, v, mask=bias, backend=backend)
+        with torch.no_grad():  # nothing to differentiate: taken as it is
+            assert_close(attention(q, k, v, mask=bias, backend=backend), attention(q, k, v, mask=bias.detach()))
+        return
+    out = attention(q, k, v, mask=bias, backend=backend)
+    want, _ = reference_attention(q.double(), k.double(), v.double(), mask=bias.double())
+    grad = torch.randn(out.shape, generator=g)
+    (got,) = torch.autograd.grad(out, bias, grad)
+    (expected,) = torch.autograd.grad(want, bias, grad.double())
+    assert_close(got.double(), expected.double(), atol=1e-6, rtol=1e-5)

@@ -220,3 +220,51 @@ def test_a_rolling_cache_takes_the_prompt_in_half_windows_then_one_token_a_step(
 def test_a_rolling_cache_needs_use_cache() -> None:
     with pytest.raises(ValueError, match=r"^the 'window' cache policy needs use_cache=True$"):
         generate(tiny_rotary_gpt(), torch.tensor([[1, 2]]), 3, cache="window", use_cache=False)
+
+
+def test_top_k_below_one_is_refused_for_greedy_decoding_too() -> None:
+    with pytest.raises(ValueError, match=r"top_k must be at least 1, got 0"):
+        sample_next(torch.zeros(1, 3), temperature=0.0, top_k=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize(
+    ("bad", "largest"),
+    [(float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-inf")],
+    ids=["nan", "inf", "all -inf"],
+)
+def test_logits_without_a_usable_token_are_named_not_blamed_on_the_temperature(
+    bad: float, largest: str, temperature: float
+) -> None:
+    logits = torch.tensor([[0.0, 1.0, float("-inf")], [1.0, 2.0, 3.0]])  # -inf for some tokens is fine
+    logits[1] = bad if largest == "-inf" else torch.tensor([1.0, bad, 3.0])
+    with pytest.raises(ValueError, match=rf"^the logits of row 1 are not usable: largest {largest} "):
+        sample_next(logits, temperature=temperature)
+    assert sample_next(logits[:1], temperature=temperature).item() in (0, 1)
+
+
+class Scripted(torch.nn.Module):
+    """A language model whose row ``r`` says ``script[r][t]`` at step ``t`` (logits one-hot on it)."""
+
+    def __init__(self, script: list[list[int]], prompt: int, vocab: int = 6) -> None:
+        super().__init__()
+        self.script, self.prompt, self.vocab = script, prompt, vocab
+        self.config = GPTConfig(vocab_size=vocab, context_length=32)
+
+    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits = torch.zeros(*idx.shape, self.vocab)
+        for row, said in enumerate(self.script):
+            logits[row, -1, said[idx.shape[1] - self.prompt]] = 1.0
+        return logits, None
+
+
+def test_a_row_that_has_ended_is_padded_with_the_end_token_until_every_row_has() -> None:
+    model = Scripted([[2, 5, 3, 3, 3], [2, 2, 4, 5, 3], [1, 1, 1, 1, 1]], prompt=1)
+    seen: list[list[int]] = []
+    out = generate(model, torch.zeros(3, 1, dtype=torch.long), 5, temperature=0.0, use_cache=False, eos_token_id=5,
+                   on_token=lambda token: seen.append(token[:, 0].tolist()))  # fmt: skip
+    assert out[:, 1:].tolist() == [[2, 5, 5, 5, 5], [2, 2, 4, 5, 5], [1, 1, 1, 1, 1]]
+    assert seen == out[:, 1:].T.tolist()  # streamed as padded
+    two = generate(model.__class__(model.script[:2], prompt=1), torch.zeros(2, 1, dtype=torch.long), 5,
+                   temperature=0.0, use_cache=False, eos_token_id=5)  # fmt: skip
+    assert two[:, 1:].tolist() == [[2, 5, 5, 5], [2, 2, 4, 5]]  # stops once both have ended

@@ -213,6 +213,8 @@ def attention(
         query = fold_query_groups(query, key.shape[-3])
     query, key, value = broadcast_inputs(query, key, value, keep_kv_heads=grouped)
     checks.magnitudes(query, key, value, float(scale), largest)
+    if scale <= 0:  # PyTorch's fused kernels return NaN or zeros in their causal mode for a scale <= 0
+        query, scale = (-query, -scale) if scale < 0 else (query * 0, 1.0)  # the same scores, scale > 0
     weights: Tensor | None  # the weights, or the log-sum-exp with return_lse
     # No key, or nothing to compute (values of width 0 still have weights and a log-sum-exp); and never T = 0
     # for PyTorch's CPU flash kernel behind the "sdpa" log-sum-exp: it stops the process with SIGFPE.

@@ -60,13 +60,14 @@ def next_token_probs(logits: Tensor, *, temperature: float = 1.0, top_k: int | N
 
     Raises:
         ValueError: for a temperature that is not a finite number > 0, or one so small the logits
-            overflow, or ``top_k < 1``.
+            overflow, ``top_k < 1``, or a row of logits whose largest entry is not finite.
 
     >>> next_token_probs(torch.tensor([[0.0, 2.0, 1.0]]), top_k=2)
     tensor([[0.0000, 0.7311, 0.2689]])
     """
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0 to sample, got {temperature}")
+    _check_logits(logits)
     logits = logits.float() / temperature
     if not bool(torch.isfinite(logits.amax(dim=-1)).all()):  # a tiny temperature overflows the logits
         raise ValueError(f"temperature {temperature} is too small to sample with; use 0 for greedy decoding")
@@ -76,6 +77,19 @@ def next_token_probs(logits: Tensor, *, temperature: float = 1.0, top_k: int | N
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.softmax(logits, dim=-1)
+
+
+def _check_logits(logits: Tensor) -> None:
+    """Raise ValueError naming the first row of ``logits (B, V)`` whose largest entry is not finite: a NaN,
+    a ``+inf`` or a row of ``-inf`` leaves no token to choose (``-inf`` for some tokens is allowed)."""
+    peak = logits.amax(dim=-1)  # NaN propagates
+    bad = ~torch.isfinite(peak)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"the logits of row {row} are not usable: largest {float(peak[row])} (a NaN, +inf, or -inf for "
+            "every token); the model's output is broken"
+        )
 
 
 def sample_next(
@@ -93,11 +107,15 @@ def sample_next(
         ``(B, 1)`` token ids.
 
     Raises:
-        ValueError: for a negative, infinite, NaN or overflowing temperature, or ``top_k < 1``.
+        ValueError: for a negative, infinite, NaN or overflowing temperature, ``top_k < 1`` (also when
+            greedy), or a row of logits whose largest entry is not finite (NaN, ``+inf``, all ``-inf``).
     """
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:  # checked for greedy decoding too, which does not use it
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
     if temperature == 0:
+        _check_logits(logits)
         return logits.argmax(dim=-1, keepdim=True)
     probs = next_token_probs(logits, temperature=temperature, top_k=top_k)
     draw_on = probs.device if generator is None else generator.device  # a CPU generator for a CUDA model
@@ -134,7 +152,9 @@ def generate(
             a time (default: all at once).
         slide: allow output beyond the context (see the module docstring).
         on_token: called with each new ``(B, 1)`` token (for streaming output).
-        eos_token_id: stop once every row has produced this token (the output is then shorter).
+        eos_token_id: a row that has produced this token gets it again at every later position (its end
+            is padded with it, as Hugging Face's ``generate`` pads with its default pad token), and
+            generation stops once every row has produced it (the output is then shorter).
         cache: the cache policy: ``"full"``, ``"window"``, ``"sinks"`` (defaults) or a :class:`CachePolicy`.
 
     Raises:
@@ -169,6 +189,8 @@ def generate(
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         token = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
+        if eos_token_id is not None:  # rows that have ended stay ended
+            token = token.masked_fill(finished[:, None], eos_token_id)
         idx = torch.cat([idx, token], dim=1)
         if on_token is not None:
             on_token(token)

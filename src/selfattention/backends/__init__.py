@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from selfattention.backends import blocksparse, logsumexp, loop, math, sdpa, tiled
@@ -43,6 +44,8 @@ class Backend:
     supports_score_mod: bool = False
     takes_grouped_heads: bool = False
     """True: gets grouped key/value heads ``(..., G, S, D)`` with ``G < H`` uncopied (on the CPU)."""
+    differentiates_masks: bool = True
+    """False: a float mask that requires grad (a learned bias) would get no gradient, so it is refused."""
 
 
 BACKENDS: dict[str, Backend] = {
@@ -80,6 +83,7 @@ BACKENDS: dict[str, Backend] = {
         doc="flash-style online softmax over tiles in plain PyTorch, O(T + S) memory",
         takes_mask_descriptions=True,
         supports_score_mod=True,
+        differentiates_masks=False,
     ),
     "blocksparse": Backend(
         name="blocksparse",
@@ -89,6 +93,7 @@ BACKENDS: dict[str, Backend] = {
         supports_dropout=False,
         doc="the fused kernel on the non-empty tiles only, O(T + S) memory",
         takes_mask_descriptions=True,
+        differentiates_masks=False,
     ),
 }
 
@@ -176,4 +181,9 @@ def choose_backend(
         raise ValueError(f"backend {name!r} does not support dropout (dropout_p={dropout_p})")
     if score_mod is not None and not backend.supports_score_mod:
         raise ValueError(f"backend {name!r} does not take a score_mod (only 'tiled' does, without weights or dropout)")
+    if isinstance(mask, Tensor) and mask.requires_grad and torch.is_grad_enabled() and not backend.differentiates_masks:
+        raise ValueError(
+            f"backend {name!r} gives no gradient to a float mask that requires grad (a learned bias); use 'math', "
+            "'sdpa' or 'auto' without a score_mod, or pass mask.detach()"
+        )
     return backend
