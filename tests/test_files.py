@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from selfattention import files
 from selfattention.files import atomic_path, parse_json, read_json, write_durably, write_text
 
 
@@ -40,6 +41,25 @@ def test_mode_follows_the_umask(tmp_path: Path) -> None:
 def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="does not exist"):
         write_text(tmp_path / "nope" / "out.txt", "x")
+
+
+def test_errors_name_the_path_asked_for_not_the_temporary_one(tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(IsADirectoryError, match=rf"^cannot write {tmp_path}: it is a folder$"):
+        write_text(tmp_path, "x")
+
+    def refused(**_: object) -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".out.txt.abc.tmp"))
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", refused)
+    with pytest.raises(PermissionError, match=rf"^cannot write {tmp_path / 'out.txt'}: Permission denied$"):
+        write_text(tmp_path / "out.txt", "x")
+
+
+def test_make_folder_names_a_file_in_the_way(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(FileExistsError, match=rf"^{tmp_path / 'afile'} is a file, not a folder$"):
+        files.make_folder(tmp_path / "afile")
+    assert files.make_folder(tmp_path / "a" / "b").is_dir()
 
 
 def test_write_is_durable_file_then_rename_then_folder(tmp_path: Path, monkeypatch) -> None:

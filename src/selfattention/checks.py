@@ -214,6 +214,7 @@ def magnitudes(
 
 def _largest_score(query: Tensor, key: Tensor) -> float:
     """``max |q·k|`` over every pair, computed in float64 a slice of queries at a time (float64 may give inf)."""
+    query, key = query.detach(), key.detach()  # a bound, not part of the graph
     key64 = key.double().transpose(-2, -1)  # (..., D, S)
     if query.dim() >= 3 and key.dim() >= 3 and key.shape[-3] not in (1, query.shape[-3]):
         key64 = key64.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)  # grouped heads: h -> h // (H/G)

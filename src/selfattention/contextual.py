@@ -66,14 +66,15 @@ def find_word(model: PretrainedEncoder, word: str, sentences: Sequence[str], enc
     """Locate ``word`` in each tokenized sentence by its word pieces.
 
     Raises:
-        ValueError: an empty word, more than one word, or a sentence that does not contain it (naming the
-            sentence and its words).
+        ValueError: an empty word, a word the vocabulary lacks (a piece of it is ``[UNK]``), more than one
+            word, or a sentence that does not contain it (naming the sentence and its words).
     """
     if not word.strip():
         raise ValueError("the word is empty")
     alone = model.tokenizer.encode(word, add_special_tokens=False)
-    if not alone.ids:
-        raise ValueError(f"the word {word!r} has no tokens the model knows")
+    unknown = model.tokenizer.token_to_id("[UNK]")
+    if not alone.ids or unknown in alone.ids:  # [UNK] stands for any unknown word: it would match them all
+        raise ValueError(f"the word {word!r} has no tokens the model knows (its word pieces: {alone.tokens})")
     if len(set(alone.word_ids)) > 1:
         raise ValueError(f"give one word, not {word!r} ({len(set(alone.word_ids))} words to the tokenizer)")
     spans = []

@@ -51,7 +51,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     if target.parent and not target.parent.is_dir():
         raise OSError(f"cannot write {target}: folder {target.parent} does not exist")
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if target.is_dir():
+        raise IsADirectoryError(f"cannot write {target}: it is a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as error:  # named by the path asked for, not the temporary one
+        raise type(error)(f"cannot write {target}: {error.strerror or error}") from None
     os.close(fd)
     tmp = Path(name)
     umask = os.umask(0)
@@ -65,6 +70,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(target.parent)
+
+
+def make_folder(path: str | os.PathLike[str]) -> Path:
+    """Create the folder ``path`` (and its parents) if missing; return it.
+
+    Raises:
+        FileExistsError: ``path`` is a file. OSError: it cannot be created, naming it.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise type(error)(f"cannot create the folder {folder}: {error.strerror or error}") from None
+    return folder
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

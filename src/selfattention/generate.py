@@ -172,7 +172,8 @@ def generate(
     if total > context and not slide and not rolling:
         raise ValueError(
             f"prompt ({idx.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
-            f"model's context_length={context}; shorten them or allow sliding"
+            f"model's context_length={context}; shorten them, or allow sliding (slide=True, learned positions) or "
+            "use a rolling cache (cache='window' or 'sinks', rotary positions)"
         )
     if idx.shape[1] > context and not slide and not rolling:
         raise ValueError(f"the prompt has {idx.shape[1]} tokens, more than context_length={context}")

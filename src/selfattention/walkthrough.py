@@ -72,7 +72,7 @@ def walk(
         scores = attention_scores(queries, keys)  # ω (T, T)
         weights = attention_weights(scores, mask=mask, scale=scale)  # α (T, T)
         context = context_vectors(weights, values)  # z (T, D)
-    checks.overflowed("the context vectors", context)
+    checks.overflowed("the context", context)  # "... is not finite although the inputs are"
     return Walkthrough(list(tokens), x, projections, queries, keys, values, scale, causal, scores, weights, context)
 
 

@@ -61,6 +61,7 @@ def test_a_word_of_several_pieces_is_explained(minilm: PretrainedEncoder, capsys
         (["context", "--layer", "6"], "--layer 6 is out of range: the model has layers 0-5"),
         (["context", "--top", "0"], "--top must be at least 1, got 0"),
         (["context", "--word", "baseball bat"], "give one word, not 'baseball bat'"),
+        (["context", "--word", "🦇", "a 🦇 flew", "the 🦇 sat"], "the word '🦇' has no tokens the model knows"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(minilm: PretrainedEncoder, capsys, argv, message) -> None:  # type: ignore[no-untyped-def]

@@ -65,7 +65,12 @@ def test_text_table_and_heatmaps(tiny_file: Path, tmp_path: Path, capsys: pytest
         (["--ablate", "18-6"], "--ablate item '18-6' is not LAYER.HEAD"),
         (["--mean"], "--mean needs --ablate"),
         (["--ablate", "2.0"], "layer 2 out of range: the model has layers 0-1"),
-        (["--length", "40"], "80 tokens (0 cached + 80 new) exceed the model's context_length=32"),
+        (
+            ["--length", "40"],
+            "--length 40 makes runs of 2 x 40 = 80 tokens, more than the model's context of 32; give --length 16 "
+            "or less",
+        ),
+        (["--length", "10", "--ablate", ""], "--ablate item '' is not LAYER.HEAD"),
     ],
 )
 def test_bad_input_is_one_line(
@@ -75,6 +80,29 @@ def test_bad_input_is_one_line(
     assert main(["heads", *model, *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--plot", ""], "argument --plot: expected a path, got ''"),
+        (
+            ["--seed", str(1 << 64)],
+            "--seed: must be between -9223372036854775808 and 18446744073709551615, got 18446744073709551616",
+        ),
+    ],
+)
+def test_bad_option_values_name_the_option(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["heads", *argv])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(message)
+
+
+def test_a_plot_folder_that_is_a_file_is_named(tiny_file: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "afile").write_text("")
+    assert main(["heads", "--model", str(tiny_file), "--length", "8", "--plot", str(tmp_path / "afile")]) == 2
+    assert capsys.readouterr().err.endswith(f"{tmp_path / 'afile'} is a file, not a folder\n")
 
 
 def test_minilm_gets_scores_without_loss_and_refuses_ablation(minilm, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -201,3 +201,17 @@ def test_fuzzed_checkpoint_folders_are_one_line_or_fine(
     assert codes.get(2, 0) >= (40 if name.endswith(".safetensors") or name == "tokenizer.json" else 20), codes
     path.write_bytes(original)
     assert main(["generate", "To", "--checkpoint", str(folder), "--max-new-tokens", "2"]) == 0  # the control
+
+
+def test_own_embeddings_default_to_their_first_token_and_all_excludes_query(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The worked example's default query ("journey") is not a token of other embeddings: the first is."""
+    import json
+
+    path = tmp_path / "e.json"
+    path.write_text('{"tokens": ["a", "b", "c"], "embeddings": [[1, 0], [0, 1], [1, 1]]}', encoding="utf-8")
+    assert main(["explain", "--embeddings", str(path), "--format", "json"]) == 0
+    assert [step["token"] for step in json.loads(capsys.readouterr().out)["walkthrough"]] == ["a"]
+    assert main(["explain", "--all", "--query", "2"]) == 2
+    assert capsys.readouterr().err.endswith("choose one of --query (one token) and --all (every token)\n")

@@ -89,9 +89,12 @@ def test_bad_files_are_one_line_and_exit_2(tmp_path: Path, capsys) -> None:  # t
 
 def test_bad_prompts_are_one_line_and_exit_2(tiny_file: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     err = run_error(["generate", "--model", str(tiny_file), "x" * 40, "--max-new-tokens", "2"], capsys)
-    assert "exceeds the model's context_length=32" in err
+    assert "the prompt (40 tokens) + --max-new-tokens (2) = 42 exceeds the context of 32; shorten them, or " in err
     err = run_error(["generate", "--model", str(tiny_file), "abc", "--max-new-tokens", "40"], capsys)
-    assert "exceeds the model's context_length=32" in err
+    assert "exceeds the context of 32; shorten them, or stream past the context with --cache window or" in err
+    assert run_error(["generate", "--model", str(tiny_file), "--checkpoint", str(tiny_file), "hi"], capsys).endswith(
+        "choose one of --model NAME and --checkpoint DIR\n"
+    )
     assert "the prompt is empty" in run_error(["generate", "--model", str(tiny_file), ""], capsys)
     assert "has no chat template" in run_error(["generate", "--model", str(tiny_file), "hi", "--chat"], capsys)
     assert "more than the context of 32" in run_error(["explain", "--model", str(tiny_file), "y" * 40], capsys)

@@ -53,6 +53,8 @@ def test_text_and_heatmaps(tiny_file: Path, tmp_path: Path, capsys: pytest.Captu
         (["--corrupted", "abdabc"], "--clean has 5 tokens and --corrupted 6"),
         (["--answer", "cd"], "--answer 'cd' must be one token, but it is 2"),
         (["--model", "minilm"], "is not a language model"),
+        (["--clean", ""], "--clean is empty: give a prompt of at least one token"),
+        (["--wrong", "c"], "--answer 'c' and --wrong 'c' are the same token"),
     ],
 )
 def test_bad_input_is_one_line(

@@ -120,13 +120,31 @@ def test_generate_errors(corpus: Path, tmp_path: Path, capsys) -> None:
     assert "model.safetensors has 100 bytes but config.json recorded" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # the checks convert no tensor that requires grad
+def test_a_file_in_the_way_and_a_diverging_run_are_said_in_one_line(corpus: Path, tmp_path: Path, capsys) -> None:
+    """Before any training for --out; for a learning rate that blows the weights up, the step and the rate
+    (and no warning lines from the checks on the way)."""
+    (tmp_path / "afile").write_text("")
+    assert main(["train", "--corpus", str(corpus), "--out", str(tmp_path / "afile"), *TINY, "--steps", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.endswith(
+        "--out " + str(tmp_path / "afile") + " is a file; give a folder for the checkpoints\n"
+    )
+    run = ["train", "--corpus", str(corpus), "--out", str(tmp_path / "run"), *TINY, "--steps", "9", "--lr", "1e10"]
+    assert main(run) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: training diverged at step " in err and "(learning rate " in err, err
+
+
 def test_resume_refuses_new_settings_and_another_corpus(corpus: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert main(["train", "--corpus", str(corpus), "--out", str(out), *TINY, "--steps", "2"]) == 0
     assert main(["train", "--corpus", str(corpus), "--out", str(out), *TINY, "--steps", "2"]) == 2
     assert "already holds a checkpoint; pass --resume to continue it or --overwrite" in capsys.readouterr().err
     assert main(["train", "--corpus", str(corpus), "--out", str(out), "--resume", "--steps", "9"]) == 2
-    assert "--resume continues the saved configuration; do not also set ['max_steps']" in capsys.readouterr().err
+    assert "--resume continues the saved configuration; do not also set --steps\n" in capsys.readouterr().err
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), "--resume", "--overwrite"]) == 2
+    assert "choose one of --resume (continue the checkpoint) and --overwrite" in capsys.readouterr().err
     other = tmp_path / "other.txt"
     other.write_text(CORPUS.upper(), encoding="utf-8")
     assert main(["train", "--corpus", str(other), "--out", str(out), "--resume"]) == 2

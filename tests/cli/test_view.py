@@ -59,6 +59,12 @@ def test_bad_input_leaves_an_existing_file_alone(capsys: pytest.CaptureFixture[s
             "'no-such-model' is not 'example', 'minilm', 'smollm2', a .gguf file or an existing checkpoint",
         ),
         (["--serve", "--port", "70000"], "--port must be in 0..65535, got 70000"),
+        (["--port", "8001"], "--port is only used with --serve"),
+        (["--window", "3"], "--window is only used with --cache"),
+        (["--max-new-tokens", "3"], "--max-new-tokens is only used with --cache"),
+        (["--model", "minilm", "--causal"], "--causal is only used with --model example"),
+        (["--model", "minilm", "--seed", "3"], "--seed is only used with --model example"),
+        (["--out", "."], "cannot write .: it is a folder"),
     ],
 )
 def test_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:

@@ -12,6 +12,7 @@ from selfattention.cli.context_probes import add_probe_arguments, follow_in_lang
 from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.cli.models import MODEL_HELP, model_kind, refuse
+from selfattention.cli.options import some_path
 from selfattention.cli.pretrained_models import load_model
 from selfattention.contextual import (
     DEFAULT_SENTENCES,
@@ -22,6 +23,7 @@ from selfattention.contextual import (
     word_attention,
     word_in_context,
 )
+from selfattention.files import make_folder
 from selfattention.pretrained import PretrainedEncoder
 from selfattention.probes import probe_vectors
 
@@ -53,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=5,
         help="nearest tokens to list (default: 5); attention lists the top min(TOP, 3) per head",
     )
-    parser.add_argument("--plot", metavar="DIR", help="also save a line chart and per-sentence heatmaps in DIR")
+    parser.add_argument(
+        "--plot", metavar="DIR", type=some_path, help="also save a line chart and per-sentence heatmaps in DIR"
+    )
     add_probe_arguments(parser)
     add_device_argument(parser)
     parser.set_defaults(func=run)
@@ -177,7 +181,7 @@ def _plots(result: WordInContext, similarity: Tensor, attention: list[Tensor], l
     from selfattention.viz.heatmap import plot_weights
     from selfattention.viz.lines import plot_lines
 
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     pairs = itertools.combinations(range(len(result.sentences)), 2)
     series = {f"{i + 1}-{j + 1}": similarity[:, i, j].tolist() for i, j in pairs}
     chart = folder / "context-similarity.png"

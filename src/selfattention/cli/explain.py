@@ -15,7 +15,7 @@ from selfattention.cli.explain_model import add_model_arguments, explain_model
 from selfattention.cli.explain_rollout import add_rollout_arguments, explain_rollout
 from selfattention.cli.formatting import matrix, projections_document, steps_document, vector
 from selfattention.cli.models import model_kind
-from selfattention.cli.options import at_least, figure_path, json_text
+from selfattention.cli.options import at_least, figure_path, json_text, seed
 from selfattention.inputs import load_embeddings
 from selfattention.inspect import capture_projections
 from selfattention.walkthrough import Walkthrough, find_query, random_projections, walk
@@ -33,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Walk through self-attention (scores ω, weights α, context z) on the worked example "
         f'"{EXAMPLE_SENTENCE}" or on your own token embeddings.',
     )
-    parser.add_argument("--query", default="journey", help="query token: a word or a 0-based index (default: journey)")
+    parser.add_argument(
+        "--query", help="query token: a word or a 0-based index (default: journey, or the first token of other text)"
+    )
     parser.add_argument("--all", action="store_true", help="walk through every query, not just one")
     parser.add_argument("--scaled", action="store_true", help="divide the scores by sqrt(d) before the softmax")
     parser.add_argument("--causal", action="store_true", help="each token attends only to itself and earlier tokens")
@@ -43,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="D",
         help="random trainable W^Q, W^K, W^V of width D (1 to 4096; torch.rand, in that order) instead of the identity",
     )
-    parser.add_argument("--seed", type=int, default=123, help="seed for --projections (default: 123)")
+    parser.add_argument("--seed", type=seed, default=123, help="seed for --projections (default: 123)")
     parser.add_argument(
         "--heads", type=at_least(1), default=1, help="split the --projections width into this many heads (default: 1)"
     )
@@ -94,7 +96,10 @@ def run(args: argparse.Namespace) -> int:
         all_heads = result.weights.unsqueeze(0)  # (1, T, T)
     else:
         result, all_heads = _projected(tokens, inputs, args)
-    indices = list(range(len(tokens))) if args.all else [find_query(tokens, args.query)]
+    if args.all and args.query is not None:
+        raise UsageError("choose one of --query (one token) and --all (every token)")
+    query = args.query if args.query is not None else "journey" if "journey" in tokens else "0"
+    indices = list(range(len(tokens))) if args.all else [find_query(tokens, query)]
     if args.plot and all_heads.shape[0] > 1:
         from selfattention.viz.heads import plot_heads
 

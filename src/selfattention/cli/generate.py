@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.cli.models import KINDS, load_causal, model_kind, refuse
-from selfattention.cli.options import at_least, non_negative_number
+from selfattention.cli.options import at_least, non_negative_number, seed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=at_least(0), default=200, help="tokens to add (default: 200)")
     parser.add_argument("--temperature", type=non_negative_number, default=0.8, help="0 is greedy (default: 0.8)")
     parser.add_argument("--top-k", type=at_least(1), default=None, help="sample among the K likeliest tokens")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the sampling (default: 0)")
     parser.add_argument("--no-cache", action="store_true", help="recompute every step without the KV cache")
     parser.add_argument(
         "--chat", action="store_true", help="wrap PROMPT in the model's chat template (GGUF files that have one)"
@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)  # before anything is read: a missing GPU is said at once
     policy = cache_policy(args.cache, args.window, args.sinks)
-    if bool(args.model) == bool(args.checkpoint):
+    if args.model and args.checkpoint:
+        raise UsageError("choose one of --model NAME and --checkpoint DIR")
+    if not (args.model or args.checkpoint):
         raise UsageError("give the model: --model smollm2, --model FILE.gguf or --model CHECKPOINT_DIR")
     spec = args.model or args.checkpoint
     kind = model_kind(spec)
@@ -78,6 +80,12 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--chat: {lm.name} has no chat template")
         prompt = lm.chat(prompt)
     ids = torch.tensor([lm.encode(prompt)], dtype=torch.long, device=device)
+    total, context = ids.shape[1] + args.max_new_tokens, int(lm.model.config.context_length)
+    if kind == "gguf" and policy.kind == "full" and total > context:  # GGUF models do not slide
+        raise UsageError(
+            f"the prompt ({ids.shape[1]} tokens) + --max-new-tokens ({args.max_new_tokens}) = {total} exceeds the "
+            f"context of {context}; shorten them, or stream past the context with --cache window or --cache sinks"
+        )
     generator = torch.Generator().manual_seed(args.seed)
     shown_prompt = args.prompt + "\n" if args.chat else args.prompt
     new: list[int] = []

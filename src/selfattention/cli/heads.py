@@ -16,7 +16,8 @@ from typing import Any
 from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.cli.models import MODEL_HELP, load_causal, model_kind, refuse
-from selfattention.cli.options import at_least, json_text
+from selfattention.cli.options import at_least, json_text, seed, some_path
+from selfattention.files import make_folder
 
 NAMES = {
     "previous_token": "previous-token",
@@ -38,11 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default="smollm2", metavar="MODEL", help=f"{MODEL_HELP} (default: smollm2)")
     parser.add_argument("--length", type=at_least(2), default=50, help="random tokens per copy (default: 50)")
     parser.add_argument("--batch", type=at_least(1), default=4, help="sequences of random tokens (default: 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random tokens (default: 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the random tokens (default: 0)")
     parser.add_argument("--top", type=at_least(1), default=5, help="heads listed per pattern (default: 5)")
     parser.add_argument("--ablate", metavar="L.H,...", help="zero these heads (layer.head, from 0) and report the loss")
     parser.add_argument("--mean", action="store_true", help="with --ablate: set the heads to their mean output")
-    parser.add_argument("--plot", metavar="DIR", help="write a layers x heads heatmap per pattern into DIR")
+    parser.add_argument(
+        "--plot", metavar="DIR", type=some_path, help="write a layers x heads heatmap per pattern into DIR"
+    )
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
     add_device_argument(parser)
     parser.set_defaults(func=run)
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from selfattention.heads import PATTERNS, copy_losses, detect_heads, repeated_tokens
     from selfattention.interventions import ablate_heads, check_heads, head_means, model_logits
 
-    heads = parse_heads(args.ablate) if args.ablate else []
+    heads = parse_heads(args.ablate) if args.ablate is not None else []
     if args.mean and not heads:
         raise UsageError("--mean needs --ablate L.H,...")
     device = resolve_device(args.device)  # before anything is read: a missing GPU is said at once
@@ -94,6 +97,13 @@ def run(args: argparse.Namespace) -> int:
     if heads and not hasattr(model, "out_head"):
         raise UsageError(f"--ablate needs a causal language model (its loss); {args.model} is an encoder")
     check_heads(model, heads)
+    config = model.config
+    context = getattr(config, "context_length", None) or getattr(config, "max_position_embeddings", None)
+    if context is not None and 2 * args.length > context:
+        raise UsageError(
+            f"--length {args.length} makes runs of 2 x {args.length} = {2 * args.length} tokens, more than the "
+            f"model's context of {context}; give --length {context // 2} or less"
+        )
     scores = detect_heads(model, length=args.length, batch=args.batch, seed=args.seed)
     ablated = None
     if heads:
@@ -180,7 +190,7 @@ def _document(
 def _plot(scores: Any, folder: Path, name: str, patterns: tuple[str, ...]) -> None:
     from selfattention.viz.grid import plot_grid
 
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     for pattern in patterns:
         title = f"{name}: {NAMES[pattern]} score"
         plot_grid(scores.pattern(pattern), folder / f"heads_{pattern}.png", title=title)

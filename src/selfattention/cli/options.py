@@ -29,6 +29,8 @@ __all__ = [
     "non_negative_number",
     "positive_number",
     "probability",
+    "seed",
+    "some_path",
 ]
 
 
@@ -52,6 +54,31 @@ def at_least(minimum: int, maximum: int | None = None) -> Any:
 
     parse.__name__ = f"integer >= {minimum}" if maximum is None else f"integer in [{minimum}, {maximum}]"
     return parse
+
+
+SEEDS = (-(1 << 63), (1 << 64) - 1)
+"""The seeds :func:`torch.manual_seed` takes."""
+
+
+def seed(text: str) -> int:
+    """An argparse type: a whole number that :func:`torch.manual_seed` takes.
+
+    >>> seed("123")
+    123
+    """
+    return int(at_least(*SEEDS)(text))
+
+
+def some_path(text: str) -> str:
+    """An argparse type for a file or folder to write: any path but an empty one (which would mean the
+    current folder, or be ignored).
+
+    >>> some_path("out")
+    'out'
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return text
 
 
 def _number(text: str, accepted: Callable[[float], bool], requirement: str) -> float:

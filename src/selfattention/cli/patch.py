@@ -18,7 +18,8 @@ from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.cli.explain_checkpoint import token_labels
 from selfattention.cli.models import MODEL_HELP, load_causal
-from selfattention.cli.options import at_least, json_text
+from selfattention.cli.options import at_least, json_text, some_path
+from selfattention.files import make_folder
 
 CLEAN = "The Eiffel Tower is in the city of"
 CORRUPTED = "The Colosseum is in the city of"
@@ -42,7 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--wrong", default=" Rome", help='the corrupted answer, one token (default: " Rome")')
     parser.add_argument("--top", type=at_least(1), default=8, help="heads listed (default: 8)")
     parser.add_argument("--no-residual", action="store_true", help="skip the residual stream (half the time)")
-    parser.add_argument("--plot", metavar="DIR", help="write the heatmaps patch_heads.png and patch_residual.png")
+    parser.add_argument(
+        "--plot", metavar="DIR", type=some_path, help="write the heatmaps patch_heads.png and patch_residual.png"
+    )
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
     add_device_argument(parser)
     parser.set_defaults(func=run)
@@ -68,13 +71,20 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)  # before anything is read: a missing GPU is said at once
     lm = load_causal(args.model)
+    for option, text in (("--clean", args.clean), ("--corrupted", args.corrupted)):
+        if not text or not lm.encode(text):
+            raise UsageError(f"{option} is empty: give a prompt of at least one token")
     clean, corrupted = lm.encode(args.clean), lm.encode(args.corrupted)
-    if len(clean) != len(corrupted) or not clean:
+    if len(clean) != len(corrupted):
         raise UsageError(
             f"--clean has {len(clean)} tokens and --corrupted {len(corrupted)}: they need the same number "
             "(patching is position by position)"
         )
     answer, wrong = one_token(lm.encode, args.answer, "--answer"), one_token(lm.encode, args.wrong, "--wrong")
+    if answer == wrong:
+        raise UsageError(
+            f"--answer {args.answer!r} and --wrong {args.wrong!r} are the same token ({answer}): nothing to compare"
+        )
 
     def progress(done: int, total: int) -> None:
         if sys.stderr.isatty():
@@ -143,7 +153,7 @@ def _document(result: Any, tokens: list[str], name: str, args: argparse.Namespac
 def _plot(result: Any, tokens: list[str], folder: Path, args: argparse.Namespace) -> None:
     from selfattention.viz.grid import plot_grid
 
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     title = f"patching {args.answer!r} vs {args.wrong!r}: fraction restored"
     plot_grid(result.restored(result.heads), folder / "patch_heads.png", title=title + " per head", centered=True)
     if not args.no_residual:

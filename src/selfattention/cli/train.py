@@ -10,7 +10,8 @@ from typing import Any
 
 from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
-from selfattention.cli.options import at_least, positive_number, probability
+from selfattention.cli.options import at_least, positive_number, probability, seed, some_path
+from selfattention.files import make_folder
 from selfattention.training.recipe import CONFIGS, RunOptions, configs
 
 Option = tuple[str, Callable[[str], Any], str]
@@ -30,7 +31,7 @@ TRAIN_OPTIONS: dict[str, Option] = {
     "--lr": ("learning_rate", positive_number, "peak learning rate"),
     "--warmup": ("warmup_steps", at_least(0), "linear warmup steps"),
     "--eval-interval": ("eval_interval", at_least(1), "steps between validations and checkpoints"),
-    "--seed": ("seed", int, "seed of the weights and the data order"),
+    "--seed": ("seed", seed, "seed of the weights and the data order"),
 }
 OPTION_OF_FIELD = {field: name for name, (field, _, _) in {**MODEL_OPTIONS, **TRAIN_OPTIONS}.items()}
 
@@ -45,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train` it trains data-parallel.",
     )
     parser.add_argument("--corpus", metavar="FILE", help="UTF-8 text file (default: the shipped Shakespeare)")
-    parser.add_argument("--out", metavar="DIR", default="gpt-out", help="checkpoint folder (default: gpt-out)")
+    parser.add_argument(
+        "--out", metavar="DIR", type=some_path, default="gpt-out", help="checkpoint folder (default: gpt-out)"
+    )
     parser.add_argument("--config", choices=list(CONFIGS), default="small", help="model and schedule (default: small)")
     parser.add_argument("--tokenizer", choices=["char", "bpe"], default="char", help="default: char")
     parser.add_argument("--vocab-size", type=at_least(257), default=512, help="BPE vocabulary size (default: 512)")
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         device=str(device),
     )
     _check_together(options)
+    make_folder(options.out)  # a folder that cannot be made is said now, not after the training
     try:
         result = train_gpt(options)
     except KeyboardInterrupt:
@@ -122,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_together(options: RunOptions) -> None:
-    """Check the options against each other (``--width`` divisible by ``--heads`` ...) before any work.
+    """Check the options against each other (``--width`` divisible by ``--heads``, ``--resume`` with neither
+    overrides nor ``--overwrite``, ``--out`` not a file ...) before any work.
 
     The configs name their fields (``emb_dim``); the message names the options instead (``--width``).
 
@@ -133,6 +138,14 @@ def _check_together(options: RunOptions) -> None:
 
     from selfattention.models.gpt import GPT
 
+    if options.resume and (options.model or options.train):
+        fields = {**options.model, **options.train}
+        names = ", ".join(sorted(OPTION_OF_FIELD.get(field, "--" + field.replace("_", "-")) for field in fields))
+        raise UsageError(f"--resume continues the saved configuration; do not also set {names}")
+    if options.resume and options.overwrite:
+        raise UsageError("choose one of --resume (continue the checkpoint) and --overwrite (replace it)")
+    if options.out.exists() and not options.out.is_dir():
+        raise UsageError(f"--out {options.out} is a file; give a folder for the checkpoints")
     try:
         model_config, _ = configs(options, vocab_size=1)  # the vocabulary is not known yet; nothing depends on it
         with torch.device("meta"):  # build the model without memory: its layers check what the config does not

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
+from selfattention.cli.options import seed, some_path
 from selfattention.files import write_text
 
 if TYPE_CHECKING:
@@ -40,12 +41,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "smollm2 or FILE.gguf (a Llama-family language model), or a checkpoint folder of a trained GPT; "
         "layers are numbered from 0",
     )
-    parser.add_argument("--out", metavar="FILE.html", help=f"where to write the page (default: {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", metavar="FILE.html", type=some_path, help=f"where to write the page (default: {DEFAULT_OUT})"
+    )
     parser.add_argument("--serve", action="store_true", help="serve the page on 127.0.0.1 until Ctrl-C")
-    parser.add_argument("--port", type=int, default=8000, help="port for --serve (default: 8000; 0 = any free)")
-    parser.add_argument("--heads", type=int, default=4, help="heads of the example's random layer (default: 4)")
+    parser.add_argument("--port", type=int, help="port for --serve (default: 8000; 0 = any free)")
+    parser.add_argument("--heads", type=int, help="heads of the example's random layer (default: 4)")
     parser.add_argument("--causal", action="store_true", help="example: mask future tokens")
-    parser.add_argument("--seed", type=int, default=123, help="example: seed of the random projections")
+    parser.add_argument("--seed", type=seed, help="example: seed of the random projections (default: 123)")
     parser.add_argument(
         "--cache",
         choices=["full", "window", "sinks"],
@@ -54,9 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--window", type=int, help="with --cache: latest tokens kept (default: the context)")
     parser.add_argument("--sinks", type=int, help="with --cache sinks: first tokens kept (default: 4)")
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=0, help="with --cache: first continue TEXT greedily (default: 0)"
-    )
+    parser.add_argument("--max-new-tokens", type=int, help="with --cache: first continue TEXT greedily (default: 0)")
     add_device_argument(parser, note="; with a model, not the example")
     parser.set_defaults(func=run)
 
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     """Build the page; write it, serve it, or both."""
     from selfattention.viz.sources import model_view
 
+    _check_options(args)
     if args.model == "example" and args.device != "cpu":
         raise UsageError(f"--device {args.device} is only used with a model (minilm, smollm2, FILE.gguf, a checkpoint)")
     device = resolve_device(args.device)  # before anything is read: a missing GPU is said at once
@@ -74,9 +76,8 @@ def run(args: argparse.Namespace) -> int:
         if args.cache is not None:
             view = _streaming_view(args, device)
         else:
-            view = model_view(
-                args.model, args.text, num_heads=args.heads, causal=args.causal, seed=args.seed, device=device
-            )
+            heads, seed = 4 if args.heads is None else args.heads, 123 if args.seed is None else args.seed
+            view = model_view(args.model, args.text, num_heads=heads, causal=args.causal, seed=seed, device=device)
     except ImportError as error:  # an optional model whose packages are not installed: say what to install
         raise ValueError(str(error)) from error
     if len(view.tokens) > MAX_TOKENS:
@@ -89,8 +90,25 @@ def run(args: argparse.Namespace) -> int:
         write_text(out, page)
         print(f"wrote {out} ({summary}); open it in a browser, no network needed")
     if args.serve:
-        serve(page, args.port, summary)
+        serve(page, 8000 if args.port is None else args.port, summary)
     return 0
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse options that the chosen page does not use, instead of ignoring them."""
+    unused = []
+    if args.cache is None:
+        unused += [
+            (name, "--cache") for name in ("window", "sinks", "max_new_tokens") if getattr(args, name) is not None
+        ]
+    if args.port is not None and not args.serve:
+        unused.append(("port", "--serve"))
+    if args.model != "example":
+        unused += [(name, "--model example") for name in ("heads", "seed") if getattr(args, name) is not None]
+        unused += [("causal", "--model example")] if args.causal else []
+    if unused:
+        name, needs = unused[0]
+        raise UsageError(f"--{name.replace('_', '-')} is only used with {needs}")
 
 
 def _too_long(tokens: int) -> None:
@@ -130,12 +148,13 @@ def _streaming_view(args: argparse.Namespace, device: torch.device) -> Attention
     policy = cache_policy(args.cache, args.window, args.sinks)
     if model_kind(args.model) not in ("gguf", "checkpoint"):
         raise ValueError(f"--cache views a language model (smollm2, FILE.gguf or a checkpoint), not {args.model!r}")
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be at least 0, got {args.max_new_tokens}")
+    new_tokens = args.max_new_tokens or 0
+    if new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be at least 0, got {new_tokens}")
     lm = load_causal(args.model)
     lm.model.to(device)
     ids = lm.encode(" ".join(examples.TOKENS) if args.text is None else args.text)
     prompt = torch.tensor([ids], device=device)
-    stream = generate(lm.model, prompt, args.max_new_tokens, temperature=0.0, cache=policy)[0]
+    stream = generate(lm.model, prompt, new_tokens, temperature=0.0, cache=policy)[0]
     pieces = [lm.decode([int(i)]).replace("\n", "⏎").replace("\t", "⇥") or "∅" for i in stream]
     return streaming_view(lm.model, stream, pieces, policy, title=lm.name)

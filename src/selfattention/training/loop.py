@@ -188,9 +188,19 @@ class Trainer:
         start = time.perf_counter()
         self.model.train()
         inputs, targets = self.train_batch(self.data_generator)
+        rate = learning_rate(self.step, self.config)
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.step, self.config)
-        _, loss = self.model(inputs, targets)
+            group["lr"] = rate
+        try:
+            _, loss = self.model(inputs, targets)
+        except ValueError as error:  # the attention's checks refuse non-finite or overflowing activations
+            if self.step == 0:
+                raise
+            raise ValueError(f"training diverged at step {self.step + 1} (learning rate {rate:.3g}): {error}") from None
+        if not torch.isfinite(loss.detach()):
+            raise ValueError(
+                f"training diverged at step {self.step + 1}: the loss is {float(loss)} (learning rate {rate:.3g})"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip > 0:
