@@ -50,3 +50,37 @@ def test_a_peer_that_fails_shortly_after_reports_its_own_error():
         run_local(_both_fail_one_later, 2, timeout=60)
     for rank in (0, 1):
         assert f"rank {rank} failed: ValueError: rank {rank} has bad input" in str(error.value)
+
+
+def _rank_one_leaves_early():
+    if dist.get_rank() == 1:
+        raise SystemExit(0)
+    return dist.get_rank()
+
+
+def test_a_rank_that_exits_cleanly_without_a_result_is_a_launch_error():
+    with pytest.raises(LaunchError, match=r"rank\(s\) \[1\] ended without an error but returned no result"):
+        run_local(_rank_one_leaves_early, 2, timeout=60)
+
+
+def _rank_one_ignores_sigterm_and_sleeps(marker: str):
+    import os
+    import signal
+
+    if dist.get_rank() == 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with open(marker, "w") as file:
+            file.write(str(os.getpid()))
+        time.sleep(60)
+    return dist.get_rank()
+
+
+def test_a_rank_that_ignores_sigterm_is_killed_before_the_launcher_returns(tmp_path):
+    import os
+
+    marker = tmp_path / "pid"
+    with pytest.raises(LaunchError, match="did not finish within 3 s"):
+        run_local(_rank_one_ignores_sigterm_and_sleeps, 2, str(marker), timeout=3)
+    pid = int(marker.read_text())
+    with pytest.raises(ProcessLookupError):  # gone (and reaped), not left running
+        os.kill(pid, 0)

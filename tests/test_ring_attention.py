@@ -246,6 +246,52 @@ def test_call_settings_that_disagree_across_ranks_fail_on_every_rank(name):
         assert f"rank {other} has {name}=" in str(error.value)
 
 
+def _scaled(factor: float):
+    return lambda score, b, h, q_idx, kv_idx: score * factor  # one factory: one name, other captured values
+
+
+SAME_LOOKING = {  # case -> (the setting that differs, ring_attention keywords of rank r)
+    "documents with other ids": ("mask", lambda r: {"mask": masks.documents([0] * 8 if r == 0 else [0] * 4 + [1] * 4)}),
+    "two lambda rules": (
+        "mask",
+        lambda r: {
+            "mask": masks.from_function((lambda b, h, q, kv: q >= kv) if r == 0 else (lambda b, h, q, kv: q <= kv))
+        },
+    ),
+    "score_mods of one factory": ("score_mod", lambda r: {"score_mod": _scaled(1.0 + r)}),
+}
+
+
+def _same_looking(case: str):
+    q = torch.randn(1, 2, 4, 8)
+    return ring_attention(q, q, q, **SAME_LOOKING[case][1](dist.get_rank()))
+
+
+def _different_inputs(setting: str):
+    rank = dist.get_rank()
+    q = torch.randn(1, 2, 4, 8, requires_grad=setting != "requires_grad" or rank == 0)
+    kv = torch.randn(1, 1 if setting == "kv_heads" and rank == 0 else 2, 4, 8)
+    return ring_attention(q, kv, kv)
+
+
+@pytest.mark.parametrize(
+    ("run", "argument", "setting"),
+    [(_same_looking, case, setting) for case, (setting, _) in SAME_LOOKING.items()]
+    + [(_different_inputs, name, name) for name in ("kv_heads", "requires_grad")],
+    ids=[*SAME_LOOKING, "kv heads before expansion", "requires_grad"],
+)
+def test_settings_that_print_alike_but_differ_fail_on_every_rank(run, argument: str, setting: str):
+    """Document ids of one shape, lambdas (all named <lambda>), closures of one factory: compared by content
+    (a checksum of the ids, of the code and captured values); and what a rank's inputs imply."""
+    with pytest.raises(LaunchError) as error:
+        run_local(run, 2, argument, timeout=60)
+    for rank in (0, 1):
+        assert f"rank {rank} failed: ValueError: ring attention needs the same call settings on every rank: " in str(
+            error.value
+        )
+        assert f"rank {rank} has {setting}=" in str(error.value)
+
+
 def _uneven_zigzag():
     q = torch.randn(1, 2, 5 if dist.get_rank() == 0 else 3, 8)  # not the zigzag cut of 8 tokens
     return ring_attention(q, q, q, causal=True, layout="zigzag")

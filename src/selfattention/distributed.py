@@ -229,14 +229,17 @@ def ring_attention(
             f"a mask tensor would need the whole (L, L) sequence on every rank"
         )
     checks.scale(scale)
+    kv_heads = k_local.shape[-3] if k_local.dim() >= 3 else 1  # before expansion: ranks must agree on it too
     k_local, v_local = expand_kv_heads(q_local, k_local, v_local)
     scale = 1.0 / math.sqrt(q_local.shape[-1]) if scale is None else float(scale)
     settings = {
         "causal": bool(causal),
         "scale": scale,
         "layout": layout,
-        "mask": None if mask is None else repr(mask),
-        "score_mod": None if score_mod is None else getattr(score_mod, "__qualname__", type(score_mod).__name__),
+        "mask": None if mask is None else mask.fingerprint(),
+        "score_mod": None if score_mod is None else masks.function_fingerprint(score_mod),
+        "kv_heads": kv_heads,
+        "requires_grad": [x.requires_grad for x in (q_local, k_local, v_local)],  # the backward ring needs all
     }
     ring = _Ring.build(q_local, k_local, v_local, layout, group, settings)
     if causal:

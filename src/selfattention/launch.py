@@ -104,8 +104,14 @@ def run_local(
                 if process.is_alive():
                     process.terminate()
                 process.join(timeout=5)
+                if process.is_alive():  # it ignored SIGTERM: every rank is gone when this returns
+                    process.kill()
+                    process.join()
             for name in context.error_files:
                 Path(name).unlink(missing_ok=True)
+        missing = [rank for rank in range(world_size) if not (Path(tmp) / f"rank{rank}.pt").exists()]
+        if missing:  # a rank that left with status 0 (sys.exit(0), os._exit(0)) before returning a result
+            raise LaunchError(f"rank(s) {missing} ended without an error but returned no result (exited early)")
         return [torch.load(Path(tmp) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 

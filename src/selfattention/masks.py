@@ -34,6 +34,7 @@ sits at key position ``p = i + S - T``, so with ``T == S`` it is simply position
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -67,6 +68,11 @@ class MaskDescription:
         edit bumps; ``()`` for rules of plain numbers; ``None`` when unknown (a function's). What is derived
         from a description (a GPU block mask) is reused only while this stays the same."""
         return ()
+
+    def fingerprint(self) -> str:
+        """A text that differs when the rule does (its repr plus what the repr leaves out: a checksum of
+        document ids, a function's code and captured values), to compare descriptions across processes."""
+        return repr(self)
 
     def _bounds_map(self, bounds: _Bounds) -> Tensor | None:
         """The block map from tile bounds alone, or None when the rule needs the generic evaluation."""
@@ -410,6 +416,9 @@ class _Documents(MaskDescription):
     def __repr__(self) -> str:
         return f"documents(<{tuple(self.ids.shape)} ids>)"
 
+    def fingerprint(self) -> str:
+        return f"{self!r} crc32 {zlib.crc32(self.ids.detach().cpu().contiguous().numpy().tobytes()):08x}"
+
 
 def _block_min_max(ids: Tensor, block: int) -> tuple[Tensor, Tensor]:
     """Per-tile minimum and maximum of ``ids (rows, n)`` along the last axis."""
@@ -511,6 +520,9 @@ class _Combined(MaskDescription):
     def __repr__(self) -> str:
         return f"({self.left!r} {'&' if self.op == 'and' else '|'} {self.right!r})"
 
+    def fingerprint(self) -> str:
+        return f"({self.left.fingerprint()} {'&' if self.op == 'and' else '|'} {self.right.fingerprint()})"
+
 
 class _FromFunction(MaskDescription):
     def __init__(self, fn: MaskFn):
@@ -527,6 +539,22 @@ class _FromFunction(MaskDescription):
 
     def __repr__(self) -> str:
         return f"from_function({getattr(self.fn, '__name__', 'fn')})"
+
+    def fingerprint(self) -> str:
+        return f"from_function({function_fingerprint(self.fn)})"
+
+
+def function_fingerprint(fn: Callable[..., object]) -> str:
+    """A text that differs between functions that compute differently, as far as can be seen: the qualified
+    name, and for Python functions a checksum of the bytecode, the constants and the captured values.
+    Equal texts do not prove equal functions (a global they read may differ)."""
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return name
+    cells = tuple(repr(cell.cell_contents) for cell in (getattr(fn, "__closure__", None) or ()))
+    seen = repr((code.co_code, code.co_consts, code.co_names, cells)).encode()
+    return f"{name} crc32 {zlib.crc32(seen):08x}"
 
 
 def from_function(fn: MaskFn) -> MaskDescription:

@@ -155,6 +155,19 @@ def test_merge_partials_handles_empty_sides():
     torch.testing.assert_close(merged_lse, torch.tensor([0.5, 1.0, -math.inf]))
 
 
+def test_merge_partials_of_two_empty_sides_has_zero_gradients():
+    """logaddexp(-inf, -inf) has a NaN gradient in PyTorch; a row empty on both sides must not pass it on."""
+    lse_a = torch.tensor([0.5, -math.inf, -math.inf], requires_grad=True)
+    lse_b = torch.tensor([-math.inf, 1.0, -math.inf], requires_grad=True)
+    out_a, out_b = torch.ones(3, 2, requires_grad=True), torch.full((3, 2), 2.0, requires_grad=True)
+    merged, merged_lse = merge_partials(out_a, lse_a, out_b, lse_b)
+    (merged.sum() + merged_lse[:2].sum()).backward()
+    for grad in (lse_a.grad, lse_b.grad, out_a.grad, out_b.grad):
+        assert grad is not None and torch.isfinite(grad).all()
+    assert lse_a.grad[2] == lse_b.grad[2] == 0 and not out_a.grad[2].any() and not out_b.grad[2].any()
+    torch.testing.assert_close(out_a.grad[0], torch.ones(2))  # a row that takes one side passes its gradient
+
+
 def _reference_lse(q, k, *, scale, allowed=None, score_mod=None):
     """Each row's log-sum-exp of its final scores in float64 (-inf for a row with no key)."""
     scores = q @ k.transpose(-2, -1) * scale

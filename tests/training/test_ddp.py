@@ -96,3 +96,24 @@ def test_environment_without_torchrun_is_one_process(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("RANK", "5")
     with pytest.raises(ValueError, match=r"RANK \(5\) must be in \[0, WORLD_SIZE=2\)"):
         ddp.setup()
+
+
+def _dropout_masks(resumed: bool) -> tuple[int, torch.Tensor]:
+    import torch.distributed as dist
+
+    from selfattention.training import ddp
+
+    info = ddp.DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size())
+    torch.manual_seed(7)  # the same state on every rank, as after building the weights (or restoring a checkpoint)
+    ddp.seed_dropout(info, 7, resumed=resumed)
+    return info.rank, torch.nn.functional.dropout(torch.ones(64), 0.5)
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_each_rank_drops_its_own_units(resumed: bool) -> None:
+    from selfattention.launch import run_local
+
+    (_, first), (_, second) = run_local(_dropout_masks, 2, resumed, timeout=60)
+    assert not torch.equal(first, second)
+    again = run_local(_dropout_masks, 2, resumed, timeout=60)
+    assert torch.equal(again[0][1], first) and torch.equal(again[1][1], second)  # and reproducibly so

@@ -259,15 +259,17 @@ def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -
     """Attention over two disjoint key sets, from each set's ``(out, lse)``; differentiable.
 
     ``lse = logaddexp(lse_a, lse_b)``; ``out = exp(lse_a - lse)·out_a + exp(lse_b - lse)·out_b``. A row
-    with ``lse = -inf`` on one side takes the other side; on both sides it stays ``(0, -inf)``.
+    with ``lse = -inf`` on one side takes the other side (whose ``out`` must be finite: zeros, as the
+    kernels give); on both sides it stays ``(0, -inf)``, with zero gradients.
 
     Args:
         out_a, out_b: ``(..., T, E)``. lse_a, lse_b: ``(..., T)``.
 
     Returns:
-        ``(out, lse)`` in the dtypes of ``out_a`` and ``lse_a``.
+        ``(out, lse)``: ``out`` in the dtype of ``out_a``, ``lse`` in the wider of the two lse dtypes.
     """
-    lse = torch.logaddexp(lse_a, lse_b)
+    neither = (lse_a == -math.inf) & (lse_b == -math.inf)  # logaddexp's gradient there is NaN: kept out of it
+    lse = torch.where(neither, -math.inf, torch.logaddexp(lse_a.masked_fill(neither, 0), lse_b.masked_fill(neither, 0)))
     finite = torch.where(torch.isfinite(lse), lse, 0.0)
     weight_a = torch.exp(lse_a - finite).unsqueeze(-1)  # -inf side: weight 0
     weight_b = torch.exp(lse_b - finite).unsqueeze(-1)

@@ -80,6 +80,19 @@ def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
+def seed_dropout(info: DistInfo, seed: int, *, resumed: bool) -> None:
+    """Give each rank its own stream of the global random generator (dropout masks): ``seed + rank``, or
+    when ``resumed``, a number drawn from the restored state (the same on every rank) ``+ rank``.
+
+    The weights are made before this, from one seed on every rank; the batches come from the trainer's own
+    generator. With one process nothing changes. Without this, every rank would drop the same units of its
+    slice of the batch.
+    """
+    if info.world_size > 1:
+        base = int(torch.randint(1 << 62, ())) if resumed else seed
+        torch.manual_seed(base + info.rank)
+
+
 def teardown(info: DistInfo, *, wait: bool = True) -> None:
     """Leave the process group (if this process joined one); with ``wait``, after every rank has got here.
 
