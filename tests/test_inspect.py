@@ -111,16 +111,6 @@ def test_single_head_modules_record_one_head():
     assert cap[""].weights.shape == (1, 1, 6, 6) and cap[""].causal
 
 
-def test_nested_captures_restore_the_outer_one():
-    module = MultiHeadAttention(8, 8, 16, 0.0, 2)
-    x = torch.randn(4, 8)
-    with capture(module) as outer:
-        with capture(module) as inner:
-            module(x)
-        module(x)
-    assert len(inner.calls("")) == 1 and len(outer.calls("")) == 1
-
-
 def test_model_without_attention_is_an_error():
     with pytest.raises(ValueError, match="Linear contains no attention module"):
         with capture(torch.nn.Linear(2, 2)):
@@ -365,3 +355,29 @@ def test_capture_of_a_rotary_model_recomputes_the_context_its_kernel_computed():
         merged = record.context.transpose(1, 2).reshape(batch, tokens, heads * width)
         torch.testing.assert_close(merged, handed[name], atol=1e-6, rtol=0)
         assert float(record.weights[1, :, :7, 7:].abs().max()) == 0.0  # padded keys
+
+
+def test_an_enclosing_capture_still_records_what_an_inner_one_does():
+    """detect_heads and the viewer capture inside: a capture around them must not go blind meanwhile."""
+    module = MultiHeadAttention(16, 16, 32, 0.0, num_heads=4).eval()
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(4))
+    with capture(module) as outer:
+        with capture(module) as inner:
+            module(x)
+        module(x)
+    assert len(inner.calls("")) == 1 and len(outer.calls("")) == 2
+    assert_close(outer.calls("")[0].weights, inner[""].weights)
+    assert module._recorder is None  # both gone
+
+
+def test_top_k_of_stored_weights_keeps_float64():
+    """The stored-weights path (return_weights, or dropout) gives the work dtype, as the recomputed one does."""
+    module = MultiHeadAttention(16, 16, 32, 0.0, num_heads=4).eval().double()
+    x = torch.randn(2, 6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with capture(module) as stored:
+        module(x, return_weights=True)
+    with capture(module) as recomputed:
+        module(x)
+    mine, theirs = stored[""].top_k(2), recomputed[""].top_k(2)
+    assert mine[0].dtype == theirs[0].dtype == torch.float64
+    assert_close(mine[0], theirs[0])

@@ -80,6 +80,8 @@ def test_flow_refuses_long_texts_and_bad_queries() -> None:
         attention_flow([CAUSAL], queries=[3])
     with pytest.raises(ValueError, match="one text's"):
         attention_flow([CAUSAL.unsqueeze(0)])
+    with pytest.raises(ValueError, match=r"must be \(heads, T, T\) for one T, got \[\(1, 3, 3\), \(1, 4, 4\)\]"):
+        attention_flow([torch.eye(3).unsqueeze(0), torch.eye(4).unsqueeze(0)])  # as rollout refuses it
 
 
 def test_rollout_refuses_mismatched_layers() -> None:

@@ -201,7 +201,8 @@ class Record:
         """
         chosen, span = self._selection(heads, rows)
         if self.stored_weights is not None:
-            weights = self.weights_for(heads, rows).float()
+            stored = self.weights_for(heads, rows)  # in the work dtype, as the recomputed path gives them
+            weights = stored.to(torch.float64 if stored.dtype == torch.float64 else torch.float32)
             top = torch.topk(weights, min(k, weights.shape[-1]), dim=-1)
             return top.values, top.indices, (1.0 - top.values.sum(-1)).clamp_min(0.0) * (weights.sum(-1) > 0)
         assert self.lse is not None
@@ -374,13 +375,21 @@ def _watch(model: nn.Module, make: Callable[..., R]) -> Iterator[Capture[R]]:
         raise ValueError(f"{type(model).__name__} contains no attention module from selfattention.modules")
     cap = Capture([name for name, _ in watched], make)
     previous = [m._recorder for _, m in watched]
-    for name, m in watched:
-        m._recorder = cap._hook_for(name)
+    for (name, m), before in zip(watched, previous, strict=True):  # an enclosing capture still records
+        m._recorder = cap._hook_for(name) if before is None else _both(cap._hook_for(name), before)
     try:
         yield cap
     finally:
         for (_, m), before in zip(watched, previous, strict=True):
             m._recorder = before
+
+
+def _both(first: Callable[..., None], second: Callable[..., None]) -> Callable[..., None]:
+    def record(*args: Any, **kwargs: Any) -> None:
+        first(*args, **kwargs)
+        second(*args, **kwargs)
+
+    return record
 
 
 @contextmanager
@@ -389,6 +398,8 @@ def capture(model: nn.Module) -> Iterator[Capture[Record]]:
 
     Args:
         model: any module; the attention modules of :mod:`selfattention.modules` in it are watched.
+
+    Captures nest as PyTorch's hooks do: inside another capture of the same modules, both record every call.
 
     Yields:
         A :class:`Capture`: ``cap[name]`` is the latest :class:`Record` of the module ``name``

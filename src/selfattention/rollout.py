@@ -103,6 +103,10 @@ def attention_flow(layers: Sequence[Tensor], queries: Sequence[int] | None = Non
         raise ValueError("attention_flow needs at least one layer")
     if any(w.dim() != 3 for w in layers):
         raise ValueError(f"attention_flow takes one text's (heads, T, T) weights, got {tuple(layers[0].shape)}")
+    if len({w.shape[-2:] for w in layers}) > 1 or layers[0].shape[-1] != layers[0].shape[-2]:
+        raise ValueError(
+            f"every layer's weights must be (heads, T, T) for one T, got {[tuple(w.shape) for w in layers]}"
+        )
     tokens = layers[0].shape[-1]
     if tokens > MAX_FLOW_TOKENS:
         raise ValueError(
