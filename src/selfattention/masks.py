@@ -35,8 +35,8 @@ sits at key position ``p = i + S - T``, so with ``T == S`` it is simply position
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Callable, MutableMapping, Sequence
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -45,6 +45,7 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 """Tile kinds in a block map (``torch.int8``)."""
 
 MaskFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+T = TypeVar("T")
 
 
 class MaskDescription:
@@ -542,6 +543,33 @@ class _FromFunction(MaskDescription):
 
     def fingerprint(self) -> str:
         return f"from_function({function_fingerprint(self.fn)})"
+
+
+def remembered(
+    table: MutableMapping[MaskDescription, dict[tuple[object, ...], T]],
+    mask: MaskDescription,
+    key: tuple[object, ...],
+    make: Callable[[], T],
+    limit: int,
+) -> T:
+    """``make()``, kept in ``table`` for the description object ``mask`` under ``key`` and its version.
+
+    What is derived from a description (a GPU block mask, a block-sparse plan) is made once for a model that
+    passes one description to every layer and step. A description edited in place (document ids) has a new
+    :meth:`~MaskDescription.version` and gets a new one; one whose version is unknown (``from_function``) is
+    never kept. ``table`` is a ``weakref.WeakKeyDictionary``, so entries go with their description; at most
+    ``limit`` per description (the oldest goes first).
+    """
+    version = mask.version()
+    if version is None:
+        return make()
+    known = table.setdefault(mask, {})
+    entry = (*key, version)
+    if entry not in known:
+        if len(known) >= limit:
+            known.pop(next(iter(known)))
+        known[entry] = make()
+    return known[entry]
 
 
 def function_fingerprint(fn: Callable[..., object]) -> str:

@@ -606,3 +606,24 @@ def test_narrow_windows_get_narrower_tiles(mask, block: int, monkeypatch: pytest
     q = torch.randn(1, 1, 8, 4)
     blocksparse.attention_with_lse(q, q, q, mask=mask, causal=False, scale=0.5)
     assert seen == [block]
+
+
+def test_a_description_is_planned_once_per_shape_and_again_after_an_edit(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[int] = []
+    plan = blocksparse.plan
+    monkeypatch.setattr(blocksparse, "plan", lambda q, *a, **kw: made.append(q.shape[-2]) or plan(q, *a, **kw))
+    ids = torch.arange(600) // 200
+    rule = masks.documents(ids)
+    q = torch.randn(1, 2, 600, 8)
+    first = attention(q, q, q, mask=rule, backend="blocksparse")
+    assert torch.equal(attention(q, q, q, mask=rule, backend="blocksparse"), first) and made == [600]
+    attention(q[..., :520, :], q[..., :520, :], q[..., :520, :], mask=masks.documents(ids[:520]), backend="blocksparse")
+    assert made == [600, 520]  # another description: its own plan
+    ids[:300] = 0  # documents edited in place: planned again, and the answer follows the edit
+    edited = attention(q, q, q, mask=rule, backend="blocksparse")
+    assert made == [600, 520, 600]
+    assert_close(edited, attention(q, q, q, mask=rule.materialize(1, 2, 600, 600), backend="math"))
+    rule_fn = masks.from_function(lambda b, h, qi, kv: (qi // 200) == (kv // 200))
+    for _ in range(2):
+        attention(q, q, q, mask=rule_fn, backend="blocksparse")
+    assert made == [600, 520, 600, 600, 600]  # a function's inputs cannot be seen: never kept

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from selfattention.backends import sdpa, tiled
 from selfattention.backends.tiles import AnyMask, Tiles, as_4d, materialize_mask
-from selfattention.masks import FULL, PARTIAL, MaskDescription, MaskFn
+from selfattention.masks import FULL, PARTIAL, MaskDescription, MaskFn, remembered
 from selfattention.masks import causal as causal_rule
 
 if TYPE_CHECKING:
@@ -119,17 +119,11 @@ def cached_block_mask(query: Tensor, key: Tensor, *, mask: MaskDescription | Non
     (ids edited in place: :meth:`~selfattention.masks.MaskDescription.version`) gets a new one; a
     ``from_function`` rule, whose inputs cannot be seen, is never cached. Entries go with their description.
     """
-    version = None if mask is None else mask.version()
-    if mask is None or version is None:
+    if mask is None:
         return block_mask(query, key, mask=mask, causal=causal)
-    known = _BLOCK_MASKS.setdefault(mask, {})
     # B and H too: a per-row rule (documents, padding) is classified over the batch
-    entry = (tuple(query.shape[:-1]), key.shape[-2], causal, str(query.device), version)
-    if entry not in known:
-        if len(known) >= CACHED:
-            known.pop(next(iter(known)))  # the oldest
-        known[entry] = block_mask(query, key, mask=mask, causal=causal)
-    return known[entry]
+    entry = (tuple(query.shape[:-1]), key.shape[-2], causal, str(query.device))
+    return remembered(_BLOCK_MASKS, mask, entry, lambda: block_mask(query, key, mask=mask, causal=causal), CACHED)
 
 
 @functools.cache
