@@ -292,6 +292,19 @@ def test_settings_that_print_alike_but_differ_fail_on_every_rank(run, argument: 
         assert f"rank {rank} has {setting}=" in str(error.value)
 
 
+def _gather_with_other_layouts():
+    x = torch.randn(1, 2, 4, 8)
+    return gather_sequence(x, layout="zigzag" if dist.get_rank() == 0 else "contiguous")
+
+
+def test_gathering_with_layouts_that_disagree_fails_on_every_rank():
+    with pytest.raises(LaunchError) as error:
+        run_local(_gather_with_other_layouts, 2, timeout=60)
+    expected = "ValueError: gather_sequence needs one layout on every rank, got ['zigzag', 'contiguous'] (by rank)"
+    for rank in (0, 1):
+        assert f"rank {rank} failed: {expected}" in str(error.value)
+
+
 def _uneven_zigzag():
     q = torch.randn(1, 2, 5 if dist.get_rank() == 0 else 3, 8)  # not the zigzag cut of 8 tokens
     return ring_attention(q, q, q, causal=True, layout="zigzag")

@@ -89,3 +89,9 @@ def test_rollout_refuses_mismatched_layers() -> None:
         attention_rollout([torch.eye(2).unsqueeze(0), torch.eye(3).unsqueeze(0)])
     with pytest.raises(ValueError, match=r"\(\.\.\., heads, tokens, tokens\), got shape \(1, 2, 3\)"):
         residual_attention(torch.ones(1, 2, 3))
+
+
+def test_float64_weights_roll_out_in_float64() -> None:
+    weights = torch.rand(2, 3, 3, dtype=torch.float64).softmax(-1)
+    assert attention_rollout([weights, weights]).dtype == torch.float64
+    assert attention_rollout([weights.float()]).dtype == residual_attention(weights.bfloat16()).dtype == torch.float32

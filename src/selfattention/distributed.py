@@ -146,7 +146,7 @@ def gather_sequence(
 
     Args:
         x_local: this rank's slice, e.g. ``(B, H, L_local, E)``; the other dimensions must agree on all ranks.
-        layout: the layout the slices were cut with.
+        layout: the layout the slices were cut with, the same on every rank (checked).
         dim: the sequence dimension.
         group: the process group (default: the whole world).
 
@@ -154,7 +154,12 @@ def gather_sequence(
         The whole sequence, e.g. ``(B, H, L, E)``, in token order.
     """
     size = dist.get_world_size(group)
-    lengths = _all_lengths(x_local.shape[dim], group)
+    gathered: list[Any] = [None] * size
+    dist.all_gather_object(gathered, (x_local.shape[dim], layout), group=group)
+    layouts = [theirs for _, theirs in gathered]
+    if len(set(layouts)) > 1:  # every rank sees the same list, so every rank raises
+        raise ValueError(f"gather_sequence needs one layout on every rank, got {layouts} (by rank)")
+    lengths = [int(length) for length, _ in gathered]
     segments = sequence_segments(lengths, layout)
     moved = x_local.detach().movedim(dim, 0).contiguous()  # the sequence first, so padding is at the end
     padded = moved.new_zeros((max(lengths), *moved.shape[1:]))
@@ -533,12 +538,6 @@ def _local_rows(segments: Segments) -> list[tuple[slice, tuple[int, int]]]:
         rows.append((slice(offset, offset + stop - start), (start, stop)))
         offset += stop - start
     return rows
-
-
-def _all_lengths(length: int, group: dist.ProcessGroup | None) -> list[int]:
-    lengths: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(lengths, length, group=group)
-    return [int(n) for n in lengths]
 
 
 def _without_length(shapes: Any) -> Any:

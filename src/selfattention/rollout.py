@@ -36,7 +36,8 @@ def residual_attention(weights: Tensor) -> Tensor:
         weights: α of one layer, ``(..., H, T, T)`` (rows: queries, columns: keys).
 
     Returns:
-        ``(..., T, T)``.
+        ``(..., T, T)``, in float64 for float64 weights and float32 otherwise (bfloat16 weights are averaged
+        in float32).
 
     Raises:
         ValueError: fewer than 3 dimensions, or queries and keys of different lengths (a cached decoding step).
@@ -47,7 +48,8 @@ def residual_attention(weights: Tensor) -> Tensor:
     """
     if weights.dim() < 3 or weights.shape[-1] != weights.shape[-2]:
         raise ValueError(f"weights must be (..., heads, tokens, tokens), got shape {tuple(weights.shape)}")
-    mean = weights.float().mean(dim=-3)  # (..., H, T, T) -> (..., T, T)
+    work = torch.float64 if weights.dtype == torch.float64 else torch.float32
+    mean = weights.to(work).mean(dim=-3)  # (..., H, T, T) -> (..., T, T)
     eye = torch.eye(mean.shape[-1], dtype=mean.dtype, device=mean.device)
     mixed = 0.5 * mean + 0.5 * eye
     return mixed / mixed.sum(dim=-1, keepdim=True)
