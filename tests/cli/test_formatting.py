@@ -33,3 +33,16 @@ def test_the_steps_document_holds_the_walkthrough_tensors() -> None:
     assert document["weights"] == result.weights.tolist()
     assert document["context"] == result.context.tolist()
     assert (document["scale"], document["causal"]) == (result.scale, result.causal)
+
+
+def test_json_refuses_numbers_it_cannot_hold_and_keeps_those_beyond_float32() -> None:
+    import math
+
+    import pytest
+
+    from selfattention.cli.options import json_text
+
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match=r"^the result holds a non-finite number \((nan|inf|-inf)\), which JSON"):
+            json_text({"heads": [[0.5, bad]]})
+    assert json_text({"a": 1e39, "b": 0.4300000071525574}, indent=None) == '{"a": 1e+39, "b": 0.43}\n'

@@ -61,3 +61,13 @@ def test_bad_files_and_kinds(tmp_path) -> None:
         train_tokenizer("words", TEXT)
     with pytest.raises(ValueError, match="empty text"):
         CharTokenizer.train("")
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_decoding_an_id_outside_the_vocabulary_names_it(kind: str) -> None:
+    tok = train_tokenizer(kind, "hello world, hello there " * 20, vocab_size=300)
+    for bad in (-1, tok.vocab_size):
+        with pytest.raises(
+            ValueError, match=rf"^token ids \[{bad}\] are outside the vocabulary 0-{tok.vocab_size - 1}$"
+        ):
+            tok.decode([tok.encode("h")[0], bad])

@@ -3,6 +3,7 @@ install, when its packages are missing)."""
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_gpt_checkpoint(checkpoint: Path) -> None:
     view = checkpoint_view(checkpoint, "bad cab\nace")
-    assert view.tokens == ["b", "a", "d", " ", "c", "a", "b", "⏎", "a", "c", "e"]
+    assert view.tokens == ["b", "a", "d", "␣", "c", "a", "b", "⏎", "a", "c", "e"]  # token_labels: as every page
     assert view.causal and [len(heads) for heads in view.layers] == [4, 4]
     assert view.layer_names == ["layer 0 (blocks.0.attn)", "layer 1 (blocks.1.attn)"]
     model, tokenizer = load_gpt(checkpoint)
@@ -109,3 +110,20 @@ def test_the_command_writes_the_checkpoint_view(
     assert main(["view", "abc", "--model", str(checkpoint), "--out", str(out)]) == 0
     assert "3 tokens, 2 layers, 8 heads" in capsys.readouterr().out
     assert out.read_text(encoding="utf-8") == checkpoint_view(checkpoint, "abc").to_html()
+
+
+def test_the_gguf_page_and_its_streaming_page_label_tokens_alike(tmp_path: Path) -> None:
+    """Spaces, newlines and tabs shown the same way (␣ ⏎ ⇥) on both pages, so no label is blank."""
+    pytest.importorskip("gguf", reason="the pretrained extra is missing")
+    from gguf_files import tiny_weights, write_tiny_gguf
+    from selfattention.cli.view import _streaming_view
+    from selfattention.viz.sources import model_view
+
+    path = str(write_tiny_gguf(tmp_path / "tiny.gguf", tiny_weights()))
+    text = "ab\tab \n ba"
+    plain = model_view(path, text)
+    args = argparse.Namespace(model=path, text=text, cache="full", window=None, sinks=None, max_new_tokens=None)
+    streamed = _streaming_view(args, torch.device("cpu"))
+    assert plain.tokens == streamed.tokens
+    assert "⇥" in "".join(plain.tokens) and "⏎" in "".join(plain.tokens) and "␣" in "".join(plain.tokens)
+    assert all(label.strip() for label in plain.tokens)

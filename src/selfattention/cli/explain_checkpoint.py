@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
 
 from selfattention.cli.device import resolve_device
 from selfattention.cli.options import json_text
-
-VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥"}
+from selfattention.viz.html import token_labels
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,11 +31,6 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with a causal --model or --checkpoint: the next token each layer's residual stream predicts",
     )
-
-
-def token_labels(pieces: Sequence[str]) -> list[str]:
-    """Printable labels: spaces, newlines and tabs made visible."""
-    return ["".join(VISIBLE.get(c, c) for c in piece) or "∅" for piece in pieces]
 
 
 def checkpoint_weights(

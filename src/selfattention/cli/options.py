@@ -137,13 +137,18 @@ def float32_number(value: float) -> float:
     >>> float32_number(0.4300000071525574)
     0.43
     """
-    if not math.isfinite(value):
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:  # beyond float32: kept as it is
         return value
     return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _rounded(value: Any) -> Any:
     if isinstance(value, float):
+        if not math.isfinite(value):  # JSON has no NaN or infinity: refused rather than written invalid
+            raise ValueError(f"the result holds a non-finite number ({value}), which JSON cannot hold")
         return float32_number(value)
     if isinstance(value, dict):
         return {key: _rounded(item) for key, item in value.items()}
@@ -158,6 +163,9 @@ def json_text(document: Any, *, indent: int | None = 2) -> str:
     """``document`` as JSON text with every float written at float32 precision (see the module docstring).
 
     Tensors and arrays in ``document`` become nested lists. Ends with a newline.
+
+    Raises:
+        ValueError: a NaN or an infinity anywhere in ``document`` (JSON has neither).
 
     >>> json_text({"weights": [0.13849999010562897, 1.0]}, indent=None)
     '{"weights": [0.1385, 1.0]}\\n'

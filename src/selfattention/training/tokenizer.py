@@ -84,7 +84,13 @@ class CharTokenizer:
         return [self._ids[c] for c in text]
 
     def decode(self, ids: Sequence[int]) -> str:
-        """The characters of ``ids``."""
+        """The characters of ``ids``.
+
+        Raises:
+            ValueError: an id outside ``0 .. vocab_size - 1`` (naming it; a negative one would index from the end).
+        """
+        ids = [int(i) for i in ids]
+        _check_ids(ids, self.vocab_size)
         return "".join(self.chars[i] for i in ids)
 
     def to_json(self) -> str:
@@ -132,12 +138,24 @@ class BPETokenizer:
         return list(self._tok.encode(text).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
-        """The text of ``ids`` (bytes that do not form UTF-8 become U+FFFD)."""
-        return str(self._tok.decode(list(ids)))
+        """The text of ``ids`` (bytes that do not form UTF-8 become U+FFFD).
+
+        Raises:
+            ValueError: an id outside ``0 .. vocab_size - 1`` (naming it).
+        """
+        ids = [int(i) for i in ids]
+        _check_ids(ids, self.vocab_size)
+        return str(self._tok.decode(ids))
 
     def to_json(self) -> str:
         """The ``tokenizers`` JSON format."""
         return str(self._tok.to_str())
+
+
+def _check_ids(ids: list[int], vocab_size: int) -> None:
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary 0-{vocab_size - 1}")
 
 
 def train_tokenizer(kind: str, text: str, *, vocab_size: int = 512) -> Tokenizer:

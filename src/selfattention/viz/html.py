@@ -30,6 +30,19 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥"}
+"""How token labels show whitespace, on every page and in the command line's tables."""
+
+
+def token_labels(pieces: Sequence[str]) -> list[str]:
+    """Printable labels of token pieces: spaces, newlines and tabs made visible, an empty piece as ``∅``.
+
+    >>> token_labels([" the", "\\n", ""])
+    ['␣the', '⏎', '∅']
+    """
+    return ["".join(VISIBLE.get(c, c) for c in piece) or "∅" for piece in pieces]
+
+
 Matrix = list[list[float]]
 
 _TEMPLATE_FILES = ("viewer.html", "viewer.css", "viewer.js")

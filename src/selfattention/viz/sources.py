@@ -29,7 +29,7 @@ from torch import Tensor
 from selfattention import examples
 from selfattention.inspect import capture, capture_projections
 from selfattention.interventions import model_device
-from selfattention.viz.html import AttentionView, HeadData, heads_from_record, view_from_capture
+from selfattention.viz.html import AttentionView, HeadData, heads_from_record, token_labels, view_from_capture
 from selfattention.walkthrough import walk
 
 if TYPE_CHECKING:
@@ -106,7 +106,8 @@ def checkpoint_view(directory: str | Path, text: str, *, device: torch.device | 
     """Every head of every layer of a GPT trained by ``selfattention train``, on ``text``, causal mask shown;
     the model runs on ``device``.
 
-    Tokens are the tokenizer's pieces, each decoded alone; a newline shows as ⏎ and a tab as ⇥.
+    Tokens are the tokenizer's pieces, each decoded alone, labelled by :func:`~selfattention.viz.html.token_labels`
+    (a space shows as ␣, a newline as ⏎, a tab as ⇥).
 
     Raises:
         ValueError: for a missing or damaged checkpoint, empty text, or text longer than the model's context.
@@ -121,7 +122,7 @@ def checkpoint_view(directory: str | Path, text: str, *, device: torch.device | 
         raise ValueError(
             f"the text has {len(ids)} tokens, more than the model's context of {model.config.context_length}"
         )
-    pieces = [tokenizer.decode([i]).replace("\n", "⏎").replace("\t", "⇥") or "∅" for i in ids]
+    pieces = token_labels([tokenizer.decode([i]) for i in ids])
     return _causal_view(model.to(device), ids, pieces, title=f"{Path(directory).name}: {text}")
 
 
@@ -138,7 +139,9 @@ def gguf_view(path: str, text: str, *, device: torch.device | str = "cpu") -> At
     ids = lm.encode(text)
     if len(ids) > lm.context_length:
         raise ValueError(f"the text has {len(ids)} tokens, more than the model's context of {lm.context_length}")
-    return _causal_view(lm.model.to(device), ids, lm.tokens(ids), title=f"{lm.name}: {text}")
+    return _causal_view(
+        lm.model.to(device), ids, token_labels([lm.decode([i]) for i in ids]), title=f"{lm.name}: {text}"
+    )
 
 
 def _causal_view(model: torch.nn.Module, ids: list[int], pieces: list[str], *, title: str) -> AttentionView:
