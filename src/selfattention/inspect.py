@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import Tensor, nn
 
+from selfattention import checks
 from selfattention.exact_weights import exact_context, exact_top_k, exact_weights
 from selfattention.functional import attention_scores
 from selfattention.masks import MaskDescription
@@ -202,7 +203,7 @@ class Record:
         chosen, span = self._selection(heads, rows)
         if self.stored_weights is not None:
             stored = self.weights_for(heads, rows)  # in the work dtype, as the recomputed path gives them
-            weights = stored.to(torch.float64 if stored.dtype == torch.float64 else torch.float32)
+            weights = stored.to(checks.work_dtype(stored.dtype))
             top = torch.topk(weights, min(k, weights.shape[-1]), dim=-1)
             return top.values, top.indices, (1.0 - top.values.sum(-1)).clamp_min(0.0) * (weights.sum(-1) > 0)
         assert self.lse is not None

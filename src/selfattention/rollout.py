@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from selfattention import checks
+
 MAX_FLOW_TOKENS = 24
 """The most tokens :func:`attention_flow` accepts: one maximum-flow problem per (output, input) pair on a graph
 of ``(L + 1) · T`` nodes and up to ``L · T²`` edges grows quickly (about ``T² · L · T²`` work)."""
@@ -48,8 +50,7 @@ def residual_attention(weights: Tensor) -> Tensor:
     """
     if weights.dim() < 3 or weights.shape[-1] != weights.shape[-2]:
         raise ValueError(f"weights must be (..., heads, tokens, tokens), got shape {tuple(weights.shape)}")
-    work = torch.float64 if weights.dtype == torch.float64 else torch.float32
-    mean = weights.to(work).mean(dim=-3)  # (..., H, T, T) -> (..., T, T)
+    mean = weights.to(checks.work_dtype(weights.dtype)).mean(dim=-3)  # (..., H, T, T) -> (..., T, T)
     eye = torch.eye(mean.shape[-1], dtype=mean.dtype, device=mean.device)
     mixed = 0.5 * mean + 0.5 * eye
     return mixed / mixed.sum(dim=-1, keepdim=True)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from selfattention import checks
 from selfattention.backends import blocksparse, sdpa
 from selfattention.backends.math import combined_mask
 from selfattention.exact_weights import masked_scores
@@ -32,10 +33,6 @@ from selfattention.masks import MaskDescription
 
 CHUNK_ELEMENTS = 1 << 22
 """Scores computed at once by :func:`row_logsumexp` (16 MiB in float32), whatever the sequence length."""
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _flash_eligible(query: Tensor, key: Tensor, value: Tensor, mask: Any) -> bool:
@@ -85,7 +82,7 @@ def sdpa_with_lse(
             row_ok = (full > -math.inf).any(dim=-1, keepdim=True)
             additive = torch.where(row_ok, full, torch.zeros_like(full)).to(query.dtype)
         context, lse = flash(query, key, value, 0.0, False, attn_mask=additive, scale=scale)
-    lse = lse.to(_work_dtype(query.dtype))
+    lse = lse.to(checks.work_dtype(query.dtype))
     if row_ok is not None and not bool(row_ok.all()):
         context = context * row_ok.to(context.dtype)
         lse = torch.where(row_ok[..., 0].expand_as(lse), lse, -math.inf)
@@ -128,7 +125,7 @@ def row_logsumexp(query: Tensor, key: Tensor, *, scale: float, causal: bool, mas
     """
     lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
     num_queries, num_keys = query.shape[-2], key.shape[-2]
-    lse = torch.full((*lead, num_queries), -math.inf, dtype=_work_dtype(query.dtype), device=query.device)
+    lse = torch.full((*lead, num_queries), -math.inf, dtype=checks.work_dtype(query.dtype), device=query.device)
     step = max(1, CHUNK_ELEMENTS // max(1, math.prod(lead) * num_keys))
     for r0 in range(0, num_queries, step):
         r1 = min(num_queries, r0 + step)
