@@ -306,7 +306,7 @@ def blocksparse_forward(
         out.zero_()
         lse.fill_(-math.inf)
     batch = q.shape[0]
-    once = batch == 1 and len(groups) == 1 and len(groups[0][1]) == 1  # maybe one fused call for every row
+    once = _one_call(groups, batch)
     for rows, columns in groups:
         q_g = _take(q, rows)  # (m * B, H, bq, D): the group's query blocks, member by member
 
@@ -347,7 +347,7 @@ def blocksparse_backward(
     dq = _gradient_buffer(q.shape, work, q.device, assign_q)
     dk, dv = (_gradient_buffer(x.shape, work, q.device, assign_k) for x in (k, v))
     batch = q.shape[0]
-    once = batch == 1 and len(groups) == 1 and len(groups[0][1]) == 1
+    once = _one_call(groups, batch)
     for rows, columns in groups:
         q_g, out_g, do_g = _take(q, rows), _take(out, rows), _take(grad_out, rows)
         lse_g = _take(lse, rows)[..., 0]  # (m * B, H, bq)
@@ -367,6 +367,12 @@ def blocksparse_backward(
             write(dk, spans, dk_r)
             write(dv, spans, dv_r)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _one_call(groups: Plan, batch: int) -> bool:
+    """Whether the plan is one fused call (one group, one run position) over a batch of one: then
+    :func:`_as_sequence` may find its results to be the whole output and gradients."""
+    return batch == 1 and len(groups) == 1 and len(groups[0][1]) == 1
 
 
 def _as_sequence(parts: Tensor, spans: list[tuple[int, int]], length: int) -> Tensor | None:

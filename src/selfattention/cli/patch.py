@@ -71,10 +71,13 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)  # before anything is read: a missing GPU is said at once
     lm = load_causal(args.model)
+    prompts = []
     for option, text in (("--clean", args.clean), ("--corrupted", args.corrupted)):
-        if not text or not lm.encode(text):
+        ids = lm.encode(text) if text else []  # a GGUF tokenizer refuses empty text in its own words
+        if not ids:
             raise UsageError(f"{option} is empty: give a prompt of at least one token")
-    clean, corrupted = lm.encode(args.clean), lm.encode(args.corrupted)
+        prompts.append(ids)
+    clean, corrupted = prompts
     if len(clean) != len(corrupted):
         raise UsageError(
             f"--clean has {len(clean)} tokens and --corrupted {len(corrupted)}: they need the same number "
