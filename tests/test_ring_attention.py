@@ -222,6 +222,19 @@ def test_shapes_that_disagree_across_ranks_fail_on_every_rank():
         run_local(_mismatched_heads, 2, timeout=60)
 
 
+def _fails_on_every_rank(expected: str, fn, *args) -> str:  # type: ignore[no-untyped-def]
+    """Run ``fn(*args)`` on two ranks; assert that each failed with ``expected`` at the start of its error;
+    return the launcher's whole message."""
+    with pytest.raises(LaunchError) as error:
+        run_local(fn, 2, *args, timeout=60)
+    for rank in (0, 1):
+        assert f"rank {rank} failed: {expected}" in str(error.value)
+    return str(error.value)
+
+
+SETTINGS_DIFFER = "ValueError: ring attention needs the same call settings on every rank: "
+
+
 DIFFERENT_SETTINGS = {  # name -> ring_attention keywords of rank r
     "causal": lambda r: {"causal": r == 0},
     "scale": lambda r: {"scale": 0.3 if r == 0 else None},
@@ -238,12 +251,10 @@ def _different_settings(name: str):
 
 @pytest.mark.parametrize("name", list(DIFFERENT_SETTINGS))
 def test_call_settings_that_disagree_across_ranks_fail_on_every_rank(name):
-    with pytest.raises(LaunchError) as error:
-        run_local(_different_settings, 2, name, timeout=60)
+    message = _fails_on_every_rank(SETTINGS_DIFFER, _different_settings, name)
     for rank, other in ((0, 1), (1, 0)):
-        expected = f"rank {rank} failed: ValueError: ring attention needs the same call settings on every rank: "
-        assert f"{expected}rank {rank} has {name}=" in str(error.value)
-        assert f"rank {other} has {name}=" in str(error.value)
+        assert f"rank {rank} failed: {SETTINGS_DIFFER}rank {rank} has {name}=" in message
+        assert f"rank {other} has {name}=" in message
 
 
 def _scaled(factor: float):
@@ -283,13 +294,9 @@ def _different_inputs(setting: str):
 def test_settings_that_print_alike_but_differ_fail_on_every_rank(run, argument: str, setting: str):
     """Document ids of one shape, lambdas (all named <lambda>), closures of one factory: compared by content
     (a checksum of the ids, of the code and captured values); and what a rank's inputs imply."""
-    with pytest.raises(LaunchError) as error:
-        run_local(run, 2, argument, timeout=60)
+    message = _fails_on_every_rank(SETTINGS_DIFFER, run, argument)
     for rank in (0, 1):
-        assert f"rank {rank} failed: ValueError: ring attention needs the same call settings on every rank: " in str(
-            error.value
-        )
-        assert f"rank {rank} has {setting}=" in str(error.value)
+        assert f"rank {rank} has {setting}=" in message
 
 
 def _gather_with_other_layouts():
@@ -298,11 +305,8 @@ def _gather_with_other_layouts():
 
 
 def test_gathering_with_layouts_that_disagree_fails_on_every_rank():
-    with pytest.raises(LaunchError) as error:
-        run_local(_gather_with_other_layouts, 2, timeout=60)
     expected = "ValueError: gather_sequence needs one layout on every rank, got ['zigzag', 'contiguous'] (by rank)"
-    for rank in (0, 1):
-        assert f"rank {rank} failed: {expected}" in str(error.value)
+    _fails_on_every_rank(expected, _gather_with_other_layouts)
 
 
 def _uneven_zigzag():
@@ -311,11 +315,9 @@ def _uneven_zigzag():
 
 
 def test_slices_that_do_not_fit_the_layout_fail_on_every_rank():
-    with pytest.raises(LaunchError) as error:
-        run_local(_uneven_zigzag, 2, timeout=60)
-    expected = "ValueError: zigzag layout of 8 tokens over 2 ranks needs slice lengths [4, 4], got [5, 3]"
-    for rank in (0, 1):
-        assert f"rank {rank} failed: {expected}" in str(error.value)
+    _fails_on_every_rank(
+        "ValueError: zigzag layout of 8 tokens over 2 ranks needs slice lengths [4, 4], got [5, 3]", _uneven_zigzag
+    )
 
 
 def _rank_one_fails():
