@@ -53,10 +53,13 @@ def step_folder(folder: Path) -> Path:
     return folder / json.loads((folder / "latest.json").read_text())["folder"]
 
 
-def edit_config(folder: Path, change: Any) -> None:
+def edit_config(folder: Path, change: Any, *, seal: bool = True) -> None:
+    """Apply ``change`` to the config; ``seal`` records the changed content's sha256, as a save would."""
     path = step_folder(folder) / "config.json"
     config = json.loads(path.read_text())
     change(config)
+    if seal and "sha256" in config:  # "1e999" as the number the file will hold
+        config["sha256"] = ckpt.config_digest(json.loads(json.dumps(config).replace('"1e999"', "1e999")))
     path.write_text(json.dumps(config).replace('"1e999"', "1e999"))  # a number JSON reads as inf
 
 
@@ -291,6 +294,21 @@ def test_bad_configs_are_named(tmp_path: Path, change: Any, message: str) -> Non
         load_checkpoint(tmp_path)
 
 
+def test_a_config_changed_after_the_save_is_refused(tmp_path: Path) -> None:
+    """A flipped digit is still valid JSON of the right type: only the config's own sha256 can tell."""
+    save(tmp_path, model(), step=3)
+    path = step_folder(tmp_path) / "config.json"
+    recorded = json.loads(path.read_text())["sha256"]
+    edit_config(tmp_path, lambda c: c["trainer"].update(step=4), seal=False)
+    message = (
+        rf"config.json is corrupt: the sha256 of its content [0-9a-f]{{16}}\.\.\. differs from the {recorded[:16]}"
+    )
+    with pytest.raises(ValueError, match=message + r"\.\.\. recorded in it \(changed after the save\)$"):
+        load_checkpoint(tmp_path)
+    edit_config(tmp_path, lambda c: c.pop("sha256"), seal=False)  # as saved before configs carried one
+    assert load_checkpoint(tmp_path).config["trainer"] == {"step": 4}
+
+
 def test_json_that_cannot_be_read_is_refused(tmp_path: Path) -> None:
     save(tmp_path, model())
     path = step_folder(tmp_path) / "config.json"
@@ -408,7 +426,9 @@ def test_the_json_files_hold_what_the_module_docstring_documents(tmp_path: Path)
     assert pointer == {"format": ckpt.FORMAT, "version": ckpt.VERSION, "step": 3, "folder": "step-000000003"}
     text = (step_folder(tmp_path) / "config.json").read_text()
     config = json.loads(text)
-    assert list(config) == ["format", "version", "step", "run", "files", "model", "trainer"]
+    assert list(config) == ["format", "version", "step", "run", "files", "model", "trainer", "sha256"]
+    rest = {key: value for key, value in config.items() if key != "sha256"}  # the documented serialisation
+    assert config["sha256"] == hashlib.sha256(json.dumps(rest, sort_keys=True).encode("utf-8")).hexdigest()
     assert text == json.dumps(config, indent=1) + "\n"  # one key per line, one space a level: diffs read well
 
 

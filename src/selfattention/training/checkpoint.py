@@ -5,8 +5,9 @@ A checkpoint folder (``selfattention train --out DIR``) holds one complete step 
 =========================  ======================================================================================
 ``latest.json``            ``{"format", "version", "step", "folder"}``: the step folder in use, replaced last
 ``step-000000300/``        one complete save:
-``  config.json``           ``{"format", "version", "step", "run", "files", "model", "trainer"}``; ``files``
-                           holds the sha256 and size of each file below
+``  config.json``           ``{"format", "version", "step", "run", "files", "model", "trainer", "sha256"}``;
+                           ``files`` holds the sha256 and size of each file below, ``sha256`` that of
+                           the config's other keys (:func:`config_digest`)
 ``  model.safetensors``     the model's parameters (tied weights stored once)
 ``  trainer.safetensors``   optimizer moments and RNG states, for ``--resume`` (absent in a weights-only save)
 ``  tokenizer.json``        see :mod:`selfattention.training.tokenizer`
@@ -18,8 +19,10 @@ rename is the instant the new checkpoint takes over. A kill at any earlier insta
 pointing at the previous step folder, which is untouched; only after the switch are older step folders
 removed. :func:`clean_leftovers` (run when training starts) removes what an interrupted save left.
 
-Loading verifies every file against the sha256 recorded in ``config.json`` (flipped bytes, truncation, or a
-file swapped in from another save are refused) and checks the config's types before anything is allocated.
+Loading checks the config's types, then its own sha256 (a flipped digit in a learning rate is valid JSON of
+the right type; a config saved before the config carried one is read without it), then every file against
+the sha256 recorded in ``config.json`` (flipped bytes, truncation, or a file swapped in from another save are
+refused), before anything is allocated.
 It reads tensors and JSON only: no pickle, nothing is executed.
 """
 
@@ -118,6 +121,7 @@ def save_checkpoint(
         files = {file: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for file, data in blobs.items()}
         config = {"format": FORMAT, "version": VERSION, "step": step, "run": run, "files": files}
         config |= {"model": model_config, "trainer": trainer_json}
+        config["sha256"] = config_digest(config)
         write_durably(staging / CONFIG, (json.dumps(config, indent=1) + "\n").encode("utf-8"))
         fsync_path(staging)
         os.rename(staging, folder / name)
@@ -272,7 +276,22 @@ def _read_config(path: Path) -> dict[str, Any]:
         size = record.get("bytes")
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"{path}: 'files' entry {name!r} has no valid size, got {str(size)[:40]}")
+    recorded, digest = config.get("sha256"), config_digest(config)
+    if "sha256" in config and recorded != digest:
+        raise ValueError(
+            f"{path} is corrupt: the sha256 of its content {digest[:16]}... differs from the "
+            f"{str(recorded)[:16]}... recorded in it (changed after the save)"
+        )
     return config
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """The sha256 of ``config`` without its own ``"sha256"`` key, as JSON with sorted keys (hex digits).
+
+    Computed from the parsed content, not the bytes, so that it does not depend on the file's layout.
+    """
+    rest = {key: value for key, value in config.items() if key != "sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _verify(path: Path, record: dict[str, Any] | None) -> bytes:
