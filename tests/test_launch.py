@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -84,3 +86,38 @@ def test_a_rank_that_ignores_sigterm_is_killed_before_the_launcher_returns(tmp_p
     pid = int(marker.read_text())
     with pytest.raises(ProcessLookupError):  # gone (and reaped), not left running
         os.kill(pid, 0)
+
+
+UNGUARDED_SCRIPT = """
+import torch.distributed as dist
+from selfattention.launch import run_local
+
+def rank():
+    return dist.get_rank()
+
+print(run_local(rank, 2, timeout=60))
+"""
+
+
+def test_a_script_that_calls_the_launcher_at_its_top_level_is_told_to_guard_it(tmp_path):
+    """Each rank imports the script's ``__main__`` to find the function; an unguarded call starts ranks again.
+
+    Python's own message for that sits in the middle of a traceback inside each rank, and the launcher said
+    only "process 0 terminated with exit code 1".
+    """
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 1
+    guard = 'call it under `if __name__ == "__main__":`'
+    assert f"RuntimeError: run_local was called while a rank was starting, from the script's top level: {guard}" in (
+        done.stderr
+    )
+    last = done.stderr.strip().splitlines()[-2:]
+    told = "rank 0 ended before running the function; if the script calls run_local at its top level, "
+    assert last[0] == f"selfattention.launch.LaunchError: {told}{guard}"
+    assert last[1] == "process 0 terminated with exit code 1"
+    guarded = UNGUARDED_SCRIPT.replace("print(", 'if __name__ == "__main__":\n    print(')
+    script.write_text(guarded)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (0, "[0, 1]\n"), done.stderr

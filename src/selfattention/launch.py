@@ -35,6 +35,12 @@ GRACE = 2.0
 """Seconds the other ranks get to end on their own once one has failed, before they are terminated."""
 
 
+UNGUARDED = (
+    "run_local was called while a rank was starting, from the script's top level: call it under "
+    '`if __name__ == "__main__":` (every rank imports the script to find the function it runs)'
+)
+
+
 class LaunchError(RuntimeError):
     """A rank failed, or the run did not finish in time."""
 
@@ -51,7 +57,9 @@ def run_local(
 
     Each process calls ``torch.distributed.init_process_group("gloo")`` on 127.0.0.1 (a free port chosen by
     the operating system), runs ``fn(*args)`` and returns its result to the caller (through a file, so it
-    may hold tensors). ``fn`` must be importable by name (a module-level function).
+    may hold tensors). ``fn`` must be importable by name (a module-level function), and a script must call
+    ``run_local`` under ``if __name__ == "__main__":``: every rank imports the script's ``__main__`` module to
+    find ``fn``, and an unguarded call would start ranks again from inside a rank (refused, naming the guard).
 
     Args:
         fn: the function each rank runs; it may call ``torch.distributed.get_rank()``.
@@ -69,6 +77,8 @@ def run_local(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
+    if getattr(mp.current_process(), "_inheriting", False):  # set by multiprocessing while a rank imports __main__
+        raise RuntimeError(UNGUARDED)
     # The store lives in this process, so its port is free for sure (no pick-then-bind race).
     store = dist.TCPStore(HOST, 0, None, True, timeout=timedelta(seconds=op_timeout), wait_for_workers=False)
     ctx = mp.get_context("forkserver")
@@ -172,6 +182,9 @@ def _failures(error_files: list[str], first: ProcessException) -> str:
             with path.open("rb") as file:
                 trace = pickle.load(file)
             lines.append(f"rank {rank} failed: {trace.strip().splitlines()[-1]}")
+    if not lines and getattr(first, "exit_code", None) == 1:  # ended before fn ran: its own output says why
+        lines.append(f"rank {first.error_index} ended before running the function; if the script calls run_local at "
+                     'its top level, call it under `if __name__ == "__main__":`')  # fmt: skip
     return "\n".join([*lines, str(first).strip()])
 
 
