@@ -63,6 +63,8 @@ _GGUF_NAMES = {
 
 
 def gguf_name(name: str) -> str:
+    if name == "rope_freqs.weight":  # llama.cpp's own tensor (Llama 3.1's RoPE factors), kept as it is
+        return name
     top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     if name in top:
         return top[name]

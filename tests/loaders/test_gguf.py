@@ -7,14 +7,16 @@ whole forward pass are checked against an outside implementation for every stora
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from gguf_files import TINY, llama_cpp_permute, tiny_weights, write_tiny_gguf
+from gguf_files import TINY, byte_alphabet, llama_cpp_permute, tiny_weights, write_tiny_gguf
 from selfattention.loaders.gguf import SUPPORTED_TYPES, load_gguf, unpermute
+from selfattention.loaders.gguf_tokenizer import build_tokenizer
 
 gguf = pytest.importorskip("gguf", reason="the pretrained extra is missing; `make install-test` installs it")
 
@@ -34,9 +36,10 @@ def stored(weights: dict[str, np.ndarray], qtype: str) -> dict[str, torch.Tensor
     return out
 
 
-def reference_model(weights: dict[str, torch.Tensor], tied: bool):  # type: ignore[no-untyped-def]
+def reference_model(weights: dict[str, torch.Tensor], tied: bool, **rope: object):  # type: ignore[no-untyped-def]
     transformers = pytest.importorskip("transformers", reason="transformers (a test extra) is not installed")
     config = transformers.LlamaConfig(
+        **rope,
         vocab_size=TINY["vocab"],
         hidden_size=TINY["width"],
         intermediate_size=TINY["hidden"],
@@ -51,7 +54,7 @@ def reference_model(weights: dict[str, torch.Tensor], tied: bool):  # type: igno
     model = transformers.LlamaForCausalLM(config).eval()
     if tied:
         weights = {**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict({k: v for k, v in weights.items() if k != "rope_freqs.weight"}, strict=True)
     return model
 
 
@@ -70,6 +73,94 @@ def test_tiny_file_gives_the_logits_of_transformers(tmp_path: Path, qtype: str, 
         theirs = reference(input_ids=ids, attention_mask=mask.long()).logits
     # float32, the same operations in another order; measured differences are about 1e-6
     torch.testing.assert_close(ours[mask], theirs[mask], atol=1e-4, rtol=0)
+
+
+LLAMA31_SCALING = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 28,
+}
+"""Llama 3.1's RoPE scaling, its lengths shrunk to the tiny model's context of 32 (the same shape of curve)."""
+
+
+def llama31_factors(head_dim: int, base: float, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_position_embeddings: int) -> np.ndarray:  # fmt: skip
+    """The factors llama.cpp's converter stores as ``rope_freqs.weight`` for Llama 3.1's published rule:
+    1 for wavelengths under ``original / high_freq_factor``, ``factor`` over ``original / low_freq_factor``,
+    and in between the inverse of a linear blend of ``1 / factor`` and 1."""
+    frequencies = base ** -(np.arange(0, head_dim, 2) / head_dim)
+    out = []
+    for wavelength in 2 * math.pi / frequencies:
+        if wavelength < original_max_position_embeddings / high_freq_factor:
+            out.append(1.0)
+        elif wavelength > original_max_position_embeddings / low_freq_factor:
+            out.append(factor)
+        else:
+            smooth = (original_max_position_embeddings / wavelength - low_freq_factor) / (
+                high_freq_factor - low_freq_factor
+            )
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+def test_rope_factors_give_the_logits_of_transformers_llama31_scaling(tmp_path: Path) -> None:
+    """llama.cpp stores Llama 3.1's RoPE scaling as a tensor, with no ``rope.scaling.type`` key beside it."""
+    head_dim = TINY["width"] // TINY["heads"]
+    factors = llama31_factors(head_dim, 10000.0, **LLAMA31_SCALING)
+    # the three cases, each present: 1; 1 / ((1 - s) / 8 + s) with s = (28 / 19.87 - 1) / 3 = 0.136; 8
+    assert sorted(set(np.round(factors, 3))) == [1.0, 4.092, 8.0]
+    weights = {**tiny_weights(), "rope_freqs.weight": factors}
+    lm = load_gguf(write_tiny_gguf(tmp_path / "llama31.gguf", weights))
+    plain = load_gguf(write_tiny_gguf(tmp_path / "plain.gguf", tiny_weights()))
+    assert lm.model.config.rope_factors == tuple(factors.tolist())
+    scaled = reference_model(stored(weights, "F32"), True, rope_scaling={"rope_type": "llama3", **LLAMA31_SCALING})
+    ids = torch.arange(TINY["context"]).view(1, -1) * 7 % TINY["vocab"]
+    with torch.no_grad():
+        ours, theirs, unscaled = lm.model(ids)[0], scaled(input_ids=ids).logits, plain.model(ids)[0]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)  # as the unscaled comparison above
+    assert (unscaled - theirs).abs().max() > 0.1  # the factors matter at these positions
+
+
+@pytest.mark.parametrize(
+    ("factors", "message"),
+    [
+        (np.ones(3, np.float32), r"rope_factors must hold D / 2 = 8 numbers, got 3"),
+        (
+            np.array([1, 1, 0, 1, 1, 1, 1, 1], np.float32),
+            r"rope_factors must be finite and positive, got 0.0 at index 2",
+        ),
+    ],
+)
+def test_bad_rope_factors_are_named(tmp_path: Path, factors: np.ndarray, message: str) -> None:
+    path = write_tiny_gguf(tmp_path / "bad.gguf", {**tiny_weights(), "rope_freqs.weight": factors})
+    with pytest.raises(ValueError, match=rf"bad.gguf: rope_freqs.weight: {message}$"):
+        load_gguf(path)
+
+
+def tokenizer_metadata(pre: str, **more: object) -> dict[str, object]:
+    """A vocabulary that holds "abc" whole although the merges build only "ab"; BOS is id 256."""
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": [*byte_alphabet(), "<|begin_of_text|>", "ab", "abc"],
+        "tokenizer.ggml.token_type": [1] * 256 + [3, 1, 1],
+        "tokenizer.ggml.merges": ["a b"],
+        "tokenizer.ggml.bos_token_id": 256,
+        **more,
+    }
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "llama3"])
+def test_llama3_tokenizers_take_whole_words_and_add_bos_as_llama_cpp_does(pre: str) -> None:
+    """llama.cpp (and Hugging Face's Llama 3 ``tokenizer.json``, ``ignore_merges``) takes a word the vocabulary
+    holds as one token whatever the merges say, and starts with BOS unless the file clears it."""
+    assert build_tokenizer(tokenizer_metadata(pre)).encode("abc").ids == [256, 258]
+    assert build_tokenizer(tokenizer_metadata(pre, **{"tokenizer.ggml.add_bos_token": False})).encode("abc").ids == [
+        258
+    ]
+    # GPT-2's names keep the merges (SmolLM2's files among them) and add no BOS unless asked: "ab" then "c"
+    assert build_tokenizer(tokenizer_metadata("default")).encode("abc").ids == [257, ord("c")]
 
 
 def test_quantized_weights_stay_near_the_originals(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ llama.cpp's converter applies to the query and key weights, and builds the token
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,6 +78,12 @@ def load_gguf(path: str | Path, *, name: str | None = None, backend: str = "auto
     metadata, infos = read_gguf(path)
     tensors = {tensor.name: tensor for tensor in infos}
     config = config_from_metadata(metadata, tied="output.weight" not in tensors, backend=backend)
+    if "rope_freqs.weight" in tensors:  # Llama 3.1's long-context factors (no rope.scaling.type key beside them)
+        factors = tuple(dequantize(tensors["rope_freqs.weight"]).reshape(-1).tolist())
+        try:
+            config = dataclasses.replace(config, rope_factors=factors)
+        except ValueError as error:
+            raise ValueError(f"{path}: rope_freqs.weight: {error}") from None
     tokenizer = build_tokenizer(metadata)  # before the weights: a file whose tokenizer is refused fails fast
     state = llama_state_dict(tensors, config)
     if config.tie_embeddings:
@@ -87,7 +94,7 @@ def load_gguf(path: str | Path, *, name: str | None = None, backend: str = "auto
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:  # a missing, unexpected or misshapen weight
         raise ValueError(f"{path}: weights do not fit the metadata: {' '.join(str(error).split())}") from error
-    model.rotary = Rotary(config.head_dim, config.context_length, config.rope_base)  # its tables, on the CPU
+    model.rotary = Rotary(config.head_dim, config.context_length, config.rope_base, config.rope_factors)  # on the CPU
     if config.tie_embeddings:
         model.out_head.weight = model.tok_emb.weight
     label = name or str(metadata.get("general.name") or Path(path).stem)
@@ -176,7 +183,7 @@ def llama_state_dict(tensors: Mapping[str, TensorInfo], config: LlamaConfig) -> 
     """
     state = {}
     for name, tensor in tensors.items():
-        if name == "rope_freqs.weight":  # llama 3.1's long-context factors; refused by config_from_metadata
+        if name == "rope_freqs.weight":  # not a parameter: LlamaConfig.rope_factors (load_gguf)
             continue
         weight = dequantize(tensor)
         if name.endswith("attn_q.weight"):

@@ -13,9 +13,14 @@ the pre-tokenizer the file names in ``tokenizer.ggml.pre``, with the rules llama
 ``llama-bpe``    Llama 3's split: numbers in groups of up to three, case-insensitive contractions
 ===============  =========================================================================================
 
+For Llama 3's names (``llama-bpe``, ``llama3``) llama.cpp also sets two rules that this module follows: a
+word the vocabulary holds whole is one token even where the merges cannot build it (``ignore_merges``, as in
+Hugging Face's Llama 3 ``tokenizer.json``), and the BOS token comes first unless the file says otherwise.
+
 Tokens of type "control" (3) such as ``<|im_start|>`` are special tokens: they are matched whole in the text
 and dropped by ``decode(..., skip_special_tokens=True)``; "user-defined" ones (4) are matched whole too.
-When the file sets ``tokenizer.ggml.add_bos_token``, ``encode`` puts the BOS token first.
+When the file sets ``tokenizer.ggml.add_bos_token`` (or, for Llama 3's names, does not clear it), ``encode``
+puts the BOS token first.
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ def _llama3(pre: Any) -> list[Any]:
     ]
 
 
+LLAMA3 = frozenset({"llama-bpe", "llama3"})
+"""Pre-tokenizer names for which llama.cpp ignores the merges for whole words and adds BOS by default."""
+
 PRE_TOKENIZERS: dict[str, Callable[[Any], list[Any]]] = {
     "default": _gpt2,
     "gpt2": _gpt2,
@@ -80,7 +88,7 @@ def build_tokenizer(metadata: Mapping[str, Any]) -> Any:
         raise ValueError("the GGUF metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
     vocab = {token: index for index, token in enumerate(tokens)}
     pairs = [tuple(merge.split(" ", 1)) for merge in merges]
-    tokenizer = Tokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
+    tokenizer = Tokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False, ignore_merges=pre in LLAMA3))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(PRE_TOKENIZERS[pre](pre_tokenizers))
     tokenizer.decoder = decoders.ByteLevel()
     types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
@@ -91,7 +99,7 @@ def build_tokenizer(metadata: Mapping[str, Any]) -> Any:
         [AddedToken(tok, normalized=False) for tok, t in zip(tokens, types, strict=True) if t == USER_DEFINED]
     )
     bos = metadata.get("tokenizer.ggml.bos_token_id")
-    if metadata.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+    if metadata.get("tokenizer.ggml.add_bos_token", pre in LLAMA3) and bos is not None:
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B", special_tokens=[(tokens[bos], bos)]
         )

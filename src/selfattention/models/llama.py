@@ -20,6 +20,7 @@ Weights come from a GGUF file through :func:`selfattention.loaders.gguf.load_ggu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import cast
 
@@ -41,7 +42,9 @@ class LlamaConfig:
         emb_dim: model width ``C`` [embedding_length]. num_layers: blocks [block_count].
         num_heads: query heads ``H`` [attention.head_count]. num_kv_heads: key/value heads ``G``
             [attention.head_count_kv]. hidden_dim: the SwiGLU width [feed_forward_length].
-        rope_base: the RoPE frequency base [rope.freq_base]. norm_eps: RMSNorm's epsilon
+        rope_base: the RoPE frequency base [rope.freq_base]. rope_factors: ``D / 2`` numbers that divide
+            the RoPE frequencies one by one, or None [the tensor ``rope_freqs.weight``: Llama 3.1's long-context
+            scaling, which llama.cpp's converter stores as these factors]. norm_eps: RMSNorm's epsilon
             [attention.layer_norm_rms_epsilon]. tie_embeddings: the output head is the embedding matrix.
         backend: attention backend of every layer (``"auto"`` or a name in :data:`selfattention.BACKENDS`).
     """
@@ -54,6 +57,7 @@ class LlamaConfig:
     num_kv_heads: int = 3
     hidden_dim: int = 1536
     rope_base: float = 10000.0
+    rope_factors: tuple[float, ...] | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     backend: str = "auto"
@@ -69,6 +73,13 @@ class LlamaConfig:
             )
         if (self.emb_dim // self.num_heads) % 2:
             raise ValueError(f"RoPE needs an even head width, got {self.emb_dim // self.num_heads}")
+        factors = self.rope_factors
+        if factors is not None:
+            if len(factors) != self.head_dim // 2:
+                raise ValueError(f"rope_factors must hold D / 2 = {self.head_dim // 2} numbers, got {len(factors)}")
+            bad = next((i for i, factor in enumerate(factors) if not 0 < factor < math.inf), None)
+            if bad is not None:
+                raise ValueError(f"rope_factors must be finite and positive, got {factors[bad]} at index {bad}")
 
     @property
     def head_dim(self) -> int:
@@ -80,15 +91,20 @@ class Rotary(nn.Module):
     """RoPE tables for positions ``0 .. context_length - 1`` in the "rotate half" layout of Hugging Face's Llama.
 
     The frequencies are ``1 / base ** (2i / D)``, computed as Hugging Face computes them so that the angles
-    agree to the last bit.
+    agree to the last bit, each divided by its entry of ``factors`` when given (as llama.cpp applies a
+    file's ``rope_freqs.weight``).
     """
 
     cos: Tensor
     sin: Tensor
 
-    def __init__(self, head_dim: int, context_length: int, base: float) -> None:
+    def __init__(
+        self, head_dim: int, context_length: int, base: float, factors: tuple[float, ...] | None = None
+    ) -> None:
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))  # (D/2,)
+        if factors is not None:
+            inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32)
         angles = torch.outer(torch.arange(context_length, dtype=torch.float32), inv_freq)  # (L, D/2)
         angles = torch.cat([angles, angles], dim=-1)  # (L, D)
         self.register_buffer("cos", angles.cos(), persistent=False)
@@ -215,7 +231,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.emb_dim)
-        self.rotary = Rotary(config.head_dim, config.context_length, config.rope_base)
+        self.rotary = Rotary(config.head_dim, config.context_length, config.rope_base, config.rope_factors)
         self.blocks = nn.ModuleList(LlamaBlock(config) for _ in range(config.num_layers))
         self.final_norm = RMSNorm(config.emb_dim, eps=config.norm_eps)
         self.out_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
