@@ -78,7 +78,7 @@ def test_bad_text(checkpoint: Path) -> None:
         explain_checkpoint(parse("--checkpoint", str(checkpoint), "Zounds"))
     with pytest.raises(ValueError, match="the text has 30 tokens, more than the context of 24"):
         explain_checkpoint(parse("--checkpoint", str(checkpoint), "a" * 30))
-    with pytest.raises(ValueError, match="give the text to explain"):
+    with pytest.raises(ValueError, match=rf'give the text to explain, e.g. explain --checkpoint {checkpoint} "To be'):
         explain_checkpoint(parse("--checkpoint", str(checkpoint)))
 
 

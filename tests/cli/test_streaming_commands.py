@@ -41,7 +41,12 @@ def test_a_rolling_cache_generates_past_the_context(checkpoints: dict[str, Path]
         ("rope", ["--cache", "window", "--sinks", "2"], "--sinks applies to --cache sinks, not window"),
         ("rope", ["--cache", "sinks", "--window", "16"], "4 sinks + a window of 16 tokens must fit context_length=16"),
         ("rope", ["--cache", "sinks", "--sinks", "0"], "the sinks policy keeps at least 1 sink, got sinks=0"),
-        ("rope", ["--cache", "sinks", "--no-cache"], "the 'sinks' cache policy needs use_cache=True"),
+        (
+            "rope",
+            ["--cache", "sinks", "--no-cache"],
+            "--cache sinks keeps a rolling cache; it cannot be used with --no-cache",
+        ),
+        ("rope", ["--cache", "window", "--no-cache"], "--cache window keeps a rolling cache; it cannot be used with"),
     ],
 )
 def test_cache_flag_errors(checkpoints: dict[str, Path], run: str, flags: list[str], message: str, capsys) -> None:

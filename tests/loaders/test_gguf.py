@@ -191,6 +191,14 @@ def test_metadata_becomes_the_config(tmp_path: Path) -> None:
     assert lm.model.blocks[1].attn.num_kv_heads == TINY["kv_heads"]
 
 
+def test_token_labels_show_every_kind_of_whitespace(tmp_path: Path) -> None:
+    """As on every page of the viewer: a raw tab broke the columns of the tables that print these labels."""
+    lm = load_gguf(write_tiny_gguf(tmp_path / "tiny.gguf", tiny_weights()))
+    labels = lm.tokens(lm.encode("a\tb the\n"))
+    assert "".join(labels) == "a⇥b␣the⏎"
+    assert not any(character.isspace() for label in labels for character in label)
+
+
 def test_supported_types_are_the_promised_ones() -> None:
     assert {"F32", "F16", "Q8_0", "Q4_0", "Q4_1"} <= set(SUPPORTED_TYPES)
 

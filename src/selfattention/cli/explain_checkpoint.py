@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -51,10 +52,10 @@ def checkpoint_weights(
     from selfattention.cli.models import load_causal
     from selfattention.inspect import capture
 
+    if not text:
+        raise ValueError(f'give the text to explain, e.g. explain {_option(directory)} {directory} "To be, or not"')
     lm = load_causal(directory)
     model, config = lm.model.to(device), lm.model.config
-    if not text:
-        raise ValueError('give the text to explain, e.g. explain --checkpoint DIR "To be, or not"')
     layer = config.num_layers - 1 if layer is None else layer
     if not 0 <= layer < config.num_layers:
         raise ValueError(f"--layer {layer} out of range: the model has layers 0 to {config.num_layers - 1}")
@@ -68,6 +69,11 @@ def checkpoint_weights(
     weights = cap[f"blocks.{layer}.attn"].head(head).weights[0].cpu()  # (1, T, T) -> (T, T)
     where = f"layer {layer} of {config.num_layers}, head {head} of {config.num_heads}"
     return token_labels([lm.decode([i]) for i in ids]), weights, where
+
+
+def _option(spec: str) -> str:
+    """The option that names ``spec`` on the command line: ``--model`` for a name or a GGUF file."""
+    return "--checkpoint" if Path(spec).is_dir() else "--model"
 
 
 def explain_checkpoint(args: argparse.Namespace) -> int:

@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)  # before anything is read: a missing GPU is said at once
     policy = cache_policy(args.cache, args.window, args.sinks)
+    if args.no_cache and policy.kind != "full":
+        raise UsageError(f"--cache {policy.kind} keeps a rolling cache; it cannot be used with --no-cache")
     if args.model and args.checkpoint:
         raise UsageError("choose one of --model NAME and --checkpoint DIR")
     if not (args.model or args.checkpoint):

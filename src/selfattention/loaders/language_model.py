@@ -78,8 +78,11 @@ class LanguageModel:
         return str(self.tokenizer.decode(values, skip_special_tokens=skip_special_tokens))
 
     def tokens(self, ids: Sequence[int]) -> list[str]:
-        """Readable token strings (GPT-2's byte alphabet turned back into text, spaces shown as ``␣``)."""
-        return [self.decode([i]).replace(" ", "␣").replace("\n", "↵") or "∅" for i in ids]
+        """Readable token strings: GPT-2's byte alphabet turned back into text, labelled as on every page
+        (:func:`selfattention.viz.html.token_labels`: ␣ ⏎ ⇥ for space, newline and tab, ∅ for nothing)."""
+        from selfattention.viz.html import token_labels
+
+        return token_labels([self.decode([i]) for i in ids])
 
     def chat_prompt(self, message: str) -> str:
         """``message`` as one user turn in the file's chat template, ready for the assistant's answer.
