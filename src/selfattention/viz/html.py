@@ -30,17 +30,24 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥"}
-"""How token labels show whitespace, on every page and in the command line's tables."""
+VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍", "\u00a0": "⍽"}
+"""How token labels show whitespace, on every page and in the command line's tables (space, newline, tab,
+carriage return, no-break space); any other whitespace character is shown by its code point."""
 
 
 def token_labels(pieces: Sequence[str]) -> list[str]:
-    """Printable labels of token pieces: spaces, newlines and tabs made visible, an empty piece as ``∅``.
+    """Printable labels of token pieces: whitespace made visible (:data:`VISIBLE`), an empty piece as ``∅``.
 
-    >>> token_labels([" the", "\\n", ""])
-    ['␣the', '⏎', '∅']
+    >>> token_labels([" the", "\\n", "", "\\u00a0a", "\\u2009"])
+    ['␣the', '⏎', '∅', '⍽a', '⟨U+2009⟩']
     """
-    return ["".join(VISIBLE.get(c, c) for c in piece) or "∅" for piece in pieces]
+    return ["".join(_visible(c) for c in piece) or "∅" for piece in pieces]
+
+
+def _visible(character: str) -> str:
+    if character in VISIBLE:
+        return VISIBLE[character]
+    return f"⟨U+{ord(character):04X}⟩" if character.isspace() else character
 
 
 Matrix = list[list[float]]
