@@ -24,7 +24,9 @@ baseline). On CUDA (``--device cuda``) the cases run in this process, timed afte
 ``torch.cuda.synchronize()``, and report the peak of CUDA memory allocated during the case; ``--budget-s``
 stops starting new cases after that many seconds, and the table so far is written after every case.
 Compilation happens in the warm-up run, outside the timing. Times are the fastest of repeated runs (the
-machine is shared). Effective GFLOP/s count
+machine is shared): up to 7 (2 with ``--quick``, in 0.1 s), as many as fit a 2-second budget after the warm-up, so a
+case slower than that budget is timed once. Milliseconds are printed to three significant digits below 10 ms
+(a GPU's 0.13 ms is not rounded to 0.1). Effective GFLOP/s count
 only the unmasked work: ``4·D`` per allowed (query, key) pair forward, 2.5 times that again backward (FlashAttention's
 convention), so a skipped block makes a call faster, not its GFLOP/s higher. "% mm" is that rate over a
 2048×2048 matmul's (8192×8192 on CUDA) in the same dtype, measured in the same run. ``--long`` adds the
@@ -240,7 +242,7 @@ def table(rows: list[dict[str, Any]], mm: float, memory: str = "peak RSS MiB") -
                     cells += ["", "", ""]
                     continue
                 rate = flops * factor / ms / 1e6
-                cells += [f"{ms:.1f}", f"{rate:.1f}", f"{100 * rate / mm:.0f}%"]
+                cells += [f"{ms:.1f}" if ms >= 10 else f"{ms:.3g}", f"{rate:.1f}", f"{100 * rate / mm:.0f}%"]
             cells.append(f"{row['mem_mib']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

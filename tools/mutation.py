@@ -93,18 +93,21 @@ def main() -> None:
     if not names or unknown:
         parser.error(f"name files among {list(OWN_TESTS)} (unknown: {unknown}), or pass --all")
     lines = [
-        "| file | mutants | killed | timeout | survived | no tests | score | minutes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| file | mutants | killed | timeout | survived | no tests | other | score | minutes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     print("\n".join(lines), flush=True)
     for name in names:
         counts, seconds = run_one(name, args.max_children)
         killed, timeout, survived = (counts.get(status, 0) for status in ("killed", "timeout", "survived"))
         untested = counts.get("no tests", 0)  # mutants of code that the file's own tests never run
+        other = (
+            sum(counts.values()) - killed - timeout - survived - untested
+        )  # "suspicious" (slow, passed) and the like
         caught = killed + timeout  # a mutant that makes the tests run 30x their time is caught, as mutmut counts
         score = 100 * caught / max(1, caught + survived)
         line = (
-            f"| `{name}.py` | {sum(counts.values())} | {killed} | {timeout} | {survived} | {untested} | "
+            f"| `{name}.py` | {sum(counts.values())} | {killed} | {timeout} | {survived} | {untested} | {other} | "
             f"{score:.0f}% | {seconds / 60:.1f} |"
         )
         lines.append(line)

@@ -20,7 +20,8 @@ same tiles and the same memory bound: inputs not on CUDA, float64 (the compiled 
 tested for half, bfloat16 and float32), head widths below 16 (``tl.dot``'s smallest) and empty
 sequences. A tensor mask is dense already: it goes to ``"sdpa"``, the fused kernel that takes it as it is;
 so does a call of at most ``SMALL`` (256²) pairs, such as one decoding step, with its mask materialised
-(one tile, nothing to skip, and no compilation per shape; on the CPU ``"auto"`` materialises up to 512²).
+(one tile, nothing to skip, and no compilation per shape; ``"auto"`` itself materialises up to 512², on any
+device).
 """
 
 from __future__ import annotations
