@@ -12,6 +12,7 @@ from torch import Tensor
 from selfattention.generate import generate
 from selfattention.interventions import model_device
 from selfattention.models.llama import Llama
+from selfattention.viz.html import token_labels
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,6 @@ class LanguageModel:
     def tokens(self, ids: Sequence[int]) -> list[str]:
         """Readable token strings: GPT-2's byte alphabet turned back into text, labelled as on every page
         (:func:`selfattention.viz.html.token_labels`: ␣ ⏎ ⇥ for space, newline and tab, ∅ for nothing)."""
-        from selfattention.viz.html import token_labels
-
         return token_labels([self.decode([i]) for i in ids])
 
     def chat_prompt(self, message: str) -> str:
