@@ -94,4 +94,5 @@ def test_rollout_refuses_mismatched_layers() -> None:
 def test_float64_weights_roll_out_in_float64() -> None:
     weights = torch.rand(2, 3, 3, dtype=torch.float64).softmax(-1)
     assert attention_rollout([weights, weights]).dtype == torch.float64
+    assert attention_flow([weights, weights]).dtype == torch.float64  # flow too, as rollout
     assert attention_rollout([weights.float()]).dtype == residual_attention(weights.bfloat16()).dtype == torch.float32

@@ -96,7 +96,8 @@ def attention_flow(layers: Sequence[Tensor], queries: Sequence[int] | None = Non
         queries: the output tokens to compute (default: all ``T``).
 
     Returns:
-        ``(len(queries), T)``: row ``q`` holds the flows from output token ``queries[q]`` to every input token.
+        ``(len(queries), T)``: row ``q`` holds the flows from output token ``queries[q]`` to every input token,
+        float64 for float64 weights, else float32 (as :func:`attention_rollout`).
 
     Raises:
         ValueError: no layers, a batch axis, more than :data:`MAX_FLOW_TOKENS` tokens, or a query out of range.
@@ -132,7 +133,7 @@ def attention_flow(layers: Sequence[Tensor], queries: Sequence[int] | None = Non
                 if capacity > 0.0:  # a masked key (causal) gets no edge
                     graph.add_edge((depth, i), (depth - 1, j), capacity=capacity)
     top = len(layers)
-    flows = torch.zeros(len(chosen), tokens)
+    flows = torch.zeros(len(chosen), tokens, dtype=checks.work_dtype(layers[0].dtype))
     for row, query in enumerate(chosen):
         for key in range(tokens):
             if graph.has_node((0, key)) and graph.has_node((top, query)):
