@@ -181,3 +181,33 @@ def test_json_text_rounds_tensors_and_nested_floats() -> None:
 def test_default_outputs_are_ignored_by_git(path: str) -> None:
     result = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, check=False)
     assert result.returncode == 0, f"{path} is not ignored"
+
+
+@pytest.mark.parametrize(
+    ("raised", "said"),
+    [
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                "you tried to allocate 256000000 bytes. Error code 12 (Cannot allocate memory)"
+            ),
+            "out of memory: could not allocate 256000000 bytes",
+        ),
+        (MemoryError(), "out of memory: MemoryError"),
+    ],
+)
+def test_a_failed_allocation_is_one_line_and_any_other_runtime_error_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys, raised: BaseException, said: str
+) -> None:
+    """What the allocator says when a model or batch does not fit; other RuntimeErrors are bugs to report."""
+    from selfattention.cli import train
+
+    def fail(args):  # type: ignore[no-untyped-def]
+        raise raised
+
+    monkeypatch.setattr(train, "run", fail)
+    assert main(["train"]) == 2
+    assert capsys.readouterr().err == f"selfattention train: error: {said}\n"
+    monkeypatch.setattr(train, "run", lambda args: (_ for _ in ()).throw(RuntimeError("an index went wrong")))
+    with pytest.raises(RuntimeError, match="an index went wrong"):
+        main(["train"])

@@ -151,6 +151,47 @@ def test_resume_refuses_new_settings_and_another_corpus(corpus: Path, tmp_path: 
     other.write_text(CORPUS.upper(), encoding="utf-8")
     assert main(["train", "--corpus", str(other), "--out", str(out), "--resume"]) == 2
     assert "trained on a different corpus" in capsys.readouterr().err
+    typo = tmp_path / "rnu"
+    assert main(["train", "--corpus", str(corpus), "--out", str(typo), "--resume"]) == 2
+    assert f"--resume: {typo} does not exist; give the folder of the run to continue\n" in capsys.readouterr().err
+    assert not typo.exists()  # a mistyped folder is not made
+    config = json.loads((current(out) / "config.json").read_text())
+    config["trainer"]["world_size"] = 2  # as a run under torchrun --nproc_per_node=2 saves it
+    config["sha256"] = config_digest(config)
+    (current(out) / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), "--resume"]) == 2
+    message = f"cannot resume {out} with 1 process(es): it was trained with 2 (the batch size is per process)"
+    assert message in capsys.readouterr().err
+
+
+def test_the_largest_seed_trains_through_validation(corpus: Path, tmp_path: Path) -> None:
+    """The validation batches are drawn with seed + 1, which overflowed at the largest seed --seed takes."""
+    out = tmp_path / "run"
+    argv = ["train", "--corpus", str(corpus), "--out", str(out), *TINY, "--steps", "10", "--seed", str(2**64 - 1)]
+    assert main(argv) == 0
+    assert [step for step, _ in history(out)["val"]] == [10]
+
+
+def test_a_learning_rate_below_the_configs_floor_moves_the_floor(corpus: Path, tmp_path: Path) -> None:
+    """The tiny config decays from 3e-3 to 3e-4: --lr 1e-4 was refused ("min_learning_rate (0.0003)"), an
+    option the command line does not have. The floor keeps the config's ratio, a tenth."""
+    out = tmp_path / "run"
+    assert main(["train", "--corpus", str(corpus), "--out", str(out), *TINY, "--steps", "2", "--lr", "1e-4"]) == 0
+    trainer = json.loads((current(out) / "config.json").read_text())["trainer"]["config"]
+    assert trainer["learning_rate"] == 1e-4 and trainer["min_learning_rate"] == pytest.approx(1e-5, rel=1e-12)
+
+
+def test_sizes_beyond_the_machine_are_refused_in_one_line(corpus: Path, tmp_path: Path, capsys) -> None:
+    """Before any allocation: a --width of 10**5 gave a traceback from the allocator (exit 1), and a
+    --vocab-size of 10**9 aborted the process inside the tokenizer library (exit 134)."""
+    argv = ["train", "--corpus", str(corpus), "--out", str(tmp_path / "run"), *TINY, "--steps", "2"]
+    assert main([*argv, "--width", "100000", "--heads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: the model has 240,0" in err and "lower --width, --layers" in err
+    with pytest.raises(SystemExit) as exit_code:
+        main([*argv, "--tokenizer", "bpe", "--vocab-size", str(10**9)])
+    assert exit_code.value.code == 2
+    assert "--vocab-size: must be between 257 and 1048576, got 1000000000" in capsys.readouterr().err
 
 
 def test_bpe_tokenizer_trains_saves_and_generates(corpus: Path, tmp_path: Path, capsys) -> None:

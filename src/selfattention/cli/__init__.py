@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from collections.abc import Sequence
 
@@ -25,6 +26,18 @@ from selfattention.cli import context, explain, generate, heads, patch, train, v
 from selfattention.cli.errors import UsageError
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
+
+_OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|not enough memory", re.IGNORECASE)
+"""How PyTorch's allocators word a failed allocation (a RuntimeError; CUDA's is torch.OutOfMemoryError)."""
+
+
+def _allocation(error: BaseException) -> str:
+    """What failed to be allocated, from PyTorch's message ("tried to allocate 256000000 bytes"), else the
+    message itself on one line (at most 200 characters)."""
+    text = " ".join(str(error).split())
+    size = re.search(r"tried to allocate ([\d.,]+ ?[A-Za-z]*)", text, re.IGNORECASE)
+    return f"could not allocate {size.group(1)}" if size else (text[:200] or type(error).__name__)
+
 
 COMMANDS = [explain, train, generate, context, view, heads, patch]
 
@@ -85,6 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ValueError, TypeError, OSError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"selfattention {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as error:  # an allocation that failed; any other RuntimeError is a bug
+        if not isinstance(error, MemoryError) and not _OUT_OF_MEMORY.search(str(error)):
+            raise
+        print(f"selfattention {args.command}: error: out of memory: {_allocation(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"selfattention {args.command}: interrupted", file=sys.stderr)

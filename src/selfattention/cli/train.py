@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,9 @@ TRAIN_OPTIONS: dict[str, Option] = {
     "--eval-interval": ("eval_interval", at_least(1), "steps between validations and checkpoints"),
     "--seed": ("seed", seed, "seed of the weights and the data order"),
 }
+MAX_VOCAB = 1 << 20
+"""The largest ``--vocab-size``: above any published tokenizer's; ``tokenizers`` allocates for the whole
+vocabulary before training, so 10**9 aborted the process instead of saying no."""
 OPTION_OF_FIELD = {field: name for name, (field, _, _) in {**MODEL_OPTIONS, **TRAIN_OPTIONS}.items()}
 
 
@@ -51,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", choices=list(CONFIGS), default="small", help="model and schedule (default: small)")
     parser.add_argument("--tokenizer", choices=["char", "bpe"], default="char", help="default: char")
-    parser.add_argument("--vocab-size", type=at_least(257), default=512, help="BPE vocabulary size (default: 512)")
+    parser.add_argument(
+        "--vocab-size", type=at_least(257, MAX_VOCAB), default=512, help="BPE vocabulary size (default: 512)"
+    )
     parser.add_argument("--rope", action="store_true", default=None, help="rotary positions instead of learned")
     for name, (_, kind, text) in {**MODEL_OPTIONS, **TRAIN_OPTIONS}.items():
         parser.add_argument(name, type=kind, help=f"{text} (default: from --config)")
@@ -146,10 +152,30 @@ def _check_together(options: RunOptions) -> None:
         raise UsageError("choose one of --resume (continue the checkpoint) and --overwrite (replace it)")
     if options.out.exists() and not options.out.is_dir():
         raise UsageError(f"--out {options.out} is a file; give a folder for the checkpoints")
+    if options.resume and not options.out.exists():  # said before --out is made, which would hide a typo
+        raise UsageError(f"--resume: {options.out} does not exist; give the folder of the run to continue")
+    vocab = options.bpe_vocab_size if options.tokenizer == "bpe" else 256  # a character vocabulary is smaller
     try:
-        model_config, _ = configs(options, vocab_size=1)  # the vocabulary is not known yet; nothing depends on it
+        model_config, _ = configs(options, vocab_size=vocab)
         with torch.device("meta"):  # build the model without memory: its layers check what the config does not
-            GPT(model_config)
+            parameters = sum(p.numel() for p in GPT(model_config).parameters())
     except ValueError as error:
         message = re.sub(r"\b[a-z_]+\b", lambda m: OPTION_OF_FIELD.get(m.group(0), m.group(0)), str(error))
         raise UsageError(message) from None
+    _check_memory(parameters)
+
+
+def _check_memory(parameters: int) -> None:
+    """Refuse a model whose weights, gradients and AdamW moments alone (16 bytes a parameter in float32)
+    exceed this machine's memory, before anything is allocated: the allocation would fail with a traceback
+    or, worse, swap for hours."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that reports it: nothing to compare
+        return
+    need = 16 * parameters
+    if need > memory:
+        raise UsageError(
+            f"the model has {parameters:,} parameters: {need / 2**30:.1f} GiB with its gradients and AdamW "
+            f"state, more than this machine's {memory / 2**30:.1f} GiB; lower --width, --layers or --vocab-size"
+        )

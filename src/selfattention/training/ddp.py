@@ -90,7 +90,7 @@ def seed_dropout(info: DistInfo, seed: int, *, resumed: bool) -> None:
     """
     if info.world_size > 1:
         base = int(torch.randint(1 << 62, ())) if resumed else seed
-        torch.manual_seed(base + info.rank)
+        torch.manual_seed((base + info.rank) % 2**64)  # a seed of 2**64 - 1 is allowed
 
 
 def teardown(info: DistInfo, *, wait: bool = True) -> None:

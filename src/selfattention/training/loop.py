@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -45,6 +45,11 @@ class TrainConfig:
     eval_interval: int = 250
     eval_batches: int = 20
     seed: int = 1337
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default value, by name."""
+        return {entry.name: entry.default for entry in fields(cls)}
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "eval_interval", "eval_batches"):
@@ -225,7 +230,7 @@ class Trainer:
         model = self.raw_model
         was_training = model.training
         model.eval()
-        generator = torch.Generator().manual_seed(self.config.seed + 1)
+        generator = torch.Generator().manual_seed((self.config.seed + 1) % 2**64)  # --seed takes up to 2**64 - 1
         losses = [float(model(*self.val_batch(generator))[1]) for _ in range(self.config.eval_batches)]
         model.train(was_training)
         return sum(losses) / len(losses)

@@ -100,6 +100,10 @@ class RunResult:
 def configs(options: RunOptions, vocab_size: int) -> tuple[GPTConfig, TrainConfig]:
     """The config named in ``options`` with its overrides applied.
 
+    A ``learning_rate`` given without a ``min_learning_rate`` moves the floor of the cosine decay with it,
+    keeping the config's ratio (a tenth in both configs): ``--lr 1e-4`` decays to 1e-5, where a fixed floor
+    above the new peak could not be used.
+
     Raises:
         ValueError: for an unknown config name.
     """
@@ -107,6 +111,10 @@ def configs(options: RunOptions, vocab_size: int) -> tuple[GPTConfig, TrainConfi
         raise ValueError(f"unknown config {options.config!r}; choose one of {list(CONFIGS)}")
     model, train = CONFIGS[options.config]
     model_config = GPTConfig(vocab_size=vocab_size, **{**model, **options.model})
+    train = {**TrainConfig.defaults(), **train}
+    if "learning_rate" in options.train and "min_learning_rate" not in options.train:
+        ratio = train["min_learning_rate"] / train["learning_rate"]
+        train["min_learning_rate"] = ratio * options.train["learning_rate"]
     return model_config, TrainConfig(**{**train, **options.train})
 
 
@@ -131,7 +139,7 @@ def _train(options: RunOptions, info: ddp.DistInfo) -> RunResult:
     _check_options(options)
     if info.rank == 0:
         clean_leftovers(options.out)  # what a save interrupted by a kill left behind
-    setup = _resumed(options, text) if options.resume else _fresh(options, text)
+    setup = _resumed(options, text, info.world_size) if options.resume else _fresh(options, text)
     batches = _Batches(setup, info)
     torch.manual_seed(setup.train_config.seed)
     model = GPT(setup.model_config).to(info.device)
@@ -195,11 +203,21 @@ def _fresh(options: RunOptions, text: str) -> _Setup:
     return _Setup(tokenizer, model_config, train_config, new_run_id(), text, _corpus_record(options, text))
 
 
-def _resumed(options: RunOptions, text: str) -> _Setup:
-    """The run saved in ``options.out``, checked to have been trained on this ``text``."""
+def _resumed(options: RunOptions, text: str, world_size: int) -> _Setup:
+    """The run saved in ``options.out``, checked to have been trained on this ``text`` by as many processes.
+
+    The batch size is per process, so another number of processes would change the global batch (and the
+    losses) without a word: refused, naming both.
+    """
     checkpoint = load_checkpoint(options.out, need_trainer=True)
     data = _corpus_record(options, text)
     trainer_json = checkpoint.config["trainer"]
+    saved_world = trainer_json.get("world_size", 1)
+    if saved_world != world_size:
+        raise ValueError(
+            f"cannot resume {options.out} with {world_size} process(es): it was trained with {saved_world} "
+            f"(the batch size is per process); resume it with {saved_world}"
+        )
     saved = trainer_json.get("data", {}).get("sha256") if isinstance(trainer_json.get("data"), dict) else None
     if saved != data["sha256"]:
         raise ValueError(
