@@ -106,7 +106,8 @@ def test_generate_errors(corpus: Path, tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert "not in the tokenizer's vocabulary of" in err and "'Z'" in err and "'✓'" in err
     assert main(["generate", "--checkpoint", str(out), "To be", "--max-new-tokens", "40", "--no-slide"]) == 2
-    assert "exceeds the model's context_length=16" in capsys.readouterr().err
+    err = capsys.readouterr().err  # in the options' names, not generate()'s (slide=True, cache='window')
+    assert "= 45 exceeds the context of 16; shorten them, or drop --no-slide, or stream past the context with " in err
     assert main(["generate", "--checkpoint", str(tmp_path / "none"), "To"]) == 2
     assert "does not exist" in capsys.readouterr().err
     config = json.loads((current(out) / "config.json").read_text())

@@ -83,10 +83,13 @@ def run(args: argparse.Namespace) -> int:
         prompt = lm.chat(prompt)
     ids = torch.tensor([lm.encode(prompt)], dtype=torch.long, device=device)
     total, context = ids.shape[1] + args.max_new_tokens, int(lm.model.config.context_length)
-    if kind == "gguf" and policy.kind == "full" and total > context:  # GGUF models do not slide
+    slides = kind == "checkpoint" and not args.no_slide
+    if policy.kind == "full" and total > context and not slides:  # said with the options, not generate()'s names
+        ways = "stream past the context with --cache window or --cache sinks"
+        ways = f"drop --no-slide, or {ways} (a --rope checkpoint)" if kind == "checkpoint" else ways
         raise UsageError(
             f"the prompt ({ids.shape[1]} tokens) + --max-new-tokens ({args.max_new_tokens}) = {total} exceeds the "
-            f"context of {context}; shorten them, or stream past the context with --cache window or --cache sinks"
+            f"context of {context}; shorten them, or {ways}"
         )
     generator = torch.Generator().manual_seed(args.seed)
     shown_prompt = args.prompt + "\n" if args.chat else args.prompt
