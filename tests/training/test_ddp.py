@@ -35,40 +35,35 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def train(command: list[str], out: Path, corpus: Path, batch: int) -> None:
+def train(
+    command: list[str], out: Path, corpus: Path, batch: int, *more: str, script: list[str] | None = None, code: int = 0
+) -> None:
+    """``selfattention train`` under ``command`` (python, or torchrun), or ``script`` standing in for it."""
     # gloo binds to the loopback interface, so no rank talks over any other address
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": loopback_name()}
-    argv = [
-        *command,
+    run = script or ["-m", "selfattention"]
+    argv = [*command, *run, "train", "--corpus", str(corpus), "--out", str(out), *ARGS, "--batch-size", str(batch)]
+    done = subprocess.run([*argv, *more], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == code, done.stderr[-3000:]
+
+
+def torchrun(ranks: int) -> list[str]:
+    return [
+        sys.executable,
         "-m",
-        "selfattention",
-        "train",
-        "--corpus",
-        str(corpus),
-        "--out",
-        str(out),
-        *ARGS,
-        "--batch-size",
-        str(batch),
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={ranks}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
     ]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS, encoding="utf-8")
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-    ]
-    train(torchrun, tmp_path / "two", corpus, batch=2)
+    train(torchrun(2), tmp_path / "two", corpus, batch=2)
     train([sys.executable], tmp_path / "one", corpus, batch=4)
     two, one = load_checkpoint(tmp_path / "two"), load_checkpoint(tmp_path / "one")
     assert two.config["trainer"]["world_size"] == 2 and one.config["trainer"]["world_size"] == 1
@@ -98,22 +93,46 @@ def test_environment_without_torchrun_is_one_process(monkeypatch: pytest.MonkeyP
         ddp.setup()
 
 
-def _dropout_masks(resumed: bool) -> tuple[int, torch.Tensor]:
-    import torch.distributed as dist
+def test_each_rank_and_step_has_its_own_dropout_seed() -> None:
+    from selfattention.training.ddp import step_seed
 
-    from selfattention.training import ddp
-
-    info = ddp.DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size())
-    torch.manual_seed(7)  # the same state on every rank, as after building the weights (or restoring a checkpoint)
-    ddp.seed_dropout(info, 7, resumed=resumed)
-    return info.rank, torch.nn.functional.dropout(torch.ones(64), 0.5)
+    seeds = {step_seed(seed, rank, step) for seed in (0, 7) for rank in range(4) for step in range(50)}
+    assert len(seeds) == 2 * 4 * 50  # every rank its own units, every step new ones
+    assert step_seed(7, 1, 3) == step_seed(7, 1, 3) and 0 <= step_seed(2**64 - 1, 1, 3) < 2**64
 
 
-@pytest.mark.parametrize("resumed", [False, True])
-def test_each_rank_drops_its_own_units(resumed: bool) -> None:
-    from selfattention.launch import run_local
+STOP_AFTER_3 = """
+import sys
+from selfattention.training import loop
 
-    (_, first), (_, second) = run_local(_dropout_masks, 2, resumed, timeout=60)
-    assert not torch.equal(first, second)
-    again = run_local(_dropout_masks, 2, resumed, timeout=60)
-    assert torch.equal(again[0][1], first) and torch.equal(again[1][1], second)  # and reproducibly so
+def stop(trainer):
+    if trainer.step == 3:
+        raise KeyboardInterrupt  # on every rank after the same step, as a Ctrl-C that torchrun passes on
+
+run = loop.Trainer.run
+loop.Trainer.run = lambda self, until=None: (setattr(self, "on_step", stop), run(self, until))[1]
+from selfattention.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_with_dropout_resume_exactly(tmp_path: Path) -> None:
+    """Each rank's dropout stream is a function of the seed, its rank and the step, so a run stopped after step 3
+    and resumed draws the masks the uninterrupted run drew (from rank 0's saved state the ranks drew new ones)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    script = tmp_path / "stop_after_3.py"
+    script.write_text(STOP_AFTER_3)
+    train(torchrun(2), tmp_path / "whole", corpus, 2, "--dropout", "0.2")
+    train(torchrun(2), tmp_path / "cut", corpus, 2, "--dropout", "0.2", script=[str(script)], code=1)
+    assert load_checkpoint(tmp_path / "cut").step == 3
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": loopback_name()}
+    resume = [*torchrun(2), "-m", "selfattention", "train", "--corpus", str(corpus), "--out", str(tmp_path / "cut")]
+    done = subprocess.run([*resume, "--resume", "--no-progress"], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    whole, cut = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "cut")
+    assert cut.step == whole.step == 6
+    assert cut.config["trainer"]["history"] == whole.config["trainer"]["history"]
+    for name in whole.weights:
+        assert torch.equal(cut.weights[name], whole.weights[name]), name

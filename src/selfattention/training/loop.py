@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from selfattention.training.ddp import step_seed
+
 Batch = tuple[Tensor, Tensor]
 BatchFn = Callable[[torch.Generator], Batch]
 
@@ -108,7 +110,9 @@ class Trainer:
         checkpoint: called with the trainer at each validation, at the end and on Ctrl-C.
         on_step: called with the trainer after every step (progress hooks, tests).
         rank, world_size: this process in a data-parallel run; only rank 0 validates, shows progress and
-            calls ``checkpoint``.
+            calls ``checkpoint``. With ``world_size > 1`` each step first seeds the global random generator
+            (dropout) from the seed, the rank and the step (:func:`~selfattention.training.ddp.step_seed`):
+            each rank drops its own units, and a resumed run drops the ones an uninterrupted run would.
         progress: show a progress bar (on rank 0).
         log: print each validation loss (on rank 0).
     """
@@ -196,6 +200,8 @@ class Trainer:
         rate = learning_rate(self.step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = rate
+        if self.world_size > 1:
+            torch.manual_seed(step_seed(self.config.seed, self.rank, self.step))
         try:
             _, loss = self.model(inputs, targets)
         except ValueError as error:  # the attention's checks refuse non-finite or overflowing activations

@@ -158,7 +158,6 @@ def _train(options: RunOptions, info: ddp.DistInfo) -> RunResult:
     if setup.checkpoint is not None:
         assert setup.checkpoint.trainer_tensors is not None
         trainer.load_state(setup.checkpoint.trainer_tensors, setup.checkpoint.config["trainer"])
-    ddp.seed_dropout(info, setup.train_config.seed, resumed=setup.checkpoint is not None)  # one stream per rank
     start = time.perf_counter()
     history = trainer.run()
     return RunResult(
