@@ -38,6 +38,24 @@ def test_mode_follows_the_umask(tmp_path: Path) -> None:
     assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
 
 
+def test_links_are_written_through_modes_kept_and_devices_refused(tmp_path: Path) -> None:
+    """`view --out /dev/full` replaced the device with an HTML file; a link became a plain file; a file kept
+    read-only came back 0644."""
+    real = tmp_path / "real.html"
+    real.write_text("old")
+    real.chmod(0o640)
+    link = tmp_path / "link.html"
+    link.symlink_to(real)
+    write_text(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"
+    assert real.stat().st_mode & 0o777 == 0o640
+    fifo = tmp_path / "pipe.html"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match=rf"cannot write {fifo}: it exists and is not a regular file"):
+        write_text(fifo, "x")
+    assert fifo.exists() and not fifo.is_file()
+
+
 def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="does not exist"):
         write_text(tmp_path / "nope" / "out.txt", "x")

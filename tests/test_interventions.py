@@ -10,6 +10,7 @@ from torch import Tensor
 
 from selfattention.inspect import capture
 from selfattention.interventions import (
+    PatchingResult,
     ablate_heads,
     head_means,
     head_outputs,
@@ -129,6 +130,16 @@ def test_patching_a_run_with_itself_has_no_effect() -> None:
     assert torch.equal(result.heads, torch.zeros(2, 4)) and torch.equal(result.residual, torch.zeros(2, 8))
     with pytest.raises(ValueError, match="same logit difference"):
         result.restored(result.heads)
+
+
+def test_a_gap_within_float32_rounding_is_no_gap() -> None:
+    """Two prompts whose differences agreed to 5e-7 printed fractions of +1071 and -1011 (noise over noise)."""
+    heads = torch.tensor([[5e-4, -5e-4]])
+    near = PatchingResult(clean=0.113, corrupted=0.113 - 4.8e-7, heads=heads, residual=heads)
+    with pytest.raises(ValueError, match=r"\(\+0.113 and \+0.113, a gap of 4.8e-07\): nothing to restore$"):
+        near.restored(heads)
+    far = PatchingResult(clean=20.0, corrupted=19.99, heads=heads, residual=heads)  # 5e-4 of 20: a real gap
+    torch.testing.assert_close(far.restored(heads), heads / (20.0 - 19.99))
 
 
 def test_bad_heads_and_prompts_are_named() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,24 +45,33 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     On success the temporary file is fsynced, renamed over ``path`` with one ``os.replace``, and the folder
     is fsynced. On error (or an interrupt) the temporary file is removed and ``path`` is untouched.
+    A symbolic link is followed (the file it names is replaced, the link stays), an existing file keeps
+    its permission bits, and a target that exists but is not a regular file (``/dev/full``, a pipe) is
+    refused rather than replaced.
 
     >>> with atomic_path("/tmp/out.txt") as tmp:
     ...     _ = tmp.write_text("done")
     """
-    target = Path(path)
+    asked = Path(path)
+    target = asked.resolve() if asked.is_symlink() else asked  # write through a link, as an editor does
     if target.parent and not target.parent.is_dir():
-        raise OSError(f"cannot write {target}: folder {target.parent} does not exist")
+        raise OSError(f"cannot write {asked}: folder {target.parent} does not exist")
     if target.is_dir():
-        raise IsADirectoryError(f"cannot write {target}: it is a folder")
+        raise IsADirectoryError(f"cannot write {asked}: it is a folder")
+    if target.exists() and not target.is_file():
+        raise OSError(f"cannot write {asked}: it exists and is not a regular file (a device or a pipe)")
+    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else None
     try:
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as error:  # named by the path asked for, not the temporary one
-        raise type(error)(f"cannot write {target}: {error.strerror or error}") from None
+        raise type(error)(f"cannot write {asked}: {error.strerror or error}") from None
     os.close(fd)
     tmp = Path(name)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
+    if mode is None:  # mkstemp makes 0600; give a new file the mode a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    tmp.chmod(mode)
     try:
         yield tmp
         fsync_path(tmp)

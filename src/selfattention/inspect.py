@@ -459,7 +459,10 @@ def capture_projections(
 
     ``W^Q``, ``W^K``, ``W^V`` are drawn as ``torch.rand(C, d_out)`` in that order after
     ``torch.manual_seed(seed)`` (the chapter-3 ``SelfAttentionV1`` draw, so with one head the numbers are
-    exactly that module's), then split into ``num_heads`` heads of width ``d_out // num_heads``.
+    that module's, to float32's precision), then split into ``num_heads`` heads of width ``d_out // num_heads``.
+    The module runs in float64: this is the walk-through of a few tokens, whose rows of α must sum to 1 to the
+    printed digits even for embeddings in the thousands (in float32, scores near 10**6 carry rounding errors
+    of 0.06, and α rebuilt from them no longer sums to 1).
 
     Args:
         inputs: token embeddings, ``(T, C)``.
@@ -479,12 +482,14 @@ def capture_projections(
         raise ValueError(f"inputs must be (tokens, width), got shape {tuple(inputs.shape)}")
     num_tokens, width = inputs.shape
     matrices = random_projections(width, d_out, seed)  # W^Q, W^K, W^V, each (C, d_out)
-    module = MultiHeadAttention(
-        width, d_out, num_tokens, 0.0, num_heads, causal=causal, scale=None if scaled else 1.0
-    ).eval()
+    module = (
+        MultiHeadAttention(width, d_out, num_tokens, 0.0, num_heads, causal=causal, scale=None if scaled else 1.0)
+        .eval()
+        .double()
+    )
     with torch.no_grad():
         for linear, matrix in zip((module.W_query, module.W_key, module.W_value), matrices, strict=True):
             linear.weight.copy_(matrix.T)  # a Linear layer stores the transpose
         with capture(module) as cap:
-            module(inputs.float())
+            module(inputs.double())
     return cap[""]

@@ -258,6 +258,11 @@ def logit_difference(logits: Tensor, answer: int, wrong: int) -> Tensor:
     return (logits[:, -1, answer] - logits[:, -1, wrong]).float()
 
 
+NEGLIGIBLE_GAP = 1e-4
+"""A gap between the clean and corrupted differences no larger than this fraction of their size (or of 1)
+is taken as none: float32 logits carry relative errors near 1e-6."""
+
+
 @dataclass(frozen=True)
 class PatchingResult:
     """The logit difference of two answers in the clean and corrupted runs, and what patching restores.
@@ -275,10 +280,18 @@ class PatchingResult:
     residual: Tensor
 
     def restored(self, effects: Tensor) -> Tensor:
-        """``effects`` as the fraction of the gap ``clean - corrupted`` (1: the clean run's difference)."""
+        """``effects`` as the fraction of the gap ``clean - corrupted`` (1: the clean run's difference).
+
+        Raises:
+            ValueError: a gap within :data:`NEGLIGIBLE_GAP` of the differences' size, where the fractions
+                would be float32 rounding divided by almost nothing (a gap of 5e-7 gave "+1071.000").
+        """
         gap = self.clean - self.corrupted
-        if gap == 0:
-            raise ValueError("the clean and corrupted runs give the same logit difference: nothing to restore")
+        if abs(gap) <= NEGLIGIBLE_GAP * max(1.0, abs(self.clean), abs(self.corrupted)):
+            raise ValueError(
+                f"the clean and corrupted runs give the same logit difference ({self.clean:+.4g} and "
+                f"{self.corrupted:+.4g}, a gap of {gap:.2g}): nothing to restore"
+            )
         return effects / gap
 
 

@@ -178,3 +178,14 @@ def test_embeddings_beyond_float32_or_overflowing_exit_2(tmp_path: Path, capsys)
     path.write_text(json.dumps({"tokens": ["a", "b"], "embeddings": [[1e30, 1.0], [0.0, 1.0]]}))
     code, out, err = run(capsys, "--embeddings", str(path))
     assert code == 2 and "the scores overflowed" in err and "nan" not in out
+
+
+def test_rows_of_weights_sum_to_one_for_large_embeddings(tmp_path: Path, capsys) -> None:
+    """Embeddings near 1e3 give scores near 1e6, where float32 rounds by 0.06: the rows printed 0.8825 and
+    0.7788 under the heading "each row sums to 1". The walk-through runs in float64."""
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps({"tokens": ["a", "b"], "embeddings": [[1e3, 2], [3, -1e3]]}))
+    argv = ["explain", "--embeddings", str(path), "--projections", "8", "--all", "--format", "json"]
+    assert main(argv) == 0
+    weights = np.array(json.loads(capsys.readouterr().out)["weights"])
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-6)

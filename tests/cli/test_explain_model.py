@@ -55,6 +55,8 @@ def test_other_text_without_query_takes_the_first_word_piece(minilm: PretrainedE
         (["--model", "minilm", "--head", "-1"], ValueError, "head -1 is out of range"),
         (["--model", "minilm", "  "], ValueError, "text 1 is empty"),
         (["--model", "minilm", "a cave", "--query", "bat"], ValueError, "query 'bat' is not in the sentence"),
+        # typed, the default's word is looked for too (it silently took the first word piece)
+        (["--model", "minilm", "a cave", "--query", "journey"], ValueError, "query 'journey' is not in the sentence"),
     ],
 )
 def test_bad_input_is_named(minilm: PretrainedEncoder, argv, error, message) -> None:  # type: ignore[no-untyped-def]

@@ -74,6 +74,11 @@ def test_an_unknown_top_level_option_shows_the_top_level_usage(capsys: pytest.Ca
         (["explain", "--plot", "weights.bmp"], "--plot"),
         (["explain", "--projections", "0"], "--projections"),
         (["explain", "--projections", "4", "--heads", "0"], "--heads"),
+        # empty names fell back to the worked example, or read the current folder as a checkpoint
+        (["explain", "--embeddings", ""], "--embeddings"),
+        (["explain", "--model", ""], "--model"),
+        (["heads", "--model", " "], "--model"),
+        (["generate", "p", "--checkpoint", ""], "--checkpoint"),
     ],
 )
 def test_a_bad_value_is_reported_under_the_option_typed(

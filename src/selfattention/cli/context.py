@@ -12,7 +12,7 @@ from selfattention.cli.context_probes import add_probe_arguments, follow_in_lang
 from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.cli.models import MODEL_HELP, model_kind, refuse
-from selfattention.cli.options import some_path
+from selfattention.cli.options import model_name, some_path
 from selfattention.cli.pretrained_models import load_model
 from selfattention.contextual import (
     DEFAULT_SENTENCES,
@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--word", default=DEFAULT_WORD, help=f"the word to follow (default: {DEFAULT_WORD})")
     parser.add_argument(
         "--model",
+        type=model_name,
         default="minilm",
         metavar="MODEL",
         help=f"{MODEL_HELP}; a language model gets the similarity and probe views only (default: minilm)",

@@ -15,7 +15,7 @@ from selfattention.cli.explain_model import add_model_arguments, explain_model
 from selfattention.cli.explain_rollout import add_rollout_arguments, explain_rollout
 from selfattention.cli.formatting import matrix, projections_document, steps_document, vector
 from selfattention.cli.models import model_kind
-from selfattention.cli.options import at_least, figure_path, json_text, seed
+from selfattention.cli.options import at_least, figure_path, json_text, model_name, seed
 from selfattention.inputs import load_embeddings
 from selfattention.inspect import capture_projections
 from selfattention.walkthrough import Walkthrough, find_query, random_projections, walk
@@ -52,7 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--head", type=int, default=0, help="the head to walk through (0-based, default: 0)")
     parser.add_argument("--layer", type=int, help="with --checkpoint or --model: the layer to show, from 0")
     parser.add_argument("text", nargs="?", help="with --checkpoint or --model: the text whose attention to show")
-    parser.add_argument("--embeddings", metavar="FILE", help="your own token vectors: .json, .csv or .npy")
+    parser.add_argument(
+        "--embeddings", type=model_name, metavar="FILE", help="your own token vectors: .json, .csv or .npy"
+    )
     parser.add_argument("--tokens", help="the tokens of a .npy file, separated by spaces")
     parser.add_argument(
         "--plot", metavar="FILE", type=figure_path, help="also save a heatmap of α (.png, .svg, .pdf or .jpg)"

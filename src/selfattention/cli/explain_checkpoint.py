@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from selfattention.cli.device import resolve_device
-from selfattention.cli.options import json_text
+from selfattention.cli.options import json_text, model_name
 from selfattention.viz.html import token_labels
 
 
@@ -25,7 +25,10 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     With ``--checkpoint``, ``--layer`` is 0-based and defaults to the last layer; ``--head`` is 0-based.
     """
     parser.add_argument(
-        "--checkpoint", metavar="DIR", help="a trained GPT (folder written by `train`); layers 0-based, default last"
+        "--checkpoint",
+        type=model_name,
+        metavar="DIR",
+        help="a trained GPT (folder written by `train`); layers 0-based, default last",
     )
     parser.add_argument(
         "--logit-lens",

@@ -23,7 +23,7 @@ from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.cli.formatting import matrix, projections_document, steps_document, vector
 from selfattention.cli.models import MODEL_HELP
-from selfattention.cli.options import json_text
+from selfattention.cli.options import json_text, model_name
 from selfattention.cli.pretrained_models import load_model
 from selfattention.models.head_walkthrough import HeadWalkthrough, head_walkthrough
 from selfattention.walkthrough import find_query
@@ -38,6 +38,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--model`` to ``explain``'s parser (``TEXT``, ``--layer`` and ``--head`` are ``explain``'s own)."""
     parser.add_argument(
         "--model",
+        type=model_name,
         metavar="MODEL",
         help=f"{MODEL_HELP}. minilm: walk through one head on TEXT (layers 0-5, default 0; heads 0-11; "
         f'TEXT defaults to "{DEFAULT_TEXT}"); smollm2, FILE.gguf, DIR: what each token of TEXT attends to '
@@ -59,9 +60,9 @@ def explain_model(args: argparse.Namespace) -> int:
         raise ValueError(f"--layer {layer} is out of range: the model has layers 0-{layers - 1}")
     result = head_walkthrough(model, text, layer=layer + 1, head=args.head)
     tokens = result.walk.tokens
-    query = getattr(args, "query", None) or DEFAULT_QUERY
-    if query == DEFAULT_QUERY and DEFAULT_QUERY not in tokens:
-        query = "1"  # the default query is the worked example's word; otherwise take the first word piece
+    query = getattr(args, "query", None)
+    if query is None:  # the worked example's word where the text has it, else the first word piece
+        query = DEFAULT_QUERY if DEFAULT_QUERY in tokens else "1"
     indices = list(range(len(tokens))) if getattr(args, "all", False) else [find_query(tokens, query)]
     plot = getattr(args, "plot", None)
     if plot:

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.cli.models import KINDS, load_causal, model_kind, refuse
-from selfattention.cli.options import at_least, non_negative_number, seed
+from selfattention.cli.options import at_least, model_name, non_negative_number, seed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,8 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "written by `train`), decoding with a KV cache.",
     )
     parser.add_argument("prompt", help="the text to continue")
-    parser.add_argument("--model", metavar="MODEL", help=f"{KINDS}; language models only")
-    parser.add_argument("--checkpoint", metavar="DIR", help="folder written by `train` (the same as --model DIR)")
+    parser.add_argument("--model", type=model_name, metavar="MODEL", help=f"{KINDS}; language models only")
+    parser.add_argument(
+        "--checkpoint", type=model_name, metavar="DIR", help="folder written by `train` (the same as --model DIR)"
+    )
     parser.add_argument("--max-new-tokens", type=at_least(0), default=200, help="tokens to add (default: 200)")
     parser.add_argument("--temperature", type=non_negative_number, default=0.8, help="0 is greedy (default: 0.8)")
     parser.add_argument("--top-k", type=at_least(1), default=None, help="sample among the K likeliest tokens")

@@ -16,7 +16,7 @@ from typing import Any
 from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.cli.models import MODEL_HELP, load_causal, model_kind, refuse
-from selfattention.cli.options import at_least, json_text, seed, some_path
+from selfattention.cli.options import at_least, json_text, model_name, seed, some_path
 from selfattention.files import make_folder
 
 NAMES = {
@@ -36,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "induction (attention to the token after the earlier occurrence) and sink (weight on the first token), "
         "and the loss per token on each copy. See docs/heads.md for the definitions.",
     )
-    parser.add_argument("--model", default="smollm2", metavar="MODEL", help=f"{MODEL_HELP} (default: smollm2)")
+    parser.add_argument(
+        "--model", type=model_name, default="smollm2", metavar="MODEL", help=f"{MODEL_HELP} (default: smollm2)"
+    )
     parser.add_argument("--length", type=at_least(2), default=50, help="random tokens per copy (default: 50)")
     parser.add_argument("--batch", type=at_least(1), default=4, help="sequences of random tokens (default: 4)")
     parser.add_argument("--seed", type=seed, default=0, help="seed of the random tokens (default: 0)")

@@ -81,6 +81,18 @@ def some_path(text: str) -> str:
     return text
 
 
+def model_name(text: str) -> str:
+    """An argparse type for ``--model``/``--checkpoint``/``--embeddings``: a name or a path, never an empty
+    one (which fell back to the default, or read the current folder).
+
+    >>> model_name("smollm2")
+    'smollm2'
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a model name or a path, got {text!r}")
+    return text
+
+
 def _number(text: str, accepted: Callable[[float], bool], requirement: str) -> float:
     try:
         value = float(text)

@@ -18,7 +18,7 @@ from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
 from selfattention.cli.explain_checkpoint import token_labels
 from selfattention.cli.models import MODEL_HELP, load_causal
-from selfattention.cli.options import at_least, json_text, some_path
+from selfattention.cli.options import at_least, json_text, model_name, some_path
 from selfattention.files import make_folder
 
 CLEAN = "The Eiffel Tower is in the city of"
@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "run into the corrupted run and report the change of logit(ANSWER) - logit(WRONG) at the last "
         "position, as a fraction of the gap between the runs.",
     )
-    parser.add_argument("--model", default="smollm2", metavar="MODEL", help=f"{MODEL_HELP} (default: smollm2)")
+    parser.add_argument(
+        "--model", type=model_name, default="smollm2", metavar="MODEL", help=f"{MODEL_HELP} (default: smollm2)"
+    )
     parser.add_argument("--clean", default=CLEAN, help=f'the prompt whose answer is ANSWER (default: "{CLEAN}")')
     parser.add_argument(
         "--corrupted", default=CORRUPTED, help=f'the same number of tokens, answer WRONG (default: "{CORRUPTED}")'

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
-from selfattention.cli.options import seed, some_path
+from selfattention.cli.options import model_name, seed, some_path
 from selfattention.files import write_text
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--model",
+        type=model_name,
         default="example",
         help="example (the worked example's embeddings, default), minilm (the pretrained encoder), "
         "smollm2 or FILE.gguf (a Llama-family language model), or a checkpoint folder of a trained GPT; "
