@@ -39,6 +39,20 @@ def test_without_a_causal_model_it_is_refused(argv: list[str], capsys: pytest.Ca
     assert "--logit-lens needs a causal language model" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("more", "option"), [(["--layer", "99"], "--layer"), (["--head", "3"], "--head"), (["--plot", "l.png"], "--plot")]
+)
+def test_options_the_lens_does_not_read_are_refused(
+    more: list[str], option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They were accepted and did nothing (an out-of-range --layer, a --plot that wrote no file)."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_weights())
+    assert main(["explain", "--model", str(path), "hello", "--logit-lens", *more]) == 2
+    said = f"{option} does not apply with --logit-lens, which reads every layer at every position\n"
+    assert capsys.readouterr().err.endswith(said)
+    assert not Path("l.png").exists()  # nothing written where it was asked for
+
+
 @pytest.mark.slow
 def test_smollm2_says_paris_only_at_the_last_layer(smollm2, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     import selfattention.loaders.gguf as loader

@@ -13,9 +13,19 @@ import sys
 from typing import Any
 
 from selfattention.cli.device import resolve_device
+from selfattention.cli.errors import UsageError
 from selfattention.cli.options import json_text
 
 SHOWN = 3  # predictions listed per layer for the last position
+UNUSED = {"layer": None, "head": 0, "plot": None, "query": None, "all": False, "projections": None}
+"""``explain``'s options that the lens does not read, with their defaults: given, they are refused, not ignored
+(``--layer 99`` and ``--plot l.png`` were accepted and did nothing)."""
+
+
+def _check_unused(args: argparse.Namespace) -> None:
+    typed = [f"--{name}" for name, default in UNUSED.items() if getattr(args, name, default) != default]
+    if typed:
+        raise UsageError(f"{typed[0]} does not apply with --logit-lens, which reads every layer at every position")
 
 
 def explain_lens(args: argparse.Namespace) -> int:
@@ -26,6 +36,7 @@ def explain_lens(args: argparse.Namespace) -> int:
     from selfattention.cli.models import load_causal
     from selfattention.lens import logit_lens, top_predictions
 
+    _check_unused(args)
     device = resolve_device(getattr(args, "device", "cpu"))
     lm = load_causal(args.checkpoint)
     if not args.text:
