@@ -35,9 +35,11 @@ GRACE = 2.0
 """Seconds the other ranks get to end on their own once one has failed, before they are terminated."""
 
 
+GUARD = 'call it under `if __name__ == "__main__":`'
+"""What a script that calls :func:`run_local` at its top level is told (by the rank, and by the launcher)."""
 UNGUARDED = (
-    "run_local was called while a rank was starting, from the script's top level: call it under "
-    '`if __name__ == "__main__":` (every rank imports the script to find the function it runs)'
+    f"run_local was called while a rank was starting, from the script's top level: {GUARD} (every rank imports "
+    "the script to find the function it runs)"
 )
 
 
@@ -183,8 +185,10 @@ def _failures(error_files: list[str], first: ProcessException) -> str:
                 trace = pickle.load(file)
             lines.append(f"rank {rank} failed: {trace.strip().splitlines()[-1]}")
     if not lines and getattr(first, "exit_code", None) == 1:  # ended before fn ran: its own output says why
-        lines.append(f"rank {first.error_index} ended before running the function; if the script calls run_local at "
-                     'its top level, call it under `if __name__ == "__main__":`')  # fmt: skip
+        lines.append(
+            f"rank {first.error_index} ended before running the function; if the script calls run_local at its "
+            f"top level, {GUARD}"
+        )
     return "\n".join([*lines, str(first).strip()])
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from selfattention.cli.device import resolve_device
 from selfattention.cli.options import json_text, model_name
-from selfattention.viz.html import token_labels
+from selfattention.viz.html import piece_labels
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +71,7 @@ def checkpoint_weights(
         model(torch.tensor([ids], dtype=torch.long, device=device))
     weights = cap[f"blocks.{layer}.attn"].head(head).weights[0].cpu()  # (1, T, T) -> (T, T)
     where = f"layer {layer} of {config.num_layers}, head {head} of {config.num_heads}"
-    return token_labels([lm.decode([i]) for i in ids]), weights, where
+    return piece_labels(lm.decode, ids), weights, where
 
 
 def _option(spec: str) -> str:

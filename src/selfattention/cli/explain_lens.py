@@ -32,9 +32,9 @@ def explain_lens(args: argparse.Namespace) -> int:
     """Print the top prediction of every layer at every position of ``args.text``, and the top 3 at the last."""
     import torch
 
-    from selfattention.cli.explain_checkpoint import token_labels
     from selfattention.cli.models import load_causal
     from selfattention.lens import logit_lens, top_predictions
+    from selfattention.viz.html import piece_labels
 
     _check_unused(args)
     device = resolve_device(getattr(args, "device", "cpu"))
@@ -44,10 +44,10 @@ def explain_lens(args: argparse.Namespace) -> int:
     ids = lm.encode(args.text)
     lens = logit_lens(lm.model.to(device).eval(), torch.tensor([ids], device=device))[:, 0].cpu()  # (L, T, V)
     probs, top = top_predictions(lens, SHOWN)  # (L, T, k)
-    tokens = token_labels([lm.decode([i]) for i in ids])
+    tokens = piece_labels(lm.decode, ids)
 
     def label(token_id: Any) -> str:
-        return token_labels([lm.decode([int(token_id)])])[0]
+        return piece_labels(lm.decode, [token_id])[0]
 
     if getattr(args, "format", "text") == "json":
         layers = [

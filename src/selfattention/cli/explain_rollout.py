@@ -65,7 +65,7 @@ def model_weights(spec: str, text: str | None, device: str = "cpu") -> tuple[str
         return encoder.name, encoded.batch.tokens(0), layers
     if not text:
         raise UsageError(f'give the text, e.g. explain --model {spec} "The capital of France" --rollout')
-    from selfattention.cli.explain_checkpoint import token_labels
+    from selfattention.viz.html import piece_labels
 
     where = resolve_device(device)
     lm = load_causal(spec)
@@ -76,7 +76,7 @@ def model_weights(spec: str, text: str | None, device: str = "cpu") -> tuple[str
     with torch.no_grad(), capture(lm.model.to(where)) as cap:
         lm.model(torch.tensor([ids], dtype=torch.long, device=where))
     layers = [record.weights[0].cpu() for _, record in cap.items()]
-    return lm.name, token_labels([lm.decode([i]) for i in ids]), layers
+    return lm.name, piece_labels(lm.decode, ids), layers
 
 
 def explain_rollout(args: argparse.Namespace) -> int:

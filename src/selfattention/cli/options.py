@@ -76,9 +76,7 @@ def some_path(text: str) -> str:
     >>> some_path("out")
     'out'
     """
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
-    return text
+    return _non_empty(text, "a path")
 
 
 def model_name(text: str) -> str:
@@ -88,8 +86,12 @@ def model_name(text: str) -> str:
     >>> model_name("smollm2")
     'smollm2'
     """
+    return _non_empty(text, "a model name or a path")
+
+
+def _non_empty(text: str, expected: str) -> str:
     if not text.strip():
-        raise argparse.ArgumentTypeError(f"expected a model name or a path, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return text
 
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from selfattention.cli.device import add_device_argument, resolve_device
 from selfattention.cli.errors import UsageError
-from selfattention.cli.explain_checkpoint import token_labels
 from selfattention.cli.models import MODEL_HELP, load_causal
 from selfattention.cli.options import at_least, json_text, model_name, some_path
 from selfattention.files import make_folder
+from selfattention.viz.html import piece_labels
 
 CLEAN = "The Eiffel Tower is in the city of"
 CORRUPTED = "The Colosseum is in the city of"
@@ -104,13 +104,13 @@ def run(args: argparse.Namespace) -> int:
         residual=not args.no_residual,
         progress=progress,
     )
-    tokens = token_labels([lm.decode([i]) for i in corrupted])
+    tokens = piece_labels(lm.decode, corrupted)
     if args.plot:
         _plot(result, tokens, Path(args.plot), args)
     if args.format == "json":
         sys.stdout.write(json_text(_document(result, tokens, lm.name, args)))
         return 0
-    sys.stdout.write(to_text(result, tokens, lm.name, args, token_labels([lm.decode([i]) for i in clean])))
+    sys.stdout.write(to_text(result, tokens, lm.name, args, piece_labels(lm.decode, clean)))
     if args.plot:
         print(f"\nheatmaps written to {args.plot}/patch_heads.png and patch_residual.png")
     return 0

@@ -144,7 +144,7 @@ def _streaming_view(args: argparse.Namespace, device: torch.device) -> Attention
     from selfattention.cli.generate import cache_policy
     from selfattention.cli.models import load_causal, model_kind
     from selfattention.generate import generate
-    from selfattention.viz.html import token_labels
+    from selfattention.viz.html import piece_labels
     from selfattention.viz.stream_view import streaming_view
 
     policy = cache_policy(args.cache, args.window, args.sinks)
@@ -158,5 +158,5 @@ def _streaming_view(args: argparse.Namespace, device: torch.device) -> Attention
     ids = lm.encode(" ".join(examples.TOKENS) if args.text is None else args.text)
     prompt = torch.tensor([ids], device=device)
     stream = generate(lm.model, prompt, new_tokens, temperature=0.0, cache=policy)[0]
-    pieces = token_labels([lm.decode([int(i)]) for i in stream])
+    pieces = piece_labels(lm.decode, stream)
     return streaming_view(lm.model, stream, pieces, policy, title=lm.name)

@@ -12,7 +12,7 @@ from torch import Tensor
 from selfattention.generate import generate
 from selfattention.interventions import model_device
 from selfattention.models.llama import Llama
-from selfattention.viz.html import token_labels
+from selfattention.viz.html import piece_labels
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class LanguageModel:
     def tokens(self, ids: Sequence[int]) -> list[str]:
         """Readable token strings: GPT-2's byte alphabet turned back into text, labelled as on every page
         (:func:`selfattention.viz.html.token_labels`: ␣ ⏎ ⇥ for space, newline and tab, ∅ for nothing)."""
-        return token_labels([self.decode([i]) for i in ids])
+        return piece_labels(self.decode, ids)
 
     def chat_prompt(self, message: str) -> str:
         """``message`` as one user turn in the file's chat template, ready for the assistant's answer.

@@ -25,7 +25,7 @@ import math
 import re
 import sys
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -42,6 +42,11 @@ def token_labels(pieces: Sequence[str]) -> list[str]:
     ['␣the', '⏎', '∅', '⍽a', '⟨U+2009⟩']
     """
     return ["".join(_visible(c) for c in piece) or "∅" for piece in pieces]
+
+
+def piece_labels(decode: Callable[[list[int]], str], ids: Iterable[Any]) -> list[str]:
+    """:func:`token_labels` of each id decoded alone (``decode([id])``), as the tables and pages show tokens."""
+    return token_labels([decode([int(i)]) for i in ids])
 
 
 def _visible(character: str) -> str:

@@ -29,7 +29,7 @@ from torch import Tensor
 from selfattention import examples
 from selfattention.inspect import capture, capture_projections
 from selfattention.interventions import model_device
-from selfattention.viz.html import AttentionView, HeadData, heads_from_record, token_labels, view_from_capture
+from selfattention.viz.html import AttentionView, HeadData, heads_from_record, piece_labels, view_from_capture
 from selfattention.walkthrough import walk
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ def checkpoint_view(directory: str | Path, text: str, *, device: torch.device | 
         raise ValueError(
             f"the text has {len(ids)} tokens, more than the model's context of {model.config.context_length}"
         )
-    pieces = token_labels([tokenizer.decode([i]) for i in ids])
+    pieces = piece_labels(tokenizer.decode, ids)
     return _causal_view(model.to(device), ids, pieces, title=f"{Path(directory).name}: {text}")
 
 
@@ -139,9 +139,7 @@ def gguf_view(path: str, text: str, *, device: torch.device | str = "cpu") -> At
     ids = lm.encode(text)
     if len(ids) > lm.context_length:
         raise ValueError(f"the text has {len(ids)} tokens, more than the model's context of {lm.context_length}")
-    return _causal_view(
-        lm.model.to(device), ids, token_labels([lm.decode([i]) for i in ids]), title=f"{lm.name}: {text}"
-    )
+    return _causal_view(lm.model.to(device), ids, piece_labels(lm.decode, ids), title=f"{lm.name}: {text}")
 
 
 def _causal_view(model: torch.nn.Module, ids: list[int], pieces: list[str], *, title: str) -> AttentionView:
